@@ -1,0 +1,362 @@
+//! One function per subcommand: load the policy, call the library, print the result.
+
+use super::output::{bytes, Bar};
+use super::{load_policy, state_dir, Cli, Command, Global, PolicyCmd};
+use crate::crypto::Opener;
+use crate::error::{Error, Result};
+use crate::policy::Policy;
+use crate::repository::Repo;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+pub async fn dispatch(cli: Cli) -> Result<i32> {
+    let g = cli.global;
+    match cli.command {
+        Command::Policy {
+            cmd: PolicyCmd::Check { dir },
+        } => policy_check(&g, dir.as_deref().unwrap_or(&g.policies)),
+        Command::Keygen { output } => keygen(&g, output.as_deref()),
+        Command::Backup {
+            policy,
+            full,
+            incremental,
+        } => {
+            let mode = match (full, incremental) {
+                (true, _) => crate::backup::Mode::Full,
+                (_, true) => crate::backup::Mode::Incremental,
+                _ => crate::backup::Mode::Auto,
+            };
+            backup(&g, &load_policy(&g, &policy)?, mode).await
+        }
+        Command::Snapshots { policy } => snapshots(&g, &load_policy(&g, &policy)?).await,
+        Command::Restore {
+            policy,
+            snapshot,
+            target,
+            include,
+            identity,
+            overwrite,
+        } => {
+            let p = load_policy(&g, &policy)?;
+            let opener = opener(&p, identity.as_deref())?;
+            restore(&g, &p, &opener, snapshot, target, include, overwrite).await
+        }
+        Command::Verify {
+            policy,
+            read_data,
+            sample,
+            identity,
+        } => {
+            let p = load_policy(&g, &policy)?;
+            let opener = match (&identity, &p.encryption.identity) {
+                (None, None) => None,
+                _ => Some(opener(&p, identity.as_deref())?),
+            };
+            if !(0.0..=100.0).contains(&sample) || sample == 0.0 {
+                return Err(Error::usage("--sample must be a percentage in (0, 100]"));
+            }
+            verify(&g, &p, opener.as_ref(), read_data, sample).await
+        }
+        Command::Prune { policy, dry_run } => prune(&g, &load_policy(&g, &policy)?, dry_run).await,
+        Command::Demo { dir } => super::demo::run(&g, &dir).await,
+    }
+}
+
+/// The identity for restore-side commands: --identity, else the policy's `identity`.
+pub fn opener(p: &Policy, flag: Option<&Path>) -> Result<Opener> {
+    if let Some(f) = flag {
+        return Opener::from_file(f);
+    }
+    match &p.encryption.identity {
+        Some(crate::secret::SecretRef::File(f)) => Opener::from_file(f),
+        Some(r @ crate::secret::SecretRef::Env(_)) => {
+            let text = r.resolve()?;
+            let id: age::x25519::Identity = text
+                .trim()
+                .parse()
+                .map_err(|_| Error::crypto(format!("{r} does not hold an age identity")))?;
+            Ok(Opener::from_identity(id))
+        }
+        None => Err(Error::crypto(format!(
+            "policy {} needs a private identity to read its backups",
+            p.name
+        ))
+        .with_hint(
+            "pass --identity FILE (the key from `veza-dr keygen`), or set VEZA_DR_IDENTITY",
+        )),
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    crate::outln!("{}", serde_json::to_string_pretty(v).expect("serialisable"));
+}
+
+fn policy_check(g: &Global, dir: &Path) -> Result<i32> {
+    let results = crate::policy::load_dir(dir)?;
+    if results.is_empty() {
+        return Err(
+            Error::policy(format!("no policies (*.toml) in {}", dir.display()))
+                .with_hint("add a policy, e.g. copy policies/uploads.toml"),
+        );
+    }
+    let mut bad = 0;
+    let mut rows = Vec::new();
+    for r in &results {
+        match r {
+            Ok(p) => {
+                rows.push(serde_json::json!({"policy": p.name, "file": p.path, "ok": true}));
+                if !g.json {
+                    crate::outln!(
+                        "ok    {} ({}, {})",
+                        p.name,
+                        p.source_type(),
+                        p.repository.url
+                    );
+                }
+            }
+            Err(e) => {
+                bad += 1;
+                rows.push(serde_json::json!({"ok": false, "error": e.message, "hint": e.hint}));
+                if !g.json {
+                    crate::outln!("error {}", e.message);
+                    if let Some(h) = &e.hint {
+                        crate::outln!("      hint: {h}");
+                    }
+                }
+            }
+        }
+    }
+    if g.json {
+        print_json(&rows);
+    }
+    Ok(if bad > 0 { 2 } else { 0 })
+}
+
+fn keygen(g: &Global, output: Option<&Path>) -> Result<i32> {
+    let (text, public) = crate::crypto::generate_identity();
+    match output {
+        Some(path) => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| {
+                    Error::io("create identity file", path, e)
+                        .with_hint("choose a new file name; an existing key is never overwritten")
+                })?;
+            f.write_all(text.as_bytes())
+                .map_err(|e| Error::io("write", path, e))?;
+            if g.json {
+                print_json(&serde_json::json!({"identity-file": path, "recipient": public}));
+            } else {
+                eprintln!(
+                    "identity written to {} (keep it off the backup host)",
+                    path.display()
+                );
+                crate::outln!("{public}");
+            }
+        }
+        None => {
+            crate::out!("{text}");
+            eprintln!("public key: {public}");
+        }
+    }
+    Ok(0)
+}
+
+pub async fn backup(g: &Global, p: &Policy, mode: crate::backup::Mode) -> Result<i32> {
+    let progress: Arc<crate::pipeline::backup::Progress> = Arc::default();
+    let bar = {
+        let pr = progress.clone();
+        Bar::start(!g.json, "backup", move || {
+            (
+                pr.bytes_read.load(Ordering::Relaxed),
+                pr.bytes_total.load(Ordering::Relaxed),
+            )
+        })
+    };
+    let opts = crate::backup::Options {
+        mode,
+        state_dir: state_dir(g),
+        lock_wait: g.lock_wait,
+        progress,
+    };
+    let t = std::time::Instant::now();
+    let r = crate::backup::run(p, &opts).await;
+    bar.finish().await;
+    let s = r?;
+    if g.json {
+        print_json(&s);
+    } else {
+        let st = &s.stats;
+        crate::outln!(
+            "snapshot {} ({}) of policy {}: {} files, {} dirs, {} in total; read {} in {} files, {} new, uploaded {}; {} packs referenced; {:.1}s",
+            s.id,
+            s.kind,
+            s.policy,
+            st.files,
+            st.dirs,
+            bytes(st.bytes),
+            bytes(st.bytes_read),
+            st.files_read,
+            bytes(st.bytes_new),
+            bytes(st.bytes_uploaded),
+            s.packs.len(),
+            t.elapsed().as_secs_f64()
+        );
+        for w in &s.warnings {
+            crate::outln!("warning: {w}");
+        }
+    }
+    Ok(0)
+}
+
+async fn snapshots(g: &Global, p: &Policy) -> Result<i32> {
+    let repo = Repo::open(p).await?;
+    let snaps = repo.snapshots().await?;
+    if g.json {
+        print_json(&snaps);
+        return Ok(0);
+    }
+    if snaps.is_empty() {
+        crate::outln!("no snapshots for policy {} in {}", p.name, repo.store.url);
+        return Ok(0);
+    }
+    crate::outln!(
+        "{:<26} {:<12} {:<20} {:>8} {:>11} {:>11} {:>8}",
+        "ID", "KIND", "STARTED (UTC)", "FILES", "SIZE", "NEW", "TIME"
+    );
+    for s in &snaps {
+        let secs = (s.finished - s.started).num_milliseconds() as f64 / 1000.0;
+        crate::outln!(
+            "{:<26} {:<12} {:<20} {:>8} {:>11} {:>11} {:>7.1}s{}",
+            s.id,
+            s.kind,
+            s.started.format("%Y-%m-%d %H:%M:%S"),
+            s.stats.files,
+            bytes(s.stats.bytes),
+            bytes(s.stats.bytes_new),
+            secs,
+            if s.warnings.is_empty() {
+                String::new()
+            } else {
+                format!("  ({} warnings)", s.warnings.len())
+            }
+        );
+    }
+    Ok(0)
+}
+
+pub async fn restore(
+    g: &Global,
+    p: &Policy,
+    opener: &Opener,
+    snapshot: String,
+    target: PathBuf,
+    includes: Vec<PathBuf>,
+    overwrite: bool,
+) -> Result<i32> {
+    let repo = Repo::open(p).await?;
+    let opts = crate::restore::Options {
+        snapshot,
+        target,
+        includes,
+        overwrite,
+        bytes_done: Arc::default(),
+        bytes_total: Arc::default(),
+    };
+    let bar = {
+        let (d, t) = (opts.bytes_done.clone(), opts.bytes_total.clone());
+        Bar::start(!g.json, "restore", move || {
+            (d.load(Ordering::Relaxed), t.load(Ordering::Relaxed))
+        })
+    };
+    let t = std::time::Instant::now();
+    let r = crate::restore::run(&repo, opener, &opts).await;
+    bar.finish().await;
+    let s = r?;
+    if g.json {
+        print_json(&s);
+    } else {
+        crate::outln!(
+            "restored snapshot {} into {}: {} files, {} dirs, {} in {:.1}s",
+            s.snapshot,
+            s.target,
+            s.files,
+            s.dirs,
+            bytes(s.bytes),
+            t.elapsed().as_secs_f64()
+        );
+        for w in &s.warnings {
+            crate::outln!("warning: {w}");
+        }
+    }
+    Ok(0)
+}
+
+async fn verify(
+    g: &Global,
+    p: &Policy,
+    opener: Option<&Opener>,
+    read_data: bool,
+    sample: f64,
+) -> Result<i32> {
+    let repo = Repo::open(p).await?;
+    let rep = crate::verify::run(&repo, opener, read_data, sample).await?;
+    if g.json {
+        print_json(&rep);
+    } else {
+        crate::outln!(
+            "verified {} snapshots of policy {}: {} packs referenced, {} read, {} chunks checked",
+            rep.snapshots, p.name, rep.packs_referenced, rep.packs_read, rep.chunks_checked
+        );
+        for d in &rep.damage {
+            crate::outln!("damage: {d}");
+        }
+        if !rep.garbage.is_empty() {
+            crate::outln!("garbage: {} unreferenced objects ({}), left by interrupted backups; `veza-dr prune {}` removes them", rep.garbage.len(), bytes(rep.garbage_bytes), p.name);
+        }
+        for n in &rep.notes {
+            crate::outln!("note: {n}");
+        }
+        crate::outln!(
+            "{}",
+            if rep.ok() {
+                "no damage found"
+            } else {
+                "DAMAGE FOUND"
+            }
+        );
+    }
+    Ok(if rep.ok() { 0 } else { 3 })
+}
+
+async fn prune(g: &Global, p: &Policy, dry_run: bool) -> Result<i32> {
+    let repo = Repo::open(p).await?;
+    let rep = crate::prune::run(&repo, p, dry_run, g.lock_wait).await?;
+    if g.json {
+        print_json(&rep);
+    } else {
+        let would = if dry_run { "would " } else { "" };
+        for (id, why) in &rep.kept {
+            crate::outln!("keep   {id} ({})", why.join(", "));
+        }
+        for id in &rep.forgotten {
+            crate::outln!("{would}forget {id}");
+        }
+        crate::outln!(
+            "{}marked {} unreferenced objects, {}deleted {} ({}), {} pending deletion after the grace period",
+            would,
+            rep.marked.len(),
+            would,
+            rep.deleted.len(),
+            bytes(rep.bytes_deleted),
+            rep.pending
+        );
+    }
+    Ok(0)
+}

@@ -1,0 +1,188 @@
+//! The command line: parsing, logging, and turning errors into one line, a hint and an exit
+//! code. Each subcommand is a thin call into the library.
+
+mod commands;
+mod demo;
+mod output;
+
+use crate::error::{Error, Result};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "veza-dr",
+    version,
+    about = "Backup and disaster recovery for PostgreSQL and volumes",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// Directory of policies (*.toml)
+    #[arg(
+        long,
+        global = true,
+        env = "VEZA_DR_POLICIES",
+        default_value = "policies"
+    )]
+    pub policies: PathBuf,
+    /// Local state: chunk cache, job history, keys (default /var/lib/veza-dr as root, else XDG)
+    #[arg(long, global = true, env = "VEZA_DR_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Machine-readable output
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Log format on stderr
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// How long to wait for a repository lock held by another process
+    #[arg(long, global = true, default_value = "0s", value_parser = parse_duration)]
+    pub lock_wait: std::time::Duration,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+fn parse_duration(s: &str) -> std::result::Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Validate policies
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
+    /// Create an age identity for restores; prints its public recipient
+    Keygen {
+        /// Write the identity here (mode 0600) instead of stdout
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Back up a policy's source
+    Backup {
+        policy: String,
+        /// Re-read every file
+        #[arg(long, conflicts_with = "incremental")]
+        full: bool,
+        /// Read only files changed since the parent snapshot (the default when one exists)
+        #[arg(long)]
+        incremental: bool,
+    },
+    /// List a policy's snapshots
+    Snapshots { policy: String },
+    /// Restore a snapshot
+    Restore {
+        policy: String,
+        /// Snapshot id, unique prefix, or `latest`
+        #[arg(long, default_value = "latest")]
+        snapshot: String,
+        /// Directory to restore into (must be empty unless --overwrite)
+        #[arg(long)]
+        target: PathBuf,
+        /// Restore only these paths (relative to the source root); repeatable
+        #[arg(long)]
+        include: Vec<PathBuf>,
+        /// The private age identity file
+        #[arg(long, env = "VEZA_DR_IDENTITY")]
+        identity: Option<PathBuf>,
+        /// Allow restoring into a non-empty directory
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Check the repository; with --read-data, the data itself
+    Verify {
+        policy: String,
+        #[arg(long)]
+        read_data: bool,
+        /// With --read-data: percentage of packs to read
+        #[arg(long, default_value_t = 100.0)]
+        sample: f64,
+        #[arg(long, env = "VEZA_DR_IDENTITY")]
+        identity: Option<PathBuf>,
+    },
+    /// Apply retention and delete unreferenced data (two-phase)
+    Prune {
+        policy: String,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Run the embedded demo: back up a sample tree to a local repository and restore it
+    Demo {
+        /// Working directory of the demo
+        #[arg(long, default_value = "veza-dr-demo")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCmd {
+    /// Validate every policy in DIR (default: --policies)
+    Check { dir: Option<PathBuf> },
+}
+
+fn init_logging(g: &Global) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VEZA_DR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let _ = match g.log_format {
+        LogFormat::Json => b.json().try_init(),
+        LogFormat::Text => b.without_time().try_init(),
+    };
+}
+
+/// Print an error as one line plus a hint; return its exit code.
+pub fn report(e: &Error) -> i32 {
+    eprintln!("veza-dr: error: {}", e.message);
+    if let Some(h) = &e.hint {
+        eprintln!("  hint: {h}");
+    }
+    e.kind.exit_code()
+}
+
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return code;
+        }
+    };
+    init_logging(&cli.global);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return report(&Error::failed(format!("cannot start the runtime: {e}"))),
+    };
+    match rt.block_on(commands::dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => report(&e),
+    }
+}
+
+pub(crate) fn state_dir(g: &Global) -> PathBuf {
+    g.state_dir
+        .clone()
+        .unwrap_or_else(crate::repository::cache::default_state_dir)
+}
+
+pub(crate) fn load_policy(g: &Global, name: &str) -> Result<crate::policy::Policy> {
+    crate::policy::find(&g.policies, name)
+}

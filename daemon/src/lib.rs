@@ -1,0 +1,20 @@
+//! veza-dr: backups of PostgreSQL and volumes to object storage, encrypted to public keys,
+//! proven by restore drills.
+//!
+//! Data flow: policy → source → pipeline → repository; repository → restore / verify / prune.
+
+pub mod backup;
+pub mod cli;
+pub mod crypto;
+pub mod error;
+pub mod pipeline;
+pub mod policy;
+pub mod prune;
+pub mod repository;
+pub mod restore;
+pub mod retention;
+pub mod secret;
+pub mod source;
+pub mod verify;
+
+pub use error::{Error, Kind, Result};

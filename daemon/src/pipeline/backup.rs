@@ -1,0 +1,423 @@
+//! The backup engine: reads files on one thread, compresses and encrypts on a worker per
+//! core, gathers blobs into packs, and uploads packs in parallel. Memory is bounded by the
+//! channel depths and the number of packs in flight (`upload-concurrency` × `pack-size`).
+
+use super::{chunk_id, seal_blob};
+use crate::crypto::Sealer;
+use crate::error::{Error, Result};
+use crate::repository::format::*;
+use crate::repository::Store;
+use bytes::Bytes;
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug, Clone, Copy)]
+pub struct EngineConfig {
+    pub chunker: ChunkerParams,
+    pub pack_size: usize,
+    pub level: i32,
+    pub uploads: usize,
+    /// Packs larger than this go up as multipart uploads.
+    pub multipart_threshold: usize,
+}
+
+/// Counters read by the progress display and the job history.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub bytes_total: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_uploaded: AtomicU64,
+    pub files_read: AtomicU64,
+}
+
+/// Something to read: a file on disk, or a stream (e.g. pg_dump output).
+pub enum Input {
+    Path(PathBuf),
+    Stream(Box<dyn Read + Send>),
+}
+
+pub struct ReadJob {
+    pub idx: usize,
+    pub input: Input,
+    /// The file's metadata as walked, to detect change while reading.
+    pub size: u64,
+    pub mtime_ns: i128,
+}
+
+#[derive(Debug, Default)]
+pub struct ReadResult {
+    pub idx: usize,
+    pub chunks: Vec<ChunkId>,
+    pub hash: [u8; 32],
+    pub size: u64,
+    pub changed: bool,
+    /// The file could not be read (vanished, permission): a warning, not a failure.
+    pub skipped: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct EngineOutput {
+    pub results: Vec<ReadResult>,
+    pub new_locs: HashMap<ChunkId, BlobLoc>,
+    pub chunks_new: u64,
+    pub bytes_new: u64,
+    pub bytes_uploaded: u64,
+    pub packs: Vec<(PackId, u64)>,
+}
+
+struct Work {
+    id: ChunkId,
+    data: Vec<u8>,
+}
+
+struct Sealed {
+    id: ChunkId,
+    raw_len: u32,
+    blob: Vec<u8>,
+}
+
+/// Run the engine on `jobs`. Blocking: call from a blocking thread; uploads run on `rt`.
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    rt: tokio::runtime::Handle,
+    store: Store,
+    sealer: Sealer,
+    cfg: EngineConfig,
+    key: [u8; 32],
+    known: HashSet<ChunkId>,
+    jobs: Vec<ReadJob>,
+    progress: Arc<Progress>,
+) -> Result<EngineOutput> {
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .max(1);
+    let (work_tx, work_rx) = crossbeam_channel::bounded::<Work>(workers * 2);
+    let (sealed_tx, sealed_rx) = crossbeam_channel::bounded::<Sealed>(workers * 2);
+    let failed = Arc::new(AtomicBool::new(false));
+    let first_error: Arc<Mutex<Option<Error>>> = Arc::default();
+    let fail = {
+        let failed = failed.clone();
+        let first_error = first_error.clone();
+        move |e: Error| {
+            failed.store(true, Ordering::SeqCst);
+            let mut g = first_error.lock().expect("not poisoned");
+            if g.is_none() {
+                *g = Some(e);
+            }
+        }
+    };
+
+    let out = std::thread::scope(|s| {
+        let mut worker_handles = Vec::new();
+        for _ in 0..workers {
+            let rx = work_rx.clone();
+            let tx = sealed_tx.clone();
+            let sealer = sealer.clone();
+            let fail = fail.clone();
+            worker_handles.push(s.spawn(move || {
+                let mut zc = match zstd::bulk::Compressor::new(cfg.level) {
+                    Ok(z) => z,
+                    Err(e) => return fail(Error::failed(format!("cannot start zstd: {e}"))),
+                };
+                for w in rx {
+                    match seal_blob(&sealer, &mut zc, &w.data) {
+                        Ok(blob) => {
+                            if tx
+                                .send(Sealed {
+                                    id: w.id,
+                                    raw_len: w.data.len() as u32,
+                                    blob,
+                                })
+                                .is_err()
+                            {
+                                return;
+                            }
+                        }
+                        Err(e) => return fail(e),
+                    }
+                }
+            }));
+        }
+        drop(work_rx);
+        drop(sealed_tx);
+
+        let packer = {
+            let fail = fail.clone();
+            let failed = failed.clone();
+            let progress = progress.clone();
+            s.spawn(move || {
+                pack_and_upload(rt, store, sealer, cfg, sealed_rx, progress, failed, fail)
+            })
+        };
+
+        let results = read_all(
+            jobs,
+            &key,
+            known,
+            cfg.chunker,
+            &work_tx,
+            &progress,
+            &failed,
+            &fail,
+        );
+        drop(work_tx);
+        for h in worker_handles {
+            let _ = h.join();
+        }
+        let packed = packer.join().unwrap_or_default();
+        (results, packed)
+    });
+
+    if let Some(e) = first_error.lock().expect("not poisoned").take() {
+        return Err(e);
+    }
+    let (results, packed) = out;
+    Ok(EngineOutput { results, ..packed })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn read_all(
+    jobs: Vec<ReadJob>,
+    key: &[u8; 32],
+    mut known: HashSet<ChunkId>,
+    chunker: ChunkerParams,
+    tx: &crossbeam_channel::Sender<Work>,
+    progress: &Progress,
+    failed: &AtomicBool,
+    fail: &(impl Fn(Error) + Clone),
+) -> Vec<ReadResult> {
+    let mut results = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        if failed.load(Ordering::SeqCst) {
+            break;
+        }
+        let mut r = ReadResult {
+            idx: job.idx,
+            ..Default::default()
+        };
+        let (reader, path): (Box<dyn Read + Send>, Option<PathBuf>) = match job.input {
+            Input::Path(p) => match std::fs::File::open(&p) {
+                Ok(f) => (Box::new(f), Some(p)),
+                Err(e) => {
+                    r.skipped = Some(format!("cannot read {}: {e}", p.display()));
+                    results.push(r);
+                    continue;
+                }
+            },
+            Input::Stream(s) => (s, None),
+        };
+        let mut hasher = blake3::Hasher::new();
+        let cdc = fastcdc::v2020::StreamCDC::new(reader, chunker.min, chunker.avg, chunker.max);
+        let mut ok = true;
+        for c in cdc {
+            let c = match c {
+                Ok(c) => c,
+                Err(e) => {
+                    let what = path
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|| "stream".into());
+                    match path {
+                        Some(_) => r.skipped = Some(format!("cannot read {what}: {e}")),
+                        None => fail(Error::failed(format!("cannot read {what}: {e}"))),
+                    }
+                    ok = false;
+                    break;
+                }
+            };
+            hasher.update(&c.data);
+            let id = chunk_id(key, &c.data);
+            r.size += c.length as u64;
+            progress
+                .bytes_read
+                .fetch_add(c.length as u64, Ordering::Relaxed);
+            r.chunks.push(id);
+            if known.insert(id) && tx.send(Work { id, data: c.data }).is_err() {
+                ok = false;
+                break;
+            }
+        }
+        if !ok && r.skipped.is_none() {
+            break;
+        }
+        r.hash = *hasher.finalize().as_bytes();
+        if let Some(p) = &path {
+            // Changed while read: size or mtime moved, or we read a different length.
+            r.changed = match std::fs::symlink_metadata(p) {
+                Ok(m) => m.len() != job.size || mtime_ns(&m) != job.mtime_ns || r.size != job.size,
+                Err(_) => true,
+            };
+        }
+        progress.files_read.fetch_add(1, Ordering::Relaxed);
+        results.push(r);
+    }
+    results
+}
+
+pub fn mtime_ns(m: &std::fs::Metadata) -> i128 {
+    m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128
+}
+
+#[derive(Default)]
+struct Packed {
+    new_locs: HashMap<ChunkId, BlobLoc>,
+    chunks_new: u64,
+    bytes_new: u64,
+    bytes_uploaded: u64,
+    packs: Vec<(PackId, u64)>,
+}
+
+impl From<Packed> for EngineOutput {
+    fn from(p: Packed) -> Self {
+        EngineOutput {
+            new_locs: p.new_locs,
+            chunks_new: p.chunks_new,
+            bytes_new: p.bytes_new,
+            bytes_uploaded: p.bytes_uploaded,
+            packs: p.packs,
+            results: vec![],
+        }
+    }
+}
+
+impl Default for EngineOutput {
+    fn default() -> Self {
+        Packed::default().into()
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn pack_and_upload(
+    rt: tokio::runtime::Handle,
+    store: Store,
+    sealer: Sealer,
+    cfg: EngineConfig,
+    rx: crossbeam_channel::Receiver<Sealed>,
+    progress: Arc<Progress>,
+    failed: Arc<AtomicBool>,
+    fail: impl Fn(Error) + Clone + Send + 'static,
+) -> EngineOutput {
+    let sem = Arc::new(tokio::sync::Semaphore::new(cfg.uploads));
+    let mut tasks = Vec::new();
+    let mut out = Packed::default();
+    let mut buf: Vec<u8> = Vec::with_capacity(cfg.pack_size + (1 << 20));
+    let mut entries: Vec<(ChunkId, u64, u32, u32)> = Vec::new();
+
+    let mut flush =
+        |buf: &mut Vec<u8>, entries: &mut Vec<(ChunkId, u64, u32, u32)>, out: &mut Packed| {
+            if buf.is_empty() {
+                return;
+            }
+            let data = Bytes::from(std::mem::replace(
+                buf,
+                Vec::with_capacity(cfg.pack_size + (1 << 20)),
+            ));
+            let pack: PackId = *blake3::hash(&data).as_bytes();
+            let index = PackIndex {
+                chunks: entries
+                    .iter()
+                    .map(|(id, off, len, raw)| IndexEntry {
+                        id: hex::encode(id),
+                        off: *off,
+                        len: *len,
+                        raw: *raw,
+                    })
+                    .collect(),
+            };
+            for (id, offset, len, raw_len) in entries.drain(..) {
+                out.new_locs.insert(
+                    id,
+                    BlobLoc {
+                        pack,
+                        offset,
+                        len,
+                        raw_len,
+                    },
+                );
+            }
+            let size = data.len() as u64;
+            out.packs.push((pack, size));
+            let index_blob =
+                zstd::bulk::compress(&serde_json::to_vec(&index).expect("serialisable"), 3)
+                    .map_err(|e| Error::failed(format!("cannot compress pack index: {e}")))
+                    .and_then(|z| sealer.seal(&z));
+            let index_blob = match index_blob {
+                Ok(b) => Bytes::from(b),
+                Err(e) => return fail(e),
+            };
+            // Waiting for a permit here is what bounds memory: at most `uploads` packs in flight.
+            let permit = match rt.block_on(sem.clone().acquire_owned()) {
+                Ok(p) => p,
+                Err(_) => return,
+            };
+            let store = store.clone();
+            let fail = fail.clone();
+            let progress = progress.clone();
+            let threshold = cfg.multipart_threshold;
+            tasks.push(rt.spawn(async move {
+                let _permit = permit;
+                let key = pack_key(&pack);
+                let r = if data.len() > threshold {
+                    store.put_multipart(&key, data, 8 << 20).await
+                } else {
+                    store.put(&key, data).await
+                };
+                let r = match r {
+                    Ok(()) => store.put(&index_key(&pack), index_blob).await,
+                    Err(e) => Err(e),
+                };
+                match r {
+                    Ok(()) => {
+                        progress.bytes_uploaded.fetch_add(size, Ordering::Relaxed);
+                    }
+                    Err(e) => fail(e),
+                }
+            }));
+        };
+
+    for s in rx.iter() {
+        if failed.load(Ordering::SeqCst) {
+            continue; // drain so that producers never block
+        }
+        entries.push((s.id, buf.len() as u64, s.blob.len() as u32, s.raw_len));
+        out.chunks_new += 1;
+        out.bytes_new += s.raw_len as u64;
+        buf.extend_from_slice(&s.blob);
+        if buf.len() >= cfg.pack_size {
+            flush(&mut buf, &mut entries, &mut out);
+        }
+    }
+    if !failed.load(Ordering::SeqCst) {
+        flush(&mut buf, &mut entries, &mut out);
+    }
+    for t in tasks {
+        if rt.block_on(t).is_err() {
+            fail(Error::failed("a pack upload task panicked"));
+        }
+    }
+    out.bytes_uploaded = out.packs.iter().map(|p| p.1).sum();
+    out.into()
+}
+
+/// Chunks from earlier backups that may be reused: in the local cache, in a pack that still
+/// exists with the recorded size, and not marked for deletion by prune.
+pub fn reusable(
+    cache: HashMap<ChunkId, BlobLoc>,
+    packs: &HashMap<PackId, u64>,
+    marked: &HashSet<PackId>,
+) -> HashMap<ChunkId, BlobLoc> {
+    cache
+        .into_iter()
+        .filter(|(_, l)| {
+            packs
+                .get(&l.pack)
+                .is_some_and(|&size| l.offset + l.len as u64 <= size)
+                && !marked.contains(&l.pack)
+        })
+        .collect()
+}

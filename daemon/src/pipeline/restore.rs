@@ -1,0 +1,178 @@
+//! Fetching chunks for a restore: blobs are grouped by pack, neighbouring blobs are read in
+//! one ranged request, ranges are fetched in parallel, and each blob is decrypted, checked
+//! against its id and written at its offsets. Damage is collected, not fatal: everything that
+//! can be restored is, and the damaged chunks are reported with the files they affect.
+
+use super::open_blob;
+use crate::crypto::Opener;
+use crate::error::{Error, Kind, Result};
+use crate::repository::format::*;
+use crate::repository::Store;
+use futures::StreamExt;
+use std::collections::BTreeMap;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// One destination of a chunk: (file index, offset in the file).
+pub type Target = (usize, u64);
+
+/// A chunk to fetch and where its bytes go.
+pub struct Want {
+    pub id: ChunkId,
+    pub loc: BlobLoc,
+    pub targets: Vec<Target>,
+}
+
+/// A chunk that could not be restored.
+#[derive(Debug, Clone)]
+pub struct Damage {
+    pub object: String,
+    pub reason: String,
+    pub files: Vec<usize>,
+}
+
+/// Where restored bytes go: a file path per index, or a sink for verification only.
+pub trait Sink: Send + Sync {
+    fn write(&self, file: usize, offset: u64, data: &[u8]) -> Result<()>;
+}
+
+/// Writes into files under a target directory.
+pub struct FileSink {
+    pub paths: Vec<PathBuf>,
+}
+
+impl Sink for FileSink {
+    fn write(&self, file: usize, offset: u64, data: &[u8]) -> Result<()> {
+        let p = &self.paths[file];
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(p)
+            .map_err(|e| Error::io("open", p, e))?;
+        f.write_all_at(data, offset)
+            .map_err(|e| Error::io("write", p, e))
+    }
+}
+
+/// Discards the bytes: used by `verify --read-data`, which only needs the checks.
+pub struct NullSink;
+
+impl Sink for NullSink {
+    fn write(&self, _: usize, _: u64, _: &[u8]) -> Result<()> {
+        Ok(())
+    }
+}
+
+const MAX_RANGE: u64 = 16 << 20;
+const MAX_GAP: u64 = 1 << 20;
+
+/// Fetch, check and write every wanted chunk. Returns the damage found; a local write failure
+/// (disk full, permission) aborts with an error instead.
+pub async fn fetch(
+    store: &Store,
+    opener: &Opener,
+    key: [u8; 32],
+    wants: Vec<Want>,
+    sink: Arc<dyn Sink>,
+    concurrency: usize,
+    bytes_done: Arc<AtomicU64>,
+) -> Result<Vec<Damage>> {
+    let mut by_pack: BTreeMap<PackId, Vec<Want>> = BTreeMap::new();
+    for w in wants {
+        by_pack.entry(w.loc.pack).or_default().push(w);
+    }
+    let mut ranges: Vec<(PackId, Vec<Want>)> = Vec::new();
+    for (pack, mut ws) in by_pack {
+        ws.sort_by_key(|w| w.loc.offset);
+        let mut cur: Vec<Want> = Vec::new();
+        for w in ws {
+            if let (Some(first), Some(last)) = (cur.first(), cur.last()) {
+                let end = last.loc.offset + last.loc.len as u64;
+                let too_far = w.loc.offset > end + MAX_GAP;
+                let too_big = w.loc.offset + w.loc.len as u64 - first.loc.offset > MAX_RANGE;
+                if too_far || too_big {
+                    ranges.push((pack, std::mem::take(&mut cur)));
+                }
+            }
+            cur.push(w);
+        }
+        if !cur.is_empty() {
+            ranges.push((pack, cur));
+        }
+    }
+
+    let results: Vec<Result<Vec<Damage>>> = futures::stream::iter(ranges)
+        .map(|(pack, ws)| {
+            let store = store.clone();
+            let opener = opener.clone();
+            let sink = sink.clone();
+            let bytes_done = bytes_done.clone();
+            async move {
+                let object = pack_key(&pack);
+                let start = ws[0].loc.offset;
+                let end = ws
+                    .iter()
+                    .map(|w| w.loc.offset + w.loc.len as u64)
+                    .max()
+                    .unwrap_or(start);
+                let data = match store.get_range(&object, start..end).await {
+                    Ok(d) => d,
+                    Err(e) if matches!(e.kind, Kind::NotFound | Kind::Damaged) => {
+                        let reason = if e.kind == Kind::NotFound {
+                            "pack is missing".to_string()
+                        } else {
+                            e.message
+                        };
+                        return Ok(ws
+                            .iter()
+                            .map(|w| Damage {
+                                object: object.clone(),
+                                reason: reason.clone(),
+                                files: w.targets.iter().map(|t| t.0).collect(),
+                            })
+                            .collect());
+                    }
+                    Err(e) => return Err(e),
+                };
+                tokio::task::spawn_blocking(move || {
+                    let mut damage = Vec::new();
+                    for w in ws {
+                        let a = (w.loc.offset - start) as usize;
+                        let sealed = &data[a..a + w.loc.len as usize];
+                        let what = format_args!("chunk {} in {object}", &hex::encode(w.id)[..16])
+                            .to_string();
+                        match open_blob(&opener, &key, &w.id, w.loc.raw_len, sealed, &what) {
+                            Ok(plain) => {
+                                for (file, off) in &w.targets {
+                                    sink.write(*file, *off, &plain)?;
+                                }
+                                bytes_done.fetch_add(
+                                    plain.len() as u64 * w.targets.len() as u64,
+                                    Ordering::Relaxed,
+                                );
+                            }
+                            // A wrong identity is not damage: stop at once.
+                            Err(e) if e.kind == Kind::Crypto => return Err(e),
+                            Err(e) => damage.push(Damage {
+                                object: object.clone(),
+                                reason: e.message,
+                                files: w.targets.iter().map(|t| t.0).collect(),
+                            }),
+                        }
+                    }
+                    Ok(damage)
+                })
+                .await
+                .map_err(|e| Error::failed(format!("restore worker failed: {e}")))?
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    let mut all = Vec::new();
+    for r in results {
+        all.extend(r?);
+    }
+    Ok(all)
+}

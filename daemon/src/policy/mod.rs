@@ -1,0 +1,486 @@
+//! Policies: `policies/*.toml` parsed into validated values.
+//!
+//! Parsing rejects unknown keys; a bad value is reported as `file:line:col: message` with a hint.
+//! A policy's name is its file stem (`policies/db.toml` is policy `db`).
+
+pub mod types;
+
+use crate::error::{Error, Result};
+use crate::secret::SecretRef;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+pub use types::{CronExpr, Dur, Recipient, Size};
+
+/// One validated policy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub name: String,
+    pub path: PathBuf,
+    pub source: Source,
+    pub schedule: Schedule,
+    pub repository: RepositoryCfg,
+    pub encryption: Encryption,
+    pub retention: Retention,
+    pub objectives: Objectives,
+    pub verify: VerifyCfg,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct PolicyFile {
+    #[serde(default)]
+    description: Option<String>,
+    source: toml::Spanned<SourceFile>,
+    #[serde(default)]
+    schedule: Schedule,
+    repository: RepositoryCfg,
+    encryption: Encryption,
+    #[serde(default)]
+    retention: Retention,
+    #[serde(default)]
+    objectives: Objectives,
+    #[serde(default)]
+    verify: VerifyCfg,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+enum SourceType {
+    Volume,
+    Postgres,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct SourceFile {
+    #[serde(rename = "type")]
+    kind: SourceType,
+    // volume
+    path: Option<PathBuf>,
+    #[serde(default)]
+    exclude: Vec<String>,
+    // postgres
+    method: Option<PgMethod>,
+    dsn: Option<SecretRef>,
+    data_dir: Option<PathBuf>,
+    #[serde(default)]
+    databases: Vec<String>,
+    bin_dir: Option<PathBuf>,
+}
+
+/// What is backed up.
+#[derive(Debug, Clone)]
+pub enum Source {
+    Volume(VolumeSource),
+    Postgres(PgSource),
+}
+
+#[derive(Debug, Clone)]
+pub struct VolumeSource {
+    pub path: PathBuf,
+    pub exclude: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum PgMethod {
+    Physical,
+    Logical,
+}
+
+#[derive(Debug, Clone)]
+pub struct PgSource {
+    pub method: PgMethod,
+    pub dsn: SecretRef,
+    pub data_dir: Option<PathBuf>,
+    pub databases: Vec<String>,
+    pub bin_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Schedule {
+    pub full: Option<CronExpr>,
+    pub incremental: Option<CronExpr>,
+    pub verify: Option<CronExpr>,
+    pub prune: Option<CronExpr>,
+    pub timezone: Option<String>,
+    pub jitter: Option<Dur>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RepositoryCfg {
+    pub url: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<SecretRef>,
+    pub secret_access_key: Option<SecretRef>,
+    pub session_token: Option<SecretRef>,
+    /// Extra object_store options for gs:// and az:// (e.g. `google_service_account`).
+    #[serde(default)]
+    pub options: std::collections::BTreeMap<String, String>,
+    #[serde(default = "default_pack_size")]
+    pub pack_size: Size,
+    #[serde(default = "default_level")]
+    pub compression_level: i32,
+    #[serde(default = "default_uploads")]
+    pub upload_concurrency: usize,
+}
+
+fn default_pack_size() -> Size {
+    Size(16 << 20)
+}
+fn default_level() -> i32 {
+    3
+}
+fn default_uploads() -> usize {
+    3
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Encryption {
+    pub recipients: Vec<Recipient>,
+    /// Only for restore-side copies of a policy: where the private identity is.
+    pub identity: Option<SecretRef>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Retention {
+    pub keep_last: Option<u32>,
+    pub keep_hourly: Option<u32>,
+    pub keep_daily: Option<u32>,
+    pub keep_weekly: Option<u32>,
+    pub keep_monthly: Option<u32>,
+    pub keep_yearly: Option<u32>,
+    pub keep_within: Option<Dur>,
+    /// Packs marked unreferenced are deleted only after this long (two-phase prune).
+    pub prune_grace: Option<Dur>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Objectives {
+    pub rpo: Option<Dur>,
+    pub rto: Option<Dur>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct VerifyCfg {
+    #[serde(default)]
+    pub check: Vec<Check>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Check {
+    pub name: Option<String>,
+    pub sql: String,
+    pub expect: Option<toml::Value>,
+}
+
+impl Policy {
+    /// Parse a policy from its text; `path` is used in messages and for the name.
+    pub fn parse(path: &Path, text: &str) -> Result<Policy> {
+        let name = policy_name(path)?;
+        let file: PolicyFile = toml::from_str(text).map_err(|e| {
+            let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+            let msg = e.message().trim().replace('\n', " ");
+            Error::policy(format!("{}:{line}:{col}: {msg}", path.display()))
+                .with_hint("see the policy reference in README.md; keys are kebab-case")
+        })?;
+        let at = |span: std::ops::Range<usize>, msg: String| {
+            let (line, col) = line_col(text, span.start);
+            Error::policy(format!("{}:{line}:{col}: {msg}", path.display()))
+        };
+        let span = file.source.span();
+        let s = file.source.into_inner();
+        let source = match s.kind {
+            SourceType::Volume => {
+                let p = s
+                    .path
+                    .ok_or_else(|| at(span.clone(), "a volume source needs `path`".into()))?;
+                if !p.is_absolute() {
+                    return Err(at(
+                        span,
+                        format!("volume path `{}` must be absolute", p.display()),
+                    ));
+                }
+                for g in &s.exclude {
+                    globset::Glob::new(g).map_err(|e| {
+                        at(
+                            span.clone(),
+                            format!("exclude pattern `{g}` is invalid: {e}"),
+                        )
+                    })?;
+                }
+                Source::Volume(VolumeSource {
+                    path: p,
+                    exclude: s.exclude,
+                })
+            }
+            SourceType::Postgres => {
+                let dsn = s.dsn.ok_or_else(|| {
+                    at(
+                        span.clone(),
+                        "a postgres source needs `dsn` (a reference such as `env:VEZA_PG_DSN`)"
+                            .into(),
+                    )
+                })?;
+                let method = s.method.unwrap_or(PgMethod::Physical);
+                if method == PgMethod::Physical && s.data_dir.is_none() {
+                    return Err(at(
+                        span,
+                        "a physical postgres source needs `data-dir`".into(),
+                    ));
+                }
+                Source::Postgres(PgSource {
+                    method,
+                    dsn,
+                    data_dir: s.data_dir,
+                    databases: s.databases,
+                    bin_dir: s
+                        .bin_dir
+                        .unwrap_or_else(|| "/usr/lib/postgresql/15/bin".into()),
+                })
+            }
+        };
+        let policy = Policy {
+            name,
+            path: path.to_path_buf(),
+            source,
+            schedule: file.schedule,
+            repository: file.repository,
+            encryption: file.encryption,
+            retention: file.retention,
+            objectives: file.objectives,
+            verify: file.verify,
+        };
+        let _ = file.description;
+        policy.validate(text)?;
+        Ok(policy)
+    }
+
+    /// Checks across fields that serde cannot express.
+    fn validate(&self, text: &str) -> Result<()> {
+        let here = |key: &str, msg: String| {
+            let off = text.find(key).unwrap_or(0);
+            let (line, col) = line_col(text, off);
+            Error::policy(format!("{}:{line}:{col}: {msg}", self.path.display()))
+        };
+        if self.encryption.recipients.is_empty() {
+            return Err(here("recipients", "`encryption.recipients` is empty: backups need at least one public key".into())
+                .with_hint("create one with `veza-dr keygen -o restore.key` and paste the printed `age1…` recipient"));
+        }
+        let r = &self.repository;
+        let url = url::Url::parse(&r.url).map_err(|e| {
+            here("url", format!("repository url `{}` is invalid: {e}", r.url))
+                .with_hint("write e.g. `s3://bucket/prefix` or `file:///var/backups/veza`")
+        })?;
+        if !matches!(
+            url.scheme(),
+            "s3" | "file" | "gs" | "az" | "azure" | "abfs" | "abfss" | "memory"
+        ) {
+            return Err(here(
+                "url",
+                format!("repository url scheme `{}` is not supported", url.scheme()),
+            )
+            .with_hint("use s3://, file://, gs:// or az://"));
+        }
+        if let Some(ep) = &r.endpoint {
+            url::Url::parse(ep)
+                .map_err(|e| here("endpoint", format!("endpoint `{ep}` is invalid: {e}")))?;
+        }
+        if !(1..=22).contains(&r.compression_level) {
+            return Err(here(
+                "compression-level",
+                format!(
+                    "compression-level {} is out of range 1..=22",
+                    r.compression_level
+                ),
+            ));
+        }
+        if !(1 << 20..=1 << 30).contains(&r.pack_size.0) {
+            return Err(here(
+                "pack-size",
+                "pack-size must be between 1MiB and 1GiB".into(),
+            ));
+        }
+        if r.upload_concurrency == 0 || r.upload_concurrency > 64 {
+            return Err(here(
+                "upload-concurrency",
+                "upload-concurrency must be between 1 and 64".into(),
+            ));
+        }
+        if let Some(tz) = &self.schedule.timezone {
+            if tz != "UTC" {
+                return Err(here(
+                    "timezone",
+                    format!("timezone `{tz}` is not supported yet; schedules run in UTC"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn volume(&self) -> Option<&VolumeSource> {
+        match &self.source {
+            Source::Volume(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    pub fn source_type(&self) -> &'static str {
+        match &self.source {
+            Source::Volume(_) => "volume",
+            Source::Postgres(p) if p.method == PgMethod::Physical => "postgres-physical",
+            Source::Postgres(_) => "postgres-logical",
+        }
+    }
+}
+
+fn policy_name(path: &Path) -> Result<String> {
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+    if stem.is_empty()
+        || !stem
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(Error::policy(format!(
+            "{}: policy file names must be made of letters, digits, `-` and `_`",
+            path.display()
+        )));
+    }
+    Ok(stem.to_string())
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let col = before
+        .rsplit('\n')
+        .next()
+        .map(|l| l.chars().count())
+        .unwrap_or(0)
+        + 1;
+    (line, col)
+}
+
+/// Load one policy file.
+pub fn load_file(path: &Path) -> Result<Policy> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io("read policy", path, e))?;
+    Policy::parse(path, &text)
+}
+
+/// Every `*.toml` in `dir`, sorted by name. Each result is the policy or its error.
+pub fn load_dir(dir: &Path) -> Result<Vec<Result<Policy>>> {
+    let rd = std::fs::read_dir(dir).map_err(|e| {
+        Error::io("read policies directory", dir, e)
+            .with_hint("pass --policies DIR or set VEZA_DR_POLICIES")
+    })?;
+    let mut paths: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    paths.sort();
+    Ok(paths.iter().map(|p| load_file(p)).collect())
+}
+
+/// Find a policy by name in `dir`, or load it directly if `name` is a path to a `.toml` file.
+pub fn find(dir: &Path, name: &str) -> Result<Policy> {
+    if name.ends_with(".toml") {
+        return load_file(Path::new(name));
+    }
+    let path = dir.join(format!("{name}.toml"));
+    if !path.exists() {
+        let known: Vec<String> = std::fs::read_dir(dir)
+            .map(|rd| {
+                let mut v: Vec<String> = rd
+                    .filter_map(|e| e.ok())
+                    .filter_map(|e| {
+                        e.path()
+                            .file_stem()
+                            .map(|s| s.to_string_lossy().into_owned())
+                    })
+                    .collect();
+                v.sort();
+                v
+            })
+            .unwrap_or_default();
+        return Err(
+            Error::not_found(format!("policy `{name}` not found in {}", dir.display())).with_hint(
+                if known.is_empty() {
+                    "pass --policies DIR pointing at a folder of *.toml policies".to_string()
+                } else {
+                    format!("known policies: {}", known.join(", "))
+                },
+            ),
+        );
+    }
+    load_file(&path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recipient() -> String {
+        age::x25519::Identity::generate().to_public().to_string()
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_column() {
+        let text = format!(
+            "[source]\ntype = \"volume\"\npath = \"/srv\"\ncolour = \"red\"\n[repository]\nurl = \"file:///tmp/r\"\n[encryption]\nrecipients = [\"{}\"]\n",
+            recipient()
+        );
+        let err = Policy::parse(Path::new("policies/x.toml"), &text).unwrap_err();
+        assert!(
+            err.message
+                .starts_with("policies/x.toml:4:1: unknown field `colour`"),
+            "{}",
+            err.message
+        );
+        assert_eq!(err.kind.exit_code(), 2);
+    }
+
+    #[test]
+    fn bad_cron_points_at_the_value() {
+        let text = format!(
+            "[source]\ntype = \"volume\"\npath = \"/srv\"\n[schedule]\nfull = \"0 3 * *\"\n[repository]\nurl = \"file:///tmp/r\"\n[encryption]\nrecipients = [\"{}\"]\n",
+            recipient()
+        );
+        let err = Policy::parse(Path::new("p.toml"), &text).unwrap_err();
+        assert!(
+            err.message
+                .starts_with("p.toml:5:8: cron expression `0 3 * *` has 4 fields"),
+            "{}",
+            err.message
+        );
+    }
+
+    #[test]
+    fn literal_secret_is_refused() {
+        let text = format!(
+            "[source]\ntype = \"postgres\"\ndsn = \"postgres://u:pw@h/db\"\ndata-dir = \"/d\"\n[repository]\nurl = \"file:///tmp/r\"\n[encryption]\nrecipients = [\"{}\"]\n",
+            recipient()
+        );
+        let err = Policy::parse(Path::new("p.toml"), &text).unwrap_err();
+        assert!(
+            err.message
+                .contains("p.toml:3:7: secrets must be references"),
+            "{}",
+            err.message
+        );
+        assert!(
+            !err.message.contains("pw@h"),
+            "the secret leaked into the error: {}",
+            err.message
+        );
+    }
+}

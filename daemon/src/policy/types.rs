@@ -1,0 +1,200 @@
+//! Value types of policies that validate themselves while being parsed, so that a bad value is
+//! reported with the file, line and column of the value itself.
+
+use serde::{Deserialize, Deserializer};
+use std::str::FromStr;
+
+/// A duration written as text: `90s`, `15m`, `1h`, `30d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur(pub std::time::Duration);
+
+impl FromStr for Dur {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        humantime::parse_duration(s.trim()).map(Dur).map_err(|e| {
+            format!("`{s}` is not a duration ({e}); write e.g. `90s`, `15m`, `1h` or `30d`")
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl std::fmt::Display for Dur {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+/// A byte size written as text (`16MiB`, `512KiB`, `1GB`) or a plain integer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl FromStr for Size {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("`{s}` is not a size; write e.g. `16MiB`"))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" | "K" => 1 << 10,
+            "MiB" | "M" => 1 << 20,
+            "GiB" | "G" => 1 << 30,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            u => {
+                return Err(format!(
+                    "unknown size unit `{u}` in `{s}`; use B, KiB, MiB or GiB"
+                ))
+            }
+        };
+        n.checked_mul(mult)
+            .map(Size)
+            .ok_or_else(|| format!("size `{s}` is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(Size(n)),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A cron expression: standard 5 fields (minute hour day month weekday), or 6 with seconds first.
+#[derive(Debug, Clone)]
+pub struct CronExpr {
+    pub text: String,
+    pub schedule: cron::Schedule,
+}
+
+impl FromStr for CronExpr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let fields = s.split_whitespace().count();
+        let full = match fields {
+            5 => format!("0 {s}"),
+            6 => s.to_string(),
+            n => return Err(format!("cron expression `{s}` has {n} fields; write 5 (minute hour day month weekday) or 6 (with seconds first)")),
+        };
+        let schedule = cron::Schedule::from_str(&full)
+            .map_err(|e| format!("cron expression `{s}` is invalid: {e}"))?;
+        Ok(CronExpr {
+            text: s.to_string(),
+            schedule,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for CronExpr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A public key that backups are encrypted to: an age X25519 recipient or an SSH public key.
+#[derive(Clone)]
+pub struct Recipient {
+    pub text: String,
+}
+
+impl Recipient {
+    pub fn to_age(&self) -> Box<dyn age::Recipient + Send + Sync> {
+        // Validated at parse time, so both parses below succeed for the matching form.
+        if let Ok(r) = age::x25519::Recipient::from_str(&self.text) {
+            return Box::new(r);
+        }
+        Box::new(
+            age::ssh::Recipient::from_str(&self.text).expect("recipient validated at parse time"),
+        )
+    }
+}
+
+impl std::fmt::Debug for Recipient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl FromStr for Recipient {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        if t.starts_with("AGE-SECRET-KEY-") {
+            return Err("this is a private identity, not a public recipient: put only `age1…` public keys in policies (the backup host must not be able to decrypt)".into());
+        }
+        if age::x25519::Recipient::from_str(t).is_ok() || age::ssh::Recipient::from_str(t).is_ok() {
+            return Ok(Recipient {
+                text: t.to_string(),
+            });
+        }
+        Err(format!("`{}` is not an age recipient (`age1…`) or an SSH public key; create one with `veza-dr keygen`", short(t)))
+    }
+}
+
+impl<'de> Deserialize<'de> for Recipient {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+fn short(s: &str) -> String {
+    if s.chars().count() > 24 {
+        format!("{}…", s.chars().take(24).collect::<String>())
+    } else {
+        s.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sizes_durations_and_crons() {
+        assert_eq!("16MiB".parse::<Size>().unwrap().0, 16 << 20);
+        assert_eq!("1000".parse::<Size>().unwrap().0, 1000);
+        assert!("16 parsecs".parse::<Size>().is_err());
+        assert_eq!("1h".parse::<Dur>().unwrap().0.as_secs(), 3600);
+        assert_eq!("30d".parse::<Dur>().unwrap().0.as_secs(), 30 * 86400);
+        assert!("0 3 * * *".parse::<CronExpr>().is_ok());
+        assert!("*/5 * * * * *".parse::<CronExpr>().is_ok());
+        assert!("0 3 * *".parse::<CronExpr>().is_err());
+        assert!("0 25 * * *".parse::<CronExpr>().is_err());
+    }
+
+    #[test]
+    fn refuses_private_keys_as_recipients() {
+        let id = age::x25519::Identity::generate();
+        use age::secrecy::ExposeSecret;
+        let err = id
+            .to_string()
+            .expose_secret()
+            .parse::<Recipient>()
+            .unwrap_err();
+        assert!(err.contains("private identity"), "{err}");
+        assert!(id.to_public().to_string().parse::<Recipient>().is_ok());
+    }
+}

@@ -1,0 +1,3 @@
+//! Sources: what a snapshot is made from.
+
+pub mod volume;
