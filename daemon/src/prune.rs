@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 #[derive(Debug, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Report {
     pub dry_run: bool,
     pub kept: BTreeMap<String, Vec<String>>,

@@ -21,6 +21,7 @@ pub struct Options {
 }
 
 #[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Summary {
     pub snapshot: String,
     pub target: String,
@@ -115,6 +116,29 @@ pub fn damage_error(snap: &str, damage: &[Damage], names: &dyn Fn(usize) -> Stri
     .with_hint("everything else was restored; restore these files from an older snapshot, and run `veza-dr verify`")
 }
 
+/// A hard link whose first name is not being restored becomes a plain copy of that file.
+fn detach_hardlinks(entries: &[Entry], includes: &[PathBuf]) -> Vec<Entry> {
+    if includes.is_empty() {
+        return entries.to_vec();
+    }
+    let by_path: HashMap<String, &Entry> = entries.iter().map(|e| (encode_os(e.rel_path().as_os_str()), e)).collect();
+    entries
+        .iter()
+        .map(|e| {
+            let target = e.target.as_deref().unwrap_or("");
+            match (e.kind, by_path.get(target)) {
+                (EntryKind::Hardlink, Some(first)) if !volume::included(&first.rel_path(), includes) => {
+                    let mut copy = (*first).clone();
+                    copy.path = e.path.clone();
+                    copy.path_hex = e.path_hex.clone();
+                    copy
+                }
+                _ => e.clone(),
+            }
+        })
+        .collect()
+}
+
 pub async fn run(repo: &Repo, opener: &Opener, opts: &Options) -> Result<Summary> {
     let snap = repo.find_snapshot(&opts.snapshot).await?;
     let manifest = repo.manifest(&snap, opener).await?;
@@ -135,12 +159,8 @@ pub async fn run(repo: &Repo, opener: &Opener, opts: &Options) -> Result<Summary
     }
     std::fs::create_dir_all(target).map_err(|e| Error::io("create restore target", target, e))?;
 
-    let selected: Vec<(usize, &Entry)> = manifest
-        .entries
-        .iter()
-        .enumerate()
-        .filter(|(_, e)| volume::included(&e.rel_path(), &opts.includes))
-        .collect();
+    let entries = detach_hardlinks(&manifest.entries, &opts.includes);
+    let selected: Vec<(usize, &Entry)> = entries.iter().enumerate().filter(|(_, e)| volume::included(&e.rel_path(), &opts.includes)).collect();
     if !opts.includes.is_empty() && selected.iter().all(|(_, e)| e.rel_path() == Path::new(".")) {
         return Err(Error::not_found(format!(
             "no path in snapshot {} matches --include",

@@ -11,6 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 #[derive(Debug, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Report {
     pub snapshots: usize,
     pub packs_referenced: usize,

@@ -1,0 +1,243 @@
+//! Test harness: real S3-compatible servers on 127.0.0.1 (moto, Garage), fixtures that write
+//! policies and run the real `veza-dr` binary, and tree generation and comparison.
+#![allow(dead_code)]
+
+pub mod tree;
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_veza-dr"))
+}
+
+/// Find a server binary: an env override, PATH, or where `scripts/setup.sh` installs it.
+fn find_tool(env: &str, name: &str, extra: &[&str]) -> PathBuf {
+    if let Ok(p) = std::env::var(env) {
+        return p.into();
+    }
+    let mut cands: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).map(|d| d.join(name)).collect()).unwrap_or_default();
+    cands.extend(extra.iter().map(PathBuf::from));
+    cands.into_iter().find(|p| p.is_file()).unwrap_or_else(|| {
+        panic!("{name} is not installed: run scripts/setup.sh (or set {env}); tests use the real server and never skip")
+    })
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_port(port: u16, child: &mut Child, what: &str) {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(60) {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("{what} exited early: {st}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what} did not listen on {port} within 60 s");
+}
+
+/// Send one raw HTTP request and return the status code.
+pub fn http(port: u16, method: &str, path: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    File,
+    Moto,
+    Garage,
+}
+
+/// A running object store (or a directory for file://). Killed on drop.
+pub struct Backend {
+    pub kind: Kind,
+    pub port: u16,
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub bucket: String,
+    pub key_id: String,
+    pub secret: String,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub const GARAGE_KEY: &str = "GK0123456789abcdef01234567";
+pub const GARAGE_SECRET: &str = "4f0e1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7";
+
+impl Backend {
+    pub fn start(kind: Kind) -> Backend {
+        let dir = tempfile::tempdir().unwrap();
+        match kind {
+            Kind::File => Backend { kind, port: 0, child: None, dir, bucket: String::new(), key_id: String::new(), secret: String::new() },
+            Kind::Moto => {
+                let moto = find_tool("VEZA_MOTO_SERVER", "moto_server", &["/opt/veza-dr-ci/venv/bin/moto_server"]);
+                let port = free_port();
+                let mut child = Command::new(moto)
+                    .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("start moto_server");
+                wait_port(port, &mut child, "moto_server");
+                assert_eq!(http(port, "PUT", "/veza"), 200, "create bucket on moto");
+                Backend { kind, port, child: Some(child), dir, bucket: "veza".into(), key_id: "testing".into(), secret: "testing".into() }
+            }
+            Kind::Garage => {
+                let garage = find_tool("VEZA_GARAGE", "garage", &[&format!("{}/.cargo/bin/garage", std::env::var("HOME").unwrap_or_default())]);
+                let port = free_port();
+                let rpc = free_port();
+                let d = dir.path();
+                let cfg = d.join("garage.toml");
+                std::fs::write(
+                    &cfg,
+                    format!(
+                        "metadata_dir = \"{m}\"\ndata_dir = \"{dd}\"\ndb_engine = \"sqlite\"\nreplication_factor = 1\nrpc_bind_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{s}\"\n[s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"127.0.0.1:{port}\"\n",
+                        m = d.join("meta").display(),
+                        dd = d.join("data").display(),
+                        s = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+                    ),
+                )
+                .unwrap();
+                let log = std::fs::File::create(d.join("garage.log")).unwrap();
+                let mut child = Command::new(garage)
+                    .args(["-c", cfg.to_str().unwrap(), "server", "--single-node", "--default-bucket"])
+                    .env("GARAGE_DEFAULT_ACCESS_KEY", GARAGE_KEY)
+                    .env("GARAGE_DEFAULT_SECRET_KEY", GARAGE_SECRET)
+                    .env("GARAGE_DEFAULT_BUCKET", "veza")
+                    .env("RUST_LOG", "warn")
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .spawn()
+                    .expect("start garage");
+                wait_port(port, &mut child, "garage");
+                // The default bucket and key appear shortly after the port opens.
+                let t = Instant::now();
+                while http(port, "GET", "/veza") == 0 && t.elapsed() < Duration::from_secs(10) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Backend { kind, port, child: Some(child), dir, bucket: "veza".into(), key_id: GARAGE_KEY.into(), secret: GARAGE_SECRET.into() }
+            }
+        }
+    }
+
+    /// The `[repository]` table for a repository at `prefix`.
+    pub fn repository_toml(&self, prefix: &str) -> String {
+        match self.kind {
+            Kind::File => format!("[repository]\nurl = \"file://{}/{prefix}\"\n", self.dir.path().display()),
+            Kind::Moto | Kind::Garage => format!(
+                "[repository]\nurl = \"s3://{b}/{prefix}\"\nendpoint = \"http://127.0.0.1:{p}\"\nregion = \"{r}\"\naccess-key-id = \"env:VEZA_TEST_S3_KEY\"\nsecret-access-key = \"env:VEZA_TEST_S3_SECRET\"\n",
+                b = self.bucket,
+                p = self.port,
+                r = if self.kind == Kind::Garage { "garage" } else { "us-east-1" }
+            ),
+        }
+    }
+
+    /// Where a repository object lives on disk, for file:// (tests that damage objects).
+    pub fn file_path(&self, prefix: &str, key: &str) -> PathBuf {
+        self.dir.path().join(prefix).join(key)
+    }
+
+    /// Stop the server (a dead endpoint), keeping its data directory.
+    pub fn stop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.child = None;
+    }
+}
+
+/// A working directory with policies, state, an identity and a source tree.
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub identity: PathBuf,
+    pub recipient: String,
+    pub env: Vec<(String, String)>,
+}
+
+impl Fixture {
+    pub fn new(backend: &Backend) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+        // The identity lives outside the state directory: the backup side never sees it.
+        let identity = dir.path().join("restore-side/restore.key");
+        std::fs::create_dir_all(identity.parent().unwrap()).unwrap();
+        let out = Command::new(bin()).args(["keygen", "-o", identity.to_str().unwrap()]).output().unwrap();
+        assert!(out.status.success(), "keygen: {}", String::from_utf8_lossy(&out.stderr));
+        let recipient = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        assert!(recipient.starts_with("age1"), "{recipient}");
+        let env = vec![("VEZA_TEST_S3_KEY".into(), backend.key_id.clone()), ("VEZA_TEST_S3_SECRET".into(), backend.secret.clone())];
+        Fixture { dir, identity, recipient, env }
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    /// Write `policies/<name>.toml` for a volume at `source` in `backend` under `prefix`.
+    pub fn volume_policy(&self, name: &str, backend: &Backend, prefix: &str, source: &Path, extra: &str) {
+        let text = format!(
+            "[source]\ntype = \"volume\"\npath = \"{}\"\nexclude = [\"*.tmp\"]\n\n{}\n[encryption]\nrecipients = [\"{}\"]\n\n{extra}\n",
+            source.display(),
+            backend.repository_toml(prefix),
+            self.recipient
+        );
+        std::fs::write(self.path(&format!("policies/{name}.toml")), text).unwrap();
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin());
+        c.arg("--policies").arg(self.path("policies")).arg("--state-dir").arg(self.path("state"));
+        c.args(args);
+        c.env_remove("VEZA_DR_IDENTITY");
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    /// Run and require success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "veza-dr {args:?} failed ({}):\n{}\n{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        serde_json::from_str(&self.ok(&a)).unwrap()
+    }
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}

@@ -1,0 +1,175 @@
+//! Volume backups end to end with the real binary against file://, moto and Garage.
+
+mod common;
+use common::*;
+
+fn tree_mb() -> usize {
+    std::env::var("VEZA_TEST_TREE_MB").ok().and_then(|s| s.parse().ok()).unwrap_or(1024)
+}
+
+/// Full backup, restore byte for byte, change the tree, incremental, restore both snapshots.
+fn round_trip(kind: Kind, extra: &str) {
+    let backend = Backend::start(kind);
+    let fx = Fixture::new(&backend);
+    let src = fx.path("src");
+    tree::generate(&src, tree_mb(), 7);
+    fx.volume_policy("vol", &backend, "repo", &src, extra);
+
+    let s1 = fx.json(&["backup", "vol", "--full"]);
+    assert_eq!(s1["kind"], "full");
+    assert!(s1["stats"]["bytes-read"].as_u64().unwrap() >= (tree_mb() as u64) << 20 * 9 / 10);
+    let snaps = fx.json(&["snapshots", "vol"]);
+    assert_eq!(snaps.as_array().unwrap().len(), 1);
+
+    let r1 = fx.path("r1");
+    fx.ok(&["restore", "vol", "--snapshot", "latest", "--target", r1.to_str().unwrap(), "--identity", fx.identity.to_str().unwrap()]);
+    tree::assert_same(&src, &r1);
+
+    // Change the tree: one large file rewritten in the middle, one small file, a new file,
+    // a deletion, a mode change.
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(src.join("large/file-001.bin")).unwrap();
+        f.seek(SeekFrom::Start(10 << 20)).unwrap();
+        f.write_all(b"changed in the middle of a large file").unwrap();
+    }
+    std::fs::write(src.join("small/d000/e00/f00000.dat"), "rewritten small file").unwrap();
+    std::fs::write(src.join("names/new file.txt"), "new").unwrap();
+    std::fs::remove_file(src.join("names/日本語のファイル")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(src.join("script.sh"), std::fs::Permissions::from_mode(0o700)).unwrap();
+
+    let s2 = fx.json(&["backup", "vol"]);
+    assert_eq!(s2["kind"], "incremental");
+    assert_eq!(s2["parent"], s1["id"]);
+    let st = &s2["stats"];
+    assert!(st["files-read"].as_u64().unwrap() <= 4, "incremental re-read unchanged files: {st}");
+    assert!(st["bytes-new"].as_u64().unwrap() < 16 << 20, "incremental stored too much: {st}");
+
+    let r2 = fx.path("r2");
+    fx.ok(&["restore", "vol", "--target", r2.to_str().unwrap(), "--identity", fx.identity.to_str().unwrap()]);
+    tree::assert_same(&src, &r2);
+    // The first snapshot still restores on its own, unchanged.
+    let r1b = fx.path("r1b");
+    let id1 = s1["id"].as_str().unwrap();
+    fx.ok(&["restore", "vol", "--snapshot", &id1[..20], "--target", r1b.to_str().unwrap(), "--identity", fx.identity.to_str().unwrap()]);
+    tree::assert_same(&r1, &r1b);
+
+    let v = fx.json(&["verify", "vol", "--read-data", "--identity", fx.identity.to_str().unwrap()]);
+    assert!(v["damage"].as_array().unwrap().is_empty(), "{v}");
+    assert!(v["chunks-checked"].as_u64().unwrap() > 100);
+}
+
+#[test]
+fn round_trip_file() {
+    round_trip(Kind::File, "");
+}
+
+#[test]
+fn round_trip_garage() {
+    round_trip(Kind::Garage, "");
+}
+
+#[test]
+fn round_trip_moto_with_multipart_packs() {
+    // Packs above 32 MiB go up as multipart uploads.
+    let extra = "";
+    let backend = Backend::start(Kind::Moto);
+    drop(backend);
+    round_trip_with_pack_size(Kind::Moto, "48MiB", extra);
+}
+
+fn round_trip_with_pack_size(kind: Kind, size: &str, extra: &str) {
+    // pack-size belongs to [repository]: append it there via the policy text.
+    let backend = Backend::start(kind);
+    let fx = Fixture::new(&backend);
+    let src = fx.path("src");
+    tree::generate(&src, tree_mb().min(512), 11);
+    fx.volume_policy("vol", &backend, "repo", &src, extra);
+    let p = fx.path("policies/vol.toml");
+    let text = std::fs::read_to_string(&p).unwrap().replace("[encryption]", &format!("pack-size = \"{size}\"\n\n[encryption]"));
+    std::fs::write(&p, text).unwrap();
+    let s = fx.json(&["backup", "vol"]);
+    let big = s["packs"].as_array().unwrap().iter().filter(|p| p["size"].as_u64().unwrap() > 32 << 20).count();
+    assert!(big >= 1, "expected multipart-sized packs: {s}");
+    let r = fx.path("r");
+    fx.ok(&["restore", "vol", "--target", r.to_str().unwrap(), "--identity", fx.identity.to_str().unwrap()]);
+    tree::assert_same(&src, &r);
+}
+
+#[test]
+fn include_restores_only_the_named_paths() {
+    let backend = Backend::start(Kind::File);
+    let fx = Fixture::new(&backend);
+    let src = fx.path("src");
+    tree::generate(&src, 4, 3);
+    fx.volume_policy("vol", &backend, "repo", &src, "");
+    fx.ok(&["backup", "vol"]);
+    let r = fx.path("r");
+    fx.ok(&["restore", "vol", "--target", r.to_str().unwrap(), "--include", "names", "--identity", fx.identity.to_str().unwrap()]);
+    assert!(r.join("names/café ☕ résumé.txt").exists());
+    assert_eq!(std::fs::read_to_string(r.join("names/hard-b")).unwrap(), "shared inode\n");
+    assert!(!r.join("large").exists());
+    assert!(!r.join("script.sh").exists());
+}
+
+#[test]
+fn losing_the_local_cache_costs_dedup_not_data() {
+    let backend = Backend::start(Kind::File);
+    let fx = Fixture::new(&backend);
+    let src = fx.path("src");
+    tree::generate(&src, 24, 5);
+    fx.volume_policy("vol", &backend, "repo", &src, "");
+    let s1 = fx.json(&["backup", "vol"]);
+    let s2 = fx.json(&["backup", "vol"]);
+    assert_eq!(s2["stats"]["files-read"], 0, "unchanged re-run read files: {s2}");
+    assert_eq!(s2["stats"]["bytes-uploaded"], 0);
+    std::fs::remove_dir_all(fx.path("state")).unwrap();
+    let s3 = fx.json(&["backup", "vol", "--incremental"]);
+    assert_eq!(s3["kind"], "full", "no parent without the cache");
+    assert!(s3["stats"]["bytes-uploaded"].as_u64().unwrap() > 10 << 20, "without the cache everything is uploaded again");
+    for s in [&s1, &s2, &s3] {
+        let r = fx.path(&format!("r-{}", s["id"].as_str().unwrap()));
+        fx.ok(&["restore", "vol", "--snapshot", s["id"].as_str().unwrap(), "--target", r.to_str().unwrap(), "--identity", fx.identity.to_str().unwrap()]);
+        tree::assert_same(&src, &r);
+    }
+}
+
+#[test]
+fn special_files_are_skipped_and_changing_files_reported() {
+    let backend = Backend::start(Kind::File);
+    let fx = Fixture::new(&backend);
+    let src = fx.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("plain"), "plain").unwrap();
+    let _sock = std::os::unix::net::UnixListener::bind(src.join("app.sock")).unwrap();
+    nix::unistd::mkfifo(&src.join("pipe"), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    // A file that grows while it is read.
+    let growing = src.join("growing.log");
+    std::fs::write(&growing, vec![b'x'; 64 << 20]).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, growing) = (stop.clone(), growing.clone());
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new().append(true).open(&growing).unwrap();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                f.write_all(&[b'y'; 4096]).unwrap();
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        })
+    };
+    fx.volume_policy("vol", &backend, "repo", &src, "");
+    let s = fx.json(&["backup", "vol"]);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.join().unwrap();
+    let warnings: Vec<String> = s["warnings"].as_array().unwrap().iter().map(|w| w.as_str().unwrap().to_string()).collect();
+    assert!(warnings.iter().any(|w| w == "skipped socket app.sock"), "{warnings:?}");
+    assert!(warnings.iter().any(|w| w == "skipped fifo pipe"), "{warnings:?}");
+    assert!(warnings.iter().any(|w| w.starts_with("growing.log changed while it was read")), "{warnings:?}");
+    assert_eq!(s["stats"]["files-changed-during-read"], 1);
+    let r = fx.path("r");
+    fx.ok(&["restore", "vol", "--target", r.to_str().unwrap(), "--identity", fx.identity.to_str().unwrap()]);
+    assert_eq!(std::fs::read_to_string(r.join("plain")).unwrap(), "plain");
+    assert!(!r.join("app.sock").exists() && !r.join("pipe").exists());
+}
