@@ -152,6 +152,16 @@ impl Backend {
         }
     }
 
+    /// Like `repository_toml`, with credentials as `file:` references (no process env needed).
+    pub fn repository_toml_files(&self, prefix: &str, dir: &Path) -> String {
+        let (k, s) = (dir.join("s3-key"), dir.join("s3-secret"));
+        std::fs::write(&k, &self.key_id).unwrap();
+        std::fs::write(&s, &self.secret).unwrap();
+        self.repository_toml(prefix)
+            .replace("env:VEZA_TEST_S3_KEY", &format!("file:{}", k.display()))
+            .replace("env:VEZA_TEST_S3_SECRET", &format!("file:{}", s.display()))
+    }
+
     /// Where a repository object lives on disk, for file:// (tests that damage objects).
     pub fn file_path(&self, prefix: &str, key: &str) -> PathBuf {
         self.dir.path().join(prefix).join(key)

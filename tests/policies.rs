@@ -1,0 +1,31 @@
+//! Every policy shipped in `policies/` parses, and the README's demo command works.
+
+mod common;
+use common::*;
+
+#[test]
+fn every_shipped_policy_parses() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    let results = veza_dr::policy::load_dir(&dir).unwrap();
+    assert!(results.len() >= 2, "expected the shipped example policies");
+    for r in &results {
+        if let Err(e) = r {
+            panic!("shipped policy does not parse: {}", e.message);
+        }
+    }
+    let names: Vec<String> = results.into_iter().map(|r| r.unwrap().name).collect();
+    assert!(names.contains(&"db".to_string()) && names.contains(&"uploads".to_string()), "{names:?}");
+    let o = std::process::Command::new(bin()).args(["policy", "check"]).arg(&dir).output().unwrap();
+    assert!(o.status.success(), "{}", stdout(&o));
+}
+
+#[test]
+fn the_demo_backs_up_lists_and_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new(bin()).args(["demo", "--dir"]).arg(dir.path()).output().unwrap();
+    let out = stdout(&o);
+    assert!(o.status.success(), "{out}\n{}", stderr(&o));
+    assert!(out.contains("(full)") && out.contains("(incremental)"), "{out}");
+    assert!(out.contains("restored tree is identical to the source"), "{out}");
+    tree::assert_same(&dir.path().join("source"), &dir.path().join("restored"));
+}
