@@ -104,7 +104,12 @@ fn kill_dash_nine_mid_backup_leaves_only_garbage() {
     std::fs::write(src.join("large/huge.bin"), &big).unwrap();
     drop(big);
     let before = packs(&backend).len();
-    let mut child = fx.cmd(&["backup", "vol", "--json"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut child = fx
+        .cmd(&["backup", "vol", "--json"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let t = std::time::Instant::now();
     while packs(&backend).len() < before + 3 {
         assert!(t.elapsed().as_secs() < 120, "backup wrote no packs");
@@ -125,7 +130,16 @@ fn kill_dash_nine_mid_backup_leaves_only_garbage() {
     let second = fx.json(&["backup", "vol"]);
     for (s, name) in [(&first, "r1"), (&second, "r2")] {
         let r = fx.path(name);
-        fx.ok(&["restore", "vol", "--snapshot", s["id"].as_str().unwrap(), "--target", r.to_str().unwrap(), "--identity", fx.identity.to_str().unwrap()]);
+        fx.ok(&[
+            "restore",
+            "vol",
+            "--snapshot",
+            s["id"].as_str().unwrap(),
+            "--target",
+            r.to_str().unwrap(),
+            "--identity",
+            fx.identity.to_str().unwrap(),
+        ]);
     }
     tree::assert_same(&src, &fx.path("r2"));
 
@@ -184,7 +198,14 @@ fn the_backup_host_needs_no_private_key_and_cannot_read_its_backups() {
     let e = one_line_error(&o);
     assert!(e.contains("cannot decrypt"), "{e}");
 
-    let o = fx.run(&["restore", "vol", "--target", r.to_str().unwrap(), "--identity", fx.path("missing.key").to_str().unwrap()]);
+    let o = fx.run(&[
+        "restore",
+        "vol",
+        "--target",
+        r.to_str().unwrap(),
+        "--identity",
+        fx.path("missing.key").to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(one_line_error(&o).contains("cannot read identity"));
 
@@ -259,9 +280,19 @@ fn a_full_disk_on_restore_is_a_clear_error() {
     fx.ok(&["backup", "vol"]);
     let small = fx.path("small-disk");
     std::fs::create_dir_all(&small).unwrap();
-    let st = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=4m", "tmpfs", small.to_str().unwrap()]).status().unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs", small.to_str().unwrap()])
+        .status()
+        .unwrap();
     assert!(st.success(), "mount tmpfs");
-    let o = fx.run(&["restore", "vol", "--target", small.join("r").to_str().unwrap(), "--identity", fx.identity.to_str().unwrap()]);
+    let o = fx.run(&[
+        "restore",
+        "vol",
+        "--target",
+        small.join("r").to_str().unwrap(),
+        "--identity",
+        fx.identity.to_str().unwrap(),
+    ]);
     let _ = std::process::Command::new("umount").arg(&small).status();
     assert_eq!(o.status.code(), Some(1));
     let e = one_line_error(&o);

@@ -29,12 +29,14 @@ async fn exclusion(kind: Kind) {
     let done = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for w in 0..4 {
-        let (store, exclusive, shared, violations, done) = (store.clone(), exclusive.clone(), shared.clone(), violations.clone(), done.clone());
+        let (store, exclusive, shared, violations, done) =
+            (store.clone(), exclusive.clone(), shared.clone(), violations.clone(), done.clone());
         tasks.push(tokio::spawn(async move {
             let kind = if w < 2 { LockKind::Exclusive } else { LockKind::Shared };
             for _ in 0..6 {
                 let g = lock::acquire(&store, kind, "test", Duration::from_secs(120)).await.unwrap();
-                let (mine, other) = if kind == LockKind::Exclusive { (&exclusive, &shared) } else { (&shared, &exclusive) };
+                let (mine, other) =
+                    if kind == LockKind::Exclusive { (&exclusive, &shared) } else { (&shared, &exclusive) };
                 let n = mine.fetch_add(1, Ordering::SeqCst) + 1;
                 if other.load(Ordering::SeqCst) > 0 || (kind == LockKind::Exclusive && n > 1) {
                     violations.fetch_add(1, Ordering::SeqCst);
@@ -78,7 +80,9 @@ fn prune_during_backup(kind: Kind) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = {
-        let text = std::fs::read_to_string(fx.path("policies/vol.toml")).unwrap().replace(&backend.repository_toml("repo"), &backend.repository_toml_files("repo", dir.path()));
+        let text = std::fs::read_to_string(fx.path("policies/vol.toml"))
+            .unwrap()
+            .replace(&backend.repository_toml("repo"), &backend.repository_toml_files("repo", dir.path()));
         let p = veza_dr::policy::Policy::parse(&dir.path().join("vol.toml"), &text).unwrap();
         Store::open(&p.repository).unwrap()
     };

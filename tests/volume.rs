@@ -22,7 +22,16 @@ fn round_trip(kind: Kind, extra: &str) {
     assert_eq!(snaps.as_array().unwrap().len(), 1);
 
     let r1 = fx.path("r1");
-    fx.ok(&["restore", "vol", "--snapshot", "latest", "--target", r1.to_str().unwrap(), "--identity", fx.identity.to_str().unwrap()]);
+    fx.ok(&[
+        "restore",
+        "vol",
+        "--snapshot",
+        "latest",
+        "--target",
+        r1.to_str().unwrap(),
+        "--identity",
+        fx.identity.to_str().unwrap(),
+    ]);
     tree::assert_same(&src, &r1);
 
     // Change the tree: one large file rewritten in the middle, one small file, a new file,
@@ -52,7 +61,16 @@ fn round_trip(kind: Kind, extra: &str) {
     // The first snapshot still restores on its own, unchanged.
     let r1b = fx.path("r1b");
     let id1 = s1["id"].as_str().unwrap();
-    fx.ok(&["restore", "vol", "--snapshot", &id1[..20], "--target", r1b.to_str().unwrap(), "--identity", fx.identity.to_str().unwrap()]);
+    fx.ok(&[
+        "restore",
+        "vol",
+        "--snapshot",
+        &id1[..20],
+        "--target",
+        r1b.to_str().unwrap(),
+        "--identity",
+        fx.identity.to_str().unwrap(),
+    ]);
     tree::assert_same(&r1, &r1b);
 
     let v = fx.json(&["verify", "vol", "--read-data", "--identity", fx.identity.to_str().unwrap()]);
@@ -87,7 +105,9 @@ fn round_trip_with_pack_size(kind: Kind, size: &str, extra: &str) {
     tree::generate(&src, tree_mb().min(512), 11);
     fx.volume_policy("vol", &backend, "repo", &src, extra);
     let p = fx.path("policies/vol.toml");
-    let text = std::fs::read_to_string(&p).unwrap().replace("[encryption]", &format!("pack-size = \"{size}\"\n\n[encryption]"));
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("[encryption]", &format!("pack-size = \"{size}\"\n\n[encryption]"));
     std::fs::write(&p, text).unwrap();
     let s = fx.json(&["backup", "vol"]);
     let big = s["packs"].as_array().unwrap().iter().filter(|p| p["size"].as_u64().unwrap() > 32 << 20).count();
@@ -106,7 +126,16 @@ fn include_restores_only_the_named_paths() {
     fx.volume_policy("vol", &backend, "repo", &src, "");
     fx.ok(&["backup", "vol"]);
     let r = fx.path("r");
-    fx.ok(&["restore", "vol", "--target", r.to_str().unwrap(), "--include", "names", "--identity", fx.identity.to_str().unwrap()]);
+    fx.ok(&[
+        "restore",
+        "vol",
+        "--target",
+        r.to_str().unwrap(),
+        "--include",
+        "names",
+        "--identity",
+        fx.identity.to_str().unwrap(),
+    ]);
     assert!(r.join("names/café ☕ résumé.txt").exists());
     assert_eq!(std::fs::read_to_string(r.join("names/hard-b")).unwrap(), "shared inode\n");
     assert!(!r.join("large").exists());
@@ -127,10 +156,22 @@ fn losing_the_local_cache_costs_dedup_not_data() {
     std::fs::remove_dir_all(fx.path("state")).unwrap();
     let s3 = fx.json(&["backup", "vol", "--incremental"]);
     assert_eq!(s3["kind"], "full", "no parent without the cache");
-    assert!(s3["stats"]["bytes-uploaded"].as_u64().unwrap() > 10 << 20, "without the cache everything is uploaded again");
+    assert!(
+        s3["stats"]["bytes-uploaded"].as_u64().unwrap() > 10 << 20,
+        "without the cache everything is uploaded again"
+    );
     for s in [&s1, &s2, &s3] {
         let r = fx.path(&format!("r-{}", s["id"].as_str().unwrap()));
-        fx.ok(&["restore", "vol", "--snapshot", s["id"].as_str().unwrap(), "--target", r.to_str().unwrap(), "--identity", fx.identity.to_str().unwrap()]);
+        fx.ok(&[
+            "restore",
+            "vol",
+            "--snapshot",
+            s["id"].as_str().unwrap(),
+            "--target",
+            r.to_str().unwrap(),
+            "--identity",
+            fx.identity.to_str().unwrap(),
+        ]);
         tree::assert_same(&src, &r);
     }
 }
@@ -163,7 +204,8 @@ fn special_files_are_skipped_and_changing_files_reported() {
     let s = fx.json(&["backup", "vol"]);
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     writer.join().unwrap();
-    let warnings: Vec<String> = s["warnings"].as_array().unwrap().iter().map(|w| w.as_str().unwrap().to_string()).collect();
+    let warnings: Vec<String> =
+        s["warnings"].as_array().unwrap().iter().map(|w| w.as_str().unwrap().to_string()).collect();
     assert!(warnings.iter().any(|w| w == "skipped socket app.sock"), "{warnings:?}");
     assert!(warnings.iter().any(|w| w == "skipped fifo pipe"), "{warnings:?}");
     assert!(warnings.iter().any(|w| w.starts_with("growing.log changed while it was read")), "{warnings:?}");

@@ -51,13 +51,8 @@ pub async fn run(policy: &Policy, opts: &Options) -> Result<Sidecar> {
         }
     };
     let repo = Arc::new(Repo::open(policy).await?);
-    let guard = lock::acquire(
-        &repo.store,
-        LockKind::Shared,
-        &format!("backup {}", policy.name),
-        opts.lock_wait,
-    )
-    .await?;
+    let guard =
+        lock::acquire(&repo.store, LockKind::Shared, &format!("backup {}", policy.name), opts.lock_wait).await?;
     let r = run_locked(policy, &vol, &repo, opts, &guard).await;
     let released = guard.release().await;
     let sidecar = r?;
@@ -80,12 +75,8 @@ async fn run_locked(
     let (key_id, key) = state.chunk_key(repo).await?;
 
     let packs = repo.packs().await?;
-    let marked: HashSet<PackId> = repo
-        .marks()
-        .await?
-        .keys()
-        .filter_map(|k| k.rsplit('/').next().and_then(parse_hex32))
-        .collect();
+    let marked: HashSet<PackId> =
+        repo.marks().await?.keys().filter_map(|k| k.rsplit('/').next().and_then(parse_hex32)).collect();
     let cache = engine::reusable(state.load_chunks(), &packs, &marked);
 
     let all = repo.sidecars().await?;
@@ -97,11 +88,7 @@ async fn run_locked(
     if opts.mode == Mode::Incremental && parent.is_none() {
         tracing::info!(policy = %policy.name, "no parent snapshot in the local state: reading everything");
     }
-    let kind = if parent.is_some() {
-        "incremental"
-    } else {
-        "full"
-    };
+    let kind = if parent.is_some() { "incremental" } else { "full" };
 
     let root = vol.path.clone();
     let walked = tokio::task::spawn_blocking({
@@ -118,12 +105,7 @@ async fn run_locked(
     // reusable keep their chunk lists without being read.
     let parent_files: HashMap<String, (&Entry, &Manifest)> = parent
         .iter()
-        .flat_map(|m| {
-            m.entries
-                .iter()
-                .filter(|e| e.kind == EntryKind::File)
-                .map(move |e| (e.display(), (e, m)))
-        })
+        .flat_map(|m| m.entries.iter().filter(|e| e.kind == EntryKind::File).map(move |e| (e.display(), (e, m))))
         .collect();
     let mut reused: HashMap<usize, Vec<ChunkId>> = HashMap::new();
     let mut jobs = Vec::new();
@@ -139,11 +121,8 @@ async fn run_locked(
                 && pe.ino == e.ino
                 && pe.ctime == e.ctime;
             if same {
-                let ids: Option<Vec<ChunkId>> = pe
-                    .chunks
-                    .iter()
-                    .map(|&c| parse_hex32(&pm.chunks[c as usize].0))
-                    .collect();
+                let ids: Option<Vec<ChunkId>> =
+                    pe.chunks.iter().map(|&c| parse_hex32(&pm.chunks[c as usize].0)).collect();
                 if let Some(ids) = ids.filter(|ids| ids.iter().all(|id| cache.contains_key(id))) {
                     e.hash = pe.hash.clone();
                     reused.insert(i, ids);
@@ -159,24 +138,16 @@ async fn run_locked(
             mtime_ns: e.mtime as i128 * 1_000_000_000 + e.mtime_ns as i128,
         });
     }
-    opts.progress
-        .bytes_total
-        .store(total, std::sync::atomic::Ordering::Relaxed);
+    opts.progress.bytes_total.store(total, std::sync::atomic::Ordering::Relaxed);
 
     let cfg = engine_config(policy, repo);
     let known: HashSet<ChunkId> = cache.keys().copied().collect();
     let out = {
-        let (store, sealer, progress) = (
-            repo.store.clone(),
-            repo.sealer.clone(),
-            opts.progress.clone(),
-        );
+        let (store, sealer, progress) = (repo.store.clone(), repo.sealer.clone(), opts.progress.clone());
         let rt = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || {
-            engine::run(rt, store, sealer, cfg, key, known, jobs, progress)
-        })
-        .await
-        .map_err(|e| Error::failed(format!("backup engine failed: {e}")))??
+        tokio::task::spawn_blocking(move || engine::run(rt, store, sealer, cfg, key, known, jobs, progress))
+            .await
+            .map_err(|e| Error::failed(format!("backup engine failed: {e}")))??
     };
 
     let mut stats = Stats {
@@ -203,10 +174,7 @@ async fn run_locked(
         if r.changed {
             e.changed = true;
             stats.files_changed_during_read += 1;
-            warnings.push(format!(
-                "{} changed while it was read: its copy may be inconsistent",
-                e.display()
-            ));
+            warnings.push(format!("{} changed while it was read: its copy may be inconsistent", e.display()));
         }
         per_file.insert(r.idx, r.chunks);
     }
@@ -235,10 +203,7 @@ async fn run_locked(
                     Some(n) => *n,
                     None => {
                         let loc = locs.get(&id).ok_or_else(|| {
-                            Error::failed(format!(
-                                "internal: chunk {} has no location",
-                                hex::encode(id)
-                            ))
+                            Error::failed(format!("internal: chunk {} has no location", hex::encode(id)))
                         })?;
                         let p = *pack_index.entry(loc.pack).or_insert_with(|| {
                             pack_list.push(loc.pack);
@@ -254,8 +219,7 @@ async fn run_locked(
         }
         kept.push(e);
     }
-    let pack_sizes: HashMap<PackId, u64> =
-        packs.into_iter().chain(out.packs.iter().copied()).collect();
+    let pack_sizes: HashMap<PackId, u64> = packs.into_iter().chain(out.packs.iter().copied()).collect();
     let manifest = Manifest {
         format: FORMAT_VERSION,
         snapshot: snap_id.clone(),
@@ -271,9 +235,7 @@ async fn run_locked(
     // Commit last: every pack and index is durable (the engine waited for them); now the
     // manifest, then the sidecar that makes the snapshot exist.
     guard.check()?;
-    let manifest_size = repo
-        .put_sealed_json(&manifest_key(&snap_id), &manifest)
-        .await?;
+    let manifest_size = repo.put_sealed_json(&manifest_key(&snap_id), &manifest).await?;
     let sidecar = Sidecar {
         format: FORMAT_VERSION,
         id: snap_id.clone(),
@@ -286,10 +248,7 @@ async fn run_locked(
         parent: parent.as_ref().map(|m| m.snapshot.clone()),
         packs: pack_list
             .iter()
-            .map(|p| PackRef {
-                id: hex::encode(p),
-                size: pack_sizes.get(p).copied().unwrap_or(0),
-            })
+            .map(|p| PackRef { id: hex::encode(p), size: pack_sizes.get(p).copied().unwrap_or(0) })
             .collect(),
         manifest_size,
         stats,
@@ -298,17 +257,11 @@ async fn run_locked(
     };
     guard.check()?;
     repo.store
-        .put(
-            &sidecar_key(&snap_id),
-            Bytes::from(serde_json::to_vec_pretty(&sidecar).expect("serialisable")),
-        )
+        .put(&sidecar_key(&snap_id), Bytes::from(serde_json::to_vec_pretty(&sidecar).expect("serialisable")))
         .await?;
 
     // Local state after the commit: losing it costs dedup only.
-    if let Err(e) = state
-        .save_chunks(&locs)
-        .and_then(|_| state.save_manifest(&manifest))
-    {
+    if let Err(e) = state.save_chunks(&locs).and_then(|_| state.save_manifest(&manifest)) {
         tracing::warn!(error = %e, "could not update the local state; the next backup reads everything again");
     }
     let live: HashSet<String> = all.iter().map(|s| s.id.clone()).chain([snap_id]).collect();

@@ -63,11 +63,7 @@ impl Error {
         let message: String = message.into();
         // Keep the promise of one line even when a source error spans several.
         let message = message.replace('\n', " ");
-        Error {
-            kind,
-            message,
-            hint: None,
-        }
+        Error { kind, message, hint: None }
     }
 
     pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
@@ -103,9 +99,9 @@ impl Error {
     /// A local I/O failure on `path`, with a hint for the common causes.
     pub fn io(what: &str, path: &std::path::Path, e: std::io::Error) -> Self {
         let hint = match e.kind() {
-            std::io::ErrorKind::PermissionDenied => Some(
-                "check the ownership and mode of the path, or run as a user that can access it",
-            ),
+            std::io::ErrorKind::PermissionDenied => {
+                Some("check the ownership and mode of the path, or run as a user that can access it")
+            }
             std::io::ErrorKind::NotFound => Some("check that the path exists"),
             _ if e.raw_os_error() == Some(28) => {
                 Some("the disk is full: free space on the target or restore elsewhere")

@@ -26,24 +26,11 @@ pub struct Report {
 
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
 
-pub async fn run(
-    repo: &Repo,
-    policy: &Policy,
-    dry_run: bool,
-    lock_wait: Duration,
-) -> Result<Report> {
+pub async fn run(repo: &Repo, policy: &Policy, dry_run: bool, lock_wait: Duration) -> Result<Report> {
     let guard = if dry_run {
         None
     } else {
-        Some(
-            lock::acquire(
-                &repo.store,
-                LockKind::Exclusive,
-                &format!("prune {}", policy.name),
-                lock_wait,
-            )
-            .await?,
-        )
+        Some(lock::acquire(&repo.store, LockKind::Exclusive, &format!("prune {}", policy.name), lock_wait).await?)
     };
     let r = run_locked(repo, policy, dry_run, guard.as_ref()).await;
     if let Some(g) = guard {
@@ -52,31 +39,13 @@ pub async fn run(
     r
 }
 
-async fn run_locked(
-    repo: &Repo,
-    policy: &Policy,
-    dry_run: bool,
-    guard: Option<&lock::LockGuard>,
-) -> Result<Report> {
+async fn run_locked(repo: &Repo, policy: &Policy, dry_run: bool, guard: Option<&lock::LockGuard>) -> Result<Report> {
     let now = Utc::now();
-    let grace = policy
-        .retention
-        .prune_grace
-        .map(|d| d.0)
-        .unwrap_or(DEFAULT_GRACE);
+    let grace = policy.retention.prune_grace.map(|d| d.0).unwrap_or(DEFAULT_GRACE);
     let all = repo.sidecars().await?;
-    let mine: Vec<Sidecar> = all
-        .iter()
-        .filter(|s| s.policy == policy.name)
-        .cloned()
-        .collect();
+    let mine: Vec<Sidecar> = all.iter().filter(|s| s.policy == policy.name).cloned().collect();
     let (kept, forgotten) = crate::retention::select(&mine, &policy.retention, now);
-    let mut rep = Report {
-        dry_run,
-        kept,
-        forgotten: forgotten.clone(),
-        ..Default::default()
-    };
+    let mut rep = Report { dry_run, kept, forgotten: forgotten.clone(), ..Default::default() };
 
     if !dry_run {
         for id in &forgotten {
@@ -88,33 +57,22 @@ async fn run_locked(
     let forgotten: HashSet<&String> = forgotten.iter().collect();
     let live: Vec<&Sidecar> = all.iter().filter(|s| !forgotten.contains(&s.id)).collect();
     let live_ids: HashSet<&str> = live.iter().map(|s| s.id.as_str()).collect();
-    let referenced: HashSet<String> = live
-        .iter()
-        .flat_map(|s| s.packs.iter().map(|p| pack_key_hex(&p.id)))
-        .collect();
+    let referenced: HashSet<String> = live.iter().flat_map(|s| s.packs.iter().map(|p| pack_key_hex(&p.id))).collect();
 
     // Everything that could be garbage: packs, indexes, manifests.
     let packs = repo.store.list("data/").await?;
-    let pack_ids: HashSet<String> = packs
-        .iter()
-        .filter_map(|(k, _)| k.rsplit('/').next().map(str::to_string))
-        .collect();
+    let pack_ids: HashSet<String> =
+        packs.iter().filter_map(|(k, _)| k.rsplit('/').next().map(str::to_string)).collect();
     let sizes: BTreeMap<String, u64> = packs.iter().cloned().collect();
-    let mut candidates: Vec<String> = packs
-        .iter()
-        .filter(|(k, _)| !referenced.contains(k))
-        .map(|(k, _)| k.clone())
-        .collect();
+    let mut candidates: Vec<String> =
+        packs.iter().filter(|(k, _)| !referenced.contains(k)).map(|(k, _)| k.clone()).collect();
     for (k, _) in repo.store.list("index/").await? {
         if !pack_ids.contains(k.trim_start_matches("index/")) {
             candidates.push(k);
         }
     }
     for (k, _) in repo.store.list("snapshots/").await? {
-        if let Some(id) = k
-            .strip_prefix("snapshots/")
-            .and_then(|r| r.strip_suffix(".manifest"))
-        {
+        if let Some(id) = k.strip_prefix("snapshots/").and_then(|r| r.strip_suffix(".manifest")) {
             if !live_ids.contains(id) && !forgotten.contains(&id.to_string()) {
                 candidates.push(k);
             }

@@ -37,12 +37,8 @@ pub fn plan(manifest: &Manifest, files: &[&Entry]) -> Result<Vec<Want>> {
         .packs
         .iter()
         .map(|p| {
-            parse_hex32(p).ok_or_else(|| {
-                Error::damaged(format!(
-                    "manifest of {} names a malformed pack id",
-                    manifest.snapshot
-                ))
-            })
+            parse_hex32(p)
+                .ok_or_else(|| Error::damaged(format!("manifest of {} names a malformed pack id", manifest.snapshot)))
         })
         .collect::<Result<_>>()?;
     let mut wants: HashMap<u32, Want> = HashMap::new();
@@ -50,36 +46,18 @@ pub fn plan(manifest: &Manifest, files: &[&Entry]) -> Result<Vec<Want>> {
         let mut off = 0u64;
         for &c in &e.chunks {
             let (id, p, o, len, raw) = manifest.chunks.get(c as usize).ok_or_else(|| {
-                Error::damaged(format!(
-                    "manifest of {} references chunk {c} beyond its table",
-                    manifest.snapshot
-                ))
+                Error::damaged(format!("manifest of {} references chunk {c} beyond its table", manifest.snapshot))
             })?;
             let w = match wants.entry(c) {
                 std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
                 std::collections::hash_map::Entry::Vacant(v) => {
                     let id = parse_hex32(id).ok_or_else(|| {
-                        Error::damaged(format!(
-                            "manifest of {} holds a malformed chunk id",
-                            manifest.snapshot
-                        ))
+                        Error::damaged(format!("manifest of {} holds a malformed chunk id", manifest.snapshot))
                     })?;
                     let pack = *packs.get(*p as usize).ok_or_else(|| {
-                        Error::damaged(format!(
-                            "manifest of {} references pack {p} beyond its list",
-                            manifest.snapshot
-                        ))
+                        Error::damaged(format!("manifest of {} references pack {p} beyond its list", manifest.snapshot))
                     })?;
-                    v.insert(Want {
-                        id,
-                        loc: BlobLoc {
-                            pack,
-                            offset: *o,
-                            len: *len,
-                            raw_len: *raw,
-                        },
-                        targets: vec![],
-                    })
+                    v.insert(Want { id, loc: BlobLoc { pack, offset: *o, len: *len, raw_len: *raw }, targets: vec![] })
                 }
             };
             w.targets.push((fi, off));
@@ -94,18 +72,11 @@ pub fn damage_error(snap: &str, damage: &[Damage], names: &dyn Fn(usize) -> Stri
     let mut objects: Vec<&str> = damage.iter().map(|d| d.object.as_str()).collect();
     objects.sort();
     objects.dedup();
-    let mut files: Vec<String> = damage
-        .iter()
-        .flat_map(|d| d.files.iter().map(|&f| names(f)))
-        .collect();
+    let mut files: Vec<String> = damage.iter().flat_map(|d| d.files.iter().map(|&f| names(f))).collect();
     files.sort();
     files.dedup();
     let shown: Vec<&str> = files.iter().take(5).map(String::as_str).collect();
-    let more = if files.len() > 5 {
-        format!(" and {} more", files.len() - 5)
-    } else {
-        String::new()
-    };
+    let more = if files.len() > 5 { format!(" and {} more", files.len() - 5) } else { String::new() };
     Error::damaged(format!(
         "snapshot {snap}: {} damaged chunk(s) in {} ({}); affected files: {}{more}",
         damage.len(),
@@ -146,50 +117,27 @@ pub async fn run(repo: &Repo, opener: &Opener, opts: &Options) -> Result<Summary
 
     let target = &opts.target;
     if target.exists() && !opts.overwrite {
-        let non_empty = std::fs::read_dir(target)
-            .map_err(|e| Error::io("read", target, e))?
-            .next()
-            .is_some();
+        let non_empty = std::fs::read_dir(target).map_err(|e| Error::io("read", target, e))?.next().is_some();
         if non_empty {
-            return Err(
-                Error::usage(format!("restore target {} is not empty", target.display()))
-                    .with_hint("restore into an empty or new directory, or pass --overwrite"),
-            );
+            return Err(Error::usage(format!("restore target {} is not empty", target.display()))
+                .with_hint("restore into an empty or new directory, or pass --overwrite"));
         }
     }
     std::fs::create_dir_all(target).map_err(|e| Error::io("create restore target", target, e))?;
 
     let entries = detach_hardlinks(&manifest.entries, &opts.includes);
-    let selected: Vec<(usize, &Entry)> = entries.iter().enumerate().filter(|(_, e)| volume::included(&e.rel_path(), &opts.includes)).collect();
+    let selected: Vec<(usize, &Entry)> =
+        entries.iter().enumerate().filter(|(_, e)| volume::included(&e.rel_path(), &opts.includes)).collect();
     if !opts.includes.is_empty() && selected.iter().all(|(_, e)| e.rel_path() == Path::new(".")) {
-        return Err(Error::not_found(format!(
-            "no path in snapshot {} matches --include",
-            snap.id
-        )));
+        return Err(Error::not_found(format!("no path in snapshot {} matches --include", snap.id)));
     }
     let paths = volume::prepare(target, &selected)?;
-    let files: Vec<&Entry> = selected
-        .iter()
-        .filter(|(_, e)| e.kind == EntryKind::File)
-        .map(|(_, e)| *e)
-        .collect();
+    let files: Vec<&Entry> = selected.iter().filter(|(_, e)| e.kind == EntryKind::File).map(|(_, e)| *e).collect();
     let wants = plan(&manifest, &files)?;
     let total: u64 = files.iter().map(|e| e.size).sum();
-    opts.bytes_total
-        .store(total, std::sync::atomic::Ordering::Relaxed);
-    let sink = Arc::new(FileSink {
-        paths: paths.clone(),
-    });
-    let damage = fetcher::fetch(
-        &repo.store,
-        opener,
-        key,
-        wants,
-        sink,
-        4,
-        opts.bytes_done.clone(),
-    )
-    .await?;
+    opts.bytes_total.store(total, std::sync::atomic::Ordering::Relaxed);
+    let sink = Arc::new(FileSink { paths: paths.clone() });
+    let damage = fetcher::fetch(&repo.store, opener, key, wants, sink, 4, opts.bytes_done.clone()).await?;
 
     let mut warnings = Vec::new();
     volume::finish(target, &selected, &mut warnings)?;
@@ -200,10 +148,7 @@ pub async fn run(repo: &Repo, opener: &Opener, opts: &Options) -> Result<Summary
         snapshot: snap.id.clone(),
         target: target.display().to_string(),
         files: files.len() as u64,
-        dirs: selected
-            .iter()
-            .filter(|(_, e)| e.kind == EntryKind::Dir)
-            .count() as u64,
+        dirs: selected.iter().filter(|(_, e)| e.kind == EntryKind::Dir).count() as u64,
         bytes: total,
         warnings,
     })

@@ -8,11 +8,7 @@ use chrono::{DateTime, Utc};
 use std::collections::BTreeMap;
 
 /// For each kept snapshot id, the rules that keep it; everything else is forgotten.
-pub fn select(
-    snaps: &[Sidecar],
-    r: &Retention,
-    now: DateTime<Utc>,
-) -> (BTreeMap<String, Vec<String>>, Vec<String>) {
+pub fn select(snaps: &[Sidecar], r: &Retention, now: DateTime<Utc>) -> (BTreeMap<String, Vec<String>>, Vec<String>) {
     let mut newest_first: Vec<&Sidecar> = snaps.iter().collect();
     newest_first.sort_by(|a, b| b.started.cmp(&a.started).then(b.id.cmp(&a.id)));
     let mut keep: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -25,9 +21,7 @@ pub fn select(
         && r.keep_within.is_none();
     for (i, s) in newest_first.iter().enumerate() {
         if no_rules {
-            keep.entry(s.id.clone())
-                .or_default()
-                .push("no retention rules".into());
+            keep.entry(s.id.clone()).or_default().push("no retention rules".into());
         } else if i == 0 {
             keep.entry(s.id.clone()).or_default().push("newest".into());
         }
@@ -66,11 +60,7 @@ pub fn select(
             keep.entry(s.id.clone()).or_default().push("within".into());
         }
     }
-    let forget = newest_first
-        .iter()
-        .filter(|s| !keep.contains_key(&s.id))
-        .map(|s| s.id.clone())
-        .collect();
+    let forget = newest_first.iter().filter(|s| !keep.contains_key(&s.id)).map(|s| s.id.clone()).collect();
     (keep, forget)
 }
 
@@ -103,36 +93,18 @@ mod tests {
     fn daily_weekly_monthly_keep_the_newest_of_each_period() {
         // Hourly snapshots for 60 days.
         let start: DateTime<Utc> = "2026-01-01T00:30:00Z".parse().unwrap();
-        let snaps: Vec<Sidecar> = (0..60 * 24)
-            .map(|h| snap(&(start + chrono::Duration::hours(h)).to_rfc3339()))
-            .collect();
+        let snaps: Vec<Sidecar> =
+            (0..60 * 24).map(|h| snap(&(start + chrono::Duration::hours(h)).to_rfc3339())).collect();
         let now = start + chrono::Duration::days(60);
-        let r = Retention {
-            keep_daily: Some(30),
-            keep_weekly: Some(12),
-            keep_monthly: Some(24),
-            ..Default::default()
-        };
+        let r = Retention { keep_daily: Some(30), keep_weekly: Some(12), keep_monthly: Some(24), ..Default::default() };
         let (keep, forget) = select(&snaps, &r, now);
         // 30 daily (the 23:30 of each of the last 30 days), plus older weekly and monthly ones.
-        let daily: Vec<_> = keep
-            .iter()
-            .filter(|(_, why)| why.contains(&"daily".to_string()))
-            .collect();
+        let daily: Vec<_> = keep.iter().filter(|(_, why)| why.contains(&"daily".to_string())).collect();
         assert_eq!(daily.len(), 30);
-        assert!(
-            daily.iter().all(|(id, _)| id.ends_with("233000Z")),
-            "daily keeps the last of each day"
-        );
-        let monthly = keep
-            .iter()
-            .filter(|(_, why)| why.contains(&"monthly".to_string()))
-            .count();
+        assert!(daily.iter().all(|(id, _)| id.ends_with("233000Z")), "daily keeps the last of each day");
+        let monthly = keep.iter().filter(|(_, why)| why.contains(&"monthly".to_string())).count();
         assert_eq!(monthly, 2, "January and February");
-        let weekly = keep
-            .iter()
-            .filter(|(_, why)| why.contains(&"weekly".to_string()))
-            .count();
+        let weekly = keep.iter().filter(|(_, why)| why.contains(&"weekly".to_string())).count();
         assert_eq!(weekly, 9, "60 days starting on a Thursday span 9 ISO weeks");
         assert_eq!(keep.len() + forget.len(), snaps.len());
         assert!(keep.contains_key(&snaps.last().unwrap().id));
@@ -141,25 +113,17 @@ mod tests {
     #[test]
     fn keep_last_and_within() {
         let start: DateTime<Utc> = "2026-03-01T00:00:00Z".parse().unwrap();
-        let snaps: Vec<Sidecar> = (0..10)
-            .map(|h| snap(&(start + chrono::Duration::hours(h)).to_rfc3339()))
-            .collect();
+        let snaps: Vec<Sidecar> = (0..10).map(|h| snap(&(start + chrono::Duration::hours(h)).to_rfc3339())).collect();
         let now = start + chrono::Duration::hours(10);
         let r = Retention {
             keep_last: Some(2),
-            keep_within: Some(crate::policy::Dur(std::time::Duration::from_secs(
-                4 * 3600 + 1,
-            ))),
+            keep_within: Some(crate::policy::Dur(std::time::Duration::from_secs(4 * 3600 + 1))),
             ..Default::default()
         };
         let (keep, forget) = select(&snaps, &r, now);
         assert_eq!(keep.len(), 4, "{keep:?}");
         assert_eq!(forget.len(), 6);
         let none = Retention::default();
-        assert_eq!(
-            select(&snaps, &none, now).1.len(),
-            0,
-            "no rules forget nothing"
-        );
+        assert_eq!(select(&snaps, &none, now).1.len(), 0, "no rules forget nothing");
     }
 }

@@ -17,9 +17,7 @@ impl SecretRef {
     pub fn parse(s: &str) -> Result<Self, String> {
         if let Some(name) = s.strip_prefix("env:") {
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(format!(
-                    "`env:{name}` is not a valid environment variable name"
-                ));
+                return Err(format!("`env:{name}` is not a valid environment variable name"));
             }
             Ok(SecretRef::Env(name.to_string()))
         } else if let Some(path) = s.strip_prefix("file:") {
@@ -28,10 +26,7 @@ impl SecretRef {
             }
             Ok(SecretRef::File(path.into()))
         } else {
-            Err(
-                "secrets must be references, `env:NAME` or `file:/path`, never literal values"
-                    .into(),
-            )
+            Err("secrets must be references, `env:NAME` or `file:/path`, never literal values".into())
         }
     }
 

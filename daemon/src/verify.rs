@@ -31,44 +31,24 @@ impl Report {
     }
 }
 
-pub async fn run(
-    repo: &Repo,
-    opener: Option<&Opener>,
-    read_data: bool,
-    sample_pct: f64,
-) -> Result<Report> {
+pub async fn run(repo: &Repo, opener: Option<&Opener>, read_data: bool, sample_pct: f64) -> Result<Report> {
     let mut rep = Report::default();
     let all = repo.sidecars().await?;
-    let mine: Vec<&Sidecar> = all
-        .iter()
-        .filter(|s| s.policy == repo.policy_name)
-        .collect();
+    let mine: Vec<&Sidecar> = all.iter().filter(|s| s.policy == repo.policy_name).collect();
     rep.snapshots = mine.len();
     let packs: HashMap<String, u64> = repo.store.list("data/").await?.into_iter().collect();
-    let objects: HashSet<String> = repo
-        .store
-        .list("snapshots/")
-        .await?
-        .into_iter()
-        .map(|(k, _)| k)
-        .collect();
+    let objects: HashSet<String> = repo.store.list("snapshots/").await?.into_iter().map(|(k, _)| k).collect();
 
     // Structure, keyless.
     let mut needed: HashMap<String, Vec<String>> = HashMap::new();
     for s in &mine {
         if !objects.contains(&manifest_key(&s.id)) {
-            rep.damage.push(format!(
-                "snapshot {}: object {} is missing",
-                s.id,
-                manifest_key(&s.id)
-            ));
+            rep.damage.push(format!("snapshot {}: object {} is missing", s.id, manifest_key(&s.id)));
         }
         for p in &s.packs {
             let key = pack_key_hex(&p.id);
             match packs.get(&key) {
-                None => rep
-                    .damage
-                    .push(format!("snapshot {}: pack {key} is missing", s.id)),
+                None => rep.damage.push(format!("snapshot {}: pack {key} is missing", s.id)),
                 Some(&size) if size != p.size => rep.damage.push(format!(
                     "snapshot {}: pack {key} is {size} bytes, expected {} (truncated or replaced)",
                     s.id, p.size
@@ -79,10 +59,8 @@ pub async fn run(
         }
     }
     rep.packs_referenced = needed.len();
-    let referenced_anywhere: HashSet<String> = all
-        .iter()
-        .flat_map(|s| s.packs.iter().map(|p| pack_key_hex(&p.id)))
-        .collect();
+    let referenced_anywhere: HashSet<String> =
+        all.iter().flat_map(|s| s.packs.iter().map(|p| pack_key_hex(&p.id))).collect();
     for (k, size) in &packs {
         if !referenced_anywhere.contains(k) {
             rep.garbage.push(k.clone());
@@ -91,10 +69,7 @@ pub async fn run(
     }
     let live: HashSet<&str> = all.iter().map(|s| s.id.as_str()).collect();
     for k in &objects {
-        if let Some(id) = k
-            .strip_prefix("snapshots/")
-            .and_then(|r| r.strip_suffix(".manifest"))
-        {
+        if let Some(id) = k.strip_prefix("snapshots/").and_then(|r| r.strip_suffix(".manifest")) {
             if !live.contains(id) {
                 rep.garbage.push(k.clone());
             }
@@ -103,34 +78,27 @@ pub async fn run(
     rep.garbage.sort();
 
     // Which packs to read.
-    let mut to_read: Vec<String> = needed
-        .keys()
-        .filter(|k| packs.contains_key(*k))
-        .cloned()
-        .collect();
+    let mut to_read: Vec<String> = needed.keys().filter(|k| packs.contains_key(*k)).cloned().collect();
     to_read.sort();
     if read_data && sample_pct < 100.0 {
         use rand::seq::SliceRandom;
-        let n = ((to_read.len() as f64 * sample_pct / 100.0).ceil() as usize)
-            .clamp(1.min(to_read.len()), to_read.len());
+        let n =
+            ((to_read.len() as f64 * sample_pct / 100.0).ceil() as usize).clamp(1.min(to_read.len()), to_read.len());
         to_read.shuffle(&mut rand::rng());
         to_read.truncate(n);
     }
     let read_set: HashSet<String> = to_read.iter().cloned().collect();
 
     let Some(opener) = opener else {
-        rep.notes
-            .push("no identity given: manifests and chunks were not decrypted".into());
+        rep.notes.push("no identity given: manifests and chunks were not decrypted".into());
         if read_data {
             for k in &to_read {
                 let b = repo.store.get(k).await?;
                 rep.packs_read += 1;
                 let id = k.rsplit('/').next().unwrap_or("");
                 if blake3::hash(&b).to_hex().as_str() != id {
-                    rep.damage.push(format!(
-                        "pack {k} does not match its id (corrupted); used by {}",
-                        needed[k].join(", ")
-                    ));
+                    rep.damage
+                        .push(format!("pack {k} does not match its id (corrupted); used by {}", needed[k].join(", ")));
                 }
             }
         }
@@ -163,11 +131,7 @@ pub async fn run(
                 }
             }
         }
-        let files: Vec<&Entry> = m
-            .entries
-            .iter()
-            .filter(|e| e.kind == EntryKind::File)
-            .collect();
+        let files: Vec<&Entry> = m.entries.iter().filter(|e| e.kind == EntryKind::File).collect();
         let wants = match crate::restore::plan(&m, &files) {
             Ok(w) => w,
             Err(e) => {
@@ -196,16 +160,9 @@ pub async fn run(
             continue;
         }
         rep.chunks_checked += sel.len() as u64;
-        let damage = fetcher::fetch(
-            &repo.store,
-            opener,
-            keys[&m.key_id],
-            sel,
-            Arc::new(NullSink),
-            4,
-            Default::default(),
-        )
-        .await?;
+        let damage =
+            fetcher::fetch(&repo.store, opener, keys[&m.key_id], sel, Arc::new(NullSink), 4, Default::default())
+                .await?;
         if !damage.is_empty() {
             let e = crate::restore::damage_error(&s.id, &damage, &|f| files[f].display());
             rep.damage.push(e.message);

@@ -18,7 +18,8 @@ fn find_tool(env: &str, name: &str, extra: &[&str]) -> PathBuf {
     if let Ok(p) = std::env::var(env) {
         return p.into();
     }
-    let mut cands: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).map(|d| d.join(name)).collect()).unwrap_or_default();
+    let mut cands: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).map(|d| d.join(name)).collect()).unwrap_or_default();
     cands.extend(extra.iter().map(PathBuf::from));
     cands.into_iter().find(|p| p.is_file()).unwrap_or_else(|| {
         panic!("{name} is not installed: run scripts/setup.sh (or set {env}); tests use the real server and never skip")
@@ -47,7 +48,8 @@ fn wait_port(port: u16, child: &mut Child, what: &str) {
 pub fn http(port: u16, method: &str, path: &str) -> u16 {
     use std::io::{Read, Write};
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        .unwrap();
     let mut resp = String::new();
     let _ = s.read_to_string(&mut resp);
     resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
@@ -87,7 +89,15 @@ impl Backend {
     pub fn start(kind: Kind) -> Backend {
         let dir = tempfile::tempdir().unwrap();
         match kind {
-            Kind::File => Backend { kind, port: 0, child: None, dir, bucket: String::new(), key_id: String::new(), secret: String::new() },
+            Kind::File => Backend {
+                kind,
+                port: 0,
+                child: None,
+                dir,
+                bucket: String::new(),
+                key_id: String::new(),
+                secret: String::new(),
+            },
             Kind::Moto => {
                 let moto = find_tool("VEZA_MOTO_SERVER", "moto_server", &["/opt/veza-dr-ci/venv/bin/moto_server"]);
                 let port = free_port();
@@ -99,10 +109,22 @@ impl Backend {
                     .expect("start moto_server");
                 wait_port(port, &mut child, "moto_server");
                 assert_eq!(http(port, "PUT", "/veza"), 200, "create bucket on moto");
-                Backend { kind, port, child: Some(child), dir, bucket: "veza".into(), key_id: "testing".into(), secret: "testing".into() }
+                Backend {
+                    kind,
+                    port,
+                    child: Some(child),
+                    dir,
+                    bucket: "veza".into(),
+                    key_id: "testing".into(),
+                    secret: "testing".into(),
+                }
             }
             Kind::Garage => {
-                let garage = find_tool("VEZA_GARAGE", "garage", &[&format!("{}/.cargo/bin/garage", std::env::var("HOME").unwrap_or_default())]);
+                let garage = find_tool(
+                    "VEZA_GARAGE",
+                    "garage",
+                    &[&format!("{}/.cargo/bin/garage", std::env::var("HOME").unwrap_or_default())],
+                );
                 let port = free_port();
                 let rpc = free_port();
                 let d = dir.path();
@@ -134,7 +156,15 @@ impl Backend {
                 while http(port, "GET", "/veza") == 0 && t.elapsed() < Duration::from_secs(10) {
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                Backend { kind, port, child: Some(child), dir, bucket: "veza".into(), key_id: GARAGE_KEY.into(), secret: GARAGE_SECRET.into() }
+                Backend {
+                    kind,
+                    port,
+                    child: Some(child),
+                    dir,
+                    bucket: "veza".into(),
+                    key_id: GARAGE_KEY.into(),
+                    secret: GARAGE_SECRET.into(),
+                }
             }
         }
     }
@@ -196,7 +226,10 @@ impl Fixture {
         assert!(out.status.success(), "keygen: {}", String::from_utf8_lossy(&out.stderr));
         let recipient = String::from_utf8(out.stdout).unwrap().trim().to_string();
         assert!(recipient.starts_with("age1"), "{recipient}");
-        let env = vec![("VEZA_TEST_S3_KEY".into(), backend.key_id.clone()), ("VEZA_TEST_S3_SECRET".into(), backend.secret.clone())];
+        let env = vec![
+            ("VEZA_TEST_S3_KEY".into(), backend.key_id.clone()),
+            ("VEZA_TEST_S3_SECRET".into(), backend.secret.clone()),
+        ];
         Fixture { dir, identity, recipient, env }
     }
 
@@ -233,7 +266,13 @@ impl Fixture {
     /// Run and require success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
-        assert!(out.status.success(), "veza-dr {args:?} failed ({}):\n{}\n{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "veza-dr {args:?} failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     }
 

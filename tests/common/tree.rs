@@ -25,7 +25,24 @@ impl Rng {
     }
     /// Text-like data that compresses about 3×.
     pub fn text(&mut self, n: usize) -> Vec<u8> {
-        const WORDS: [&str; 16] = ["backup", "restore", "postgres", "volume", "chunk", "pack", "age", "zstd", "drill", "wal", "segment", "policy", "retention", "prune", "snapshot", "verify"];
+        const WORDS: [&str; 16] = [
+            "backup",
+            "restore",
+            "postgres",
+            "volume",
+            "chunk",
+            "pack",
+            "age",
+            "zstd",
+            "drill",
+            "wal",
+            "segment",
+            "policy",
+            "retention",
+            "prune",
+            "snapshot",
+            "verify",
+        ];
         let mut out = Vec::with_capacity(n + 32);
         while out.len() < n {
             let v = self.next();
@@ -69,7 +86,13 @@ pub fn generate(root: &Path, mb: usize, seed: u64) {
         let dir = root.join(format!("small/d{:03}/e{:02}", n % 300, n % 7));
         std::fs::create_dir_all(&dir).unwrap();
         let size = (1024 + (rng.next() % (15 * 1024)) as usize).min(small);
-        let data = if n % 3 == 0 { let mut v = vec![0u8; size]; rng.fill(&mut v); v } else { rng.text(size) };
+        let data = if n % 3 == 0 {
+            let mut v = vec![0u8; size];
+            rng.fill(&mut v);
+            v
+        } else {
+            rng.text(size)
+        };
         std::fs::write(dir.join(format!("f{n:05}.dat")), data).unwrap();
         small -= size;
         n += 1;

@@ -13,15 +13,9 @@ use std::sync::Arc;
 pub async fn dispatch(cli: Cli) -> Result<i32> {
     let g = cli.global;
     match cli.command {
-        Command::Policy {
-            cmd: PolicyCmd::Check { dir },
-        } => policy_check(&g, dir.as_deref().unwrap_or(&g.policies)),
+        Command::Policy { cmd: PolicyCmd::Check { dir } } => policy_check(&g, dir.as_deref().unwrap_or(&g.policies)),
         Command::Keygen { output } => keygen(&g, output.as_deref()),
-        Command::Backup {
-            policy,
-            full,
-            incremental,
-        } => {
+        Command::Backup { policy, full, incremental } => {
             let mode = match (full, incremental) {
                 (true, _) => crate::backup::Mode::Full,
                 (_, true) => crate::backup::Mode::Incremental,
@@ -30,24 +24,12 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             backup(&g, &load_policy(&g, &policy)?, mode).await
         }
         Command::Snapshots { policy } => snapshots(&g, &load_policy(&g, &policy)?).await,
-        Command::Restore {
-            policy,
-            snapshot,
-            target,
-            include,
-            identity,
-            overwrite,
-        } => {
+        Command::Restore { policy, snapshot, target, include, identity, overwrite } => {
             let p = load_policy(&g, &policy)?;
             let opener = opener(&p, identity.as_deref())?;
             restore(&g, &p, &opener, snapshot, target, include, overwrite).await
         }
-        Command::Verify {
-            policy,
-            read_data,
-            sample,
-            identity,
-        } => {
+        Command::Verify { policy, read_data, sample, identity } => {
             let p = load_policy(&g, &policy)?;
             let opener = match (&identity, &p.encryption.identity) {
                 (None, None) => None,
@@ -72,19 +54,12 @@ pub fn opener(p: &Policy, flag: Option<&Path>) -> Result<Opener> {
         Some(crate::secret::SecretRef::File(f)) => Opener::from_file(f),
         Some(r @ crate::secret::SecretRef::Env(_)) => {
             let text = r.resolve()?;
-            let id: age::x25519::Identity = text
-                .trim()
-                .parse()
-                .map_err(|_| Error::crypto(format!("{r} does not hold an age identity")))?;
+            let id: age::x25519::Identity =
+                text.trim().parse().map_err(|_| Error::crypto(format!("{r} does not hold an age identity")))?;
             Ok(Opener::from_identity(id))
         }
-        None => Err(Error::crypto(format!(
-            "policy {} needs a private identity to read its backups",
-            p.name
-        ))
-        .with_hint(
-            "pass --identity FILE (the key from `veza-dr keygen`), or set VEZA_DR_IDENTITY",
-        )),
+        None => Err(Error::crypto(format!("policy {} needs a private identity to read its backups", p.name))
+            .with_hint("pass --identity FILE (the key from `veza-dr keygen`), or set VEZA_DR_IDENTITY")),
     }
 }
 
@@ -95,10 +70,8 @@ fn print_json<T: serde::Serialize>(v: &T) {
 fn policy_check(g: &Global, dir: &Path) -> Result<i32> {
     let results = crate::policy::load_dir(dir)?;
     if results.is_empty() {
-        return Err(
-            Error::policy(format!("no policies (*.toml) in {}", dir.display()))
-                .with_hint("add a policy, e.g. copy policies/uploads.toml"),
-        );
+        return Err(Error::policy(format!("no policies (*.toml) in {}", dir.display()))
+            .with_hint("add a policy, e.g. copy policies/uploads.toml"));
     }
     let mut bad = 0;
     let mut rows = Vec::new();
@@ -107,12 +80,7 @@ fn policy_check(g: &Global, dir: &Path) -> Result<i32> {
             Ok(p) => {
                 rows.push(serde_json::json!({"policy": p.name, "file": p.path, "ok": true}));
                 if !g.json {
-                    crate::outln!(
-                        "ok    {} ({}, {})",
-                        p.name,
-                        p.source_type(),
-                        p.repository.url
-                    );
+                    crate::outln!("ok    {} ({}, {})", p.name, p.source_type(), p.repository.url);
                 }
             }
             Err(e) => {
@@ -139,24 +107,16 @@ fn keygen(g: &Global, output: Option<&Path>) -> Result<i32> {
         Some(path) => {
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(|e| {
+            let mut f =
+                std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| {
                     Error::io("create identity file", path, e)
                         .with_hint("choose a new file name; an existing key is never overwritten")
                 })?;
-            f.write_all(text.as_bytes())
-                .map_err(|e| Error::io("write", path, e))?;
+            f.write_all(text.as_bytes()).map_err(|e| Error::io("write", path, e))?;
             if g.json {
                 print_json(&serde_json::json!({"identity-file": path, "recipient": public}));
             } else {
-                eprintln!(
-                    "identity written to {} (keep it off the backup host)",
-                    path.display()
-                );
+                eprintln!("identity written to {} (keep it off the backup host)", path.display());
                 crate::outln!("{public}");
             }
         }
@@ -173,18 +133,10 @@ pub async fn backup(g: &Global, p: &Policy, mode: crate::backup::Mode) -> Result
     let bar = {
         let pr = progress.clone();
         Bar::start(!g.json, "backup", move || {
-            (
-                pr.bytes_read.load(Ordering::Relaxed),
-                pr.bytes_total.load(Ordering::Relaxed),
-            )
+            (pr.bytes_read.load(Ordering::Relaxed), pr.bytes_total.load(Ordering::Relaxed))
         })
     };
-    let opts = crate::backup::Options {
-        mode,
-        state_dir: state_dir(g),
-        lock_wait: g.lock_wait,
-        progress,
-    };
+    let opts = crate::backup::Options { mode, state_dir: state_dir(g), lock_wait: g.lock_wait, progress };
     let t = std::time::Instant::now();
     let r = crate::backup::run(p, &opts).await;
     bar.finish().await;
@@ -228,7 +180,13 @@ async fn snapshots(g: &Global, p: &Policy) -> Result<i32> {
     }
     crate::outln!(
         "{:<26} {:<12} {:<20} {:>8} {:>11} {:>11} {:>8}",
-        "ID", "KIND", "STARTED (UTC)", "FILES", "SIZE", "NEW", "TIME"
+        "ID",
+        "KIND",
+        "STARTED (UTC)",
+        "FILES",
+        "SIZE",
+        "NEW",
+        "TIME"
     );
     for s in &snaps {
         let secs = (s.finished - s.started).num_milliseconds() as f64 / 1000.0;
@@ -241,11 +199,7 @@ async fn snapshots(g: &Global, p: &Policy) -> Result<i32> {
             bytes(s.stats.bytes),
             bytes(s.stats.bytes_new),
             secs,
-            if s.warnings.is_empty() {
-                String::new()
-            } else {
-                format!("  ({} warnings)", s.warnings.len())
-            }
+            if s.warnings.is_empty() { String::new() } else { format!("  ({} warnings)", s.warnings.len()) }
         );
     }
     Ok(0)
@@ -271,9 +225,7 @@ pub async fn restore(
     };
     let bar = {
         let (d, t) = (opts.bytes_done.clone(), opts.bytes_total.clone());
-        Bar::start(!g.json, "restore", move || {
-            (d.load(Ordering::Relaxed), t.load(Ordering::Relaxed))
-        })
+        Bar::start(!g.json, "restore", move || (d.load(Ordering::Relaxed), t.load(Ordering::Relaxed)))
     };
     let t = std::time::Instant::now();
     let r = crate::restore::run(&repo, opener, &opts).await;
@@ -298,13 +250,7 @@ pub async fn restore(
     Ok(0)
 }
 
-async fn verify(
-    g: &Global,
-    p: &Policy,
-    opener: Option<&Opener>,
-    read_data: bool,
-    sample: f64,
-) -> Result<i32> {
+async fn verify(g: &Global, p: &Policy, opener: Option<&Opener>, read_data: bool, sample: f64) -> Result<i32> {
     let repo = Repo::open(p).await?;
     let rep = crate::verify::run(&repo, opener, read_data, sample).await?;
     if g.json {
@@ -312,25 +258,27 @@ async fn verify(
     } else {
         crate::outln!(
             "verified {} snapshots of policy {}: {} packs referenced, {} read, {} chunks checked",
-            rep.snapshots, p.name, rep.packs_referenced, rep.packs_read, rep.chunks_checked
+            rep.snapshots,
+            p.name,
+            rep.packs_referenced,
+            rep.packs_read,
+            rep.chunks_checked
         );
         for d in &rep.damage {
             crate::outln!("damage: {d}");
         }
         if !rep.garbage.is_empty() {
-            crate::outln!("garbage: {} unreferenced objects ({}), left by interrupted backups; `veza-dr prune {}` removes them", rep.garbage.len(), bytes(rep.garbage_bytes), p.name);
+            crate::outln!(
+                "garbage: {} unreferenced objects ({}), left by interrupted backups; `veza-dr prune {}` removes them",
+                rep.garbage.len(),
+                bytes(rep.garbage_bytes),
+                p.name
+            );
         }
         for n in &rep.notes {
             crate::outln!("note: {n}");
         }
-        crate::outln!(
-            "{}",
-            if rep.ok() {
-                "no damage found"
-            } else {
-                "DAMAGE FOUND"
-            }
-        );
+        crate::outln!("{}", if rep.ok() { "no damage found" } else { "DAMAGE FOUND" });
     }
     Ok(if rep.ok() { 0 } else { 3 })
 }

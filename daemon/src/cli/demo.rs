@@ -9,9 +9,7 @@ use std::path::Path;
 
 pub async fn run(g: &Global, dir: &Path) -> Result<i32> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
-    let dir = dir
-        .canonicalize()
-        .map_err(|e| Error::io("resolve", dir, e))?;
+    let dir = dir.canonicalize().map_err(|e| Error::io("resolve", dir, e))?;
     let src = dir.join("source");
     let key = dir.join("restore.key");
     let policies = dir.join("policies");
@@ -69,47 +67,26 @@ keep-daily = 30
     crate::outln!("== 1. full backup of {}", src.display());
     commands::backup(&g, &policy, crate::backup::Mode::Full).await?;
     let changed = src.join("docs/notes.txt");
-    std::fs::write(
-        &changed,
-        format!("changed at {}\n", chrono::Utc::now().to_rfc3339()),
-    )
-    .map_err(|e| Error::io("write", &changed, e))?;
+    std::fs::write(&changed, format!("changed at {}\n", chrono::Utc::now().to_rfc3339()))
+        .map_err(|e| Error::io("write", &changed, e))?;
     crate::outln!("== 2. incremental backup after changing docs/notes.txt");
     commands::backup(&g, &policy, crate::backup::Mode::Incremental).await?;
     crate::outln!("== 3. snapshots");
     Box::pin(commands::dispatch(super::Cli {
         global: g.clone(),
-        command: super::Command::Snapshots {
-            policy: policy_path.display().to_string(),
-        },
+        command: super::Command::Snapshots { policy: policy_path.display().to_string() },
     }))
     .await?;
     crate::outln!("== 4. restore the latest snapshot with {}", key.display());
     let opener = crate::crypto::Opener::from_file(&key)?;
-    commands::restore(
-        &g,
-        &policy,
-        &opener,
-        "latest".into(),
-        restored.clone(),
-        vec![],
-        false,
-    )
-    .await?;
+    commands::restore(&g, &policy, &opener, "latest".into(), restored.clone(), vec![], false).await?;
     let diffs = compare(&src, &restored)?;
     if diffs.is_empty() {
         crate::outln!("== restored tree is identical to the source (content, modes, mtimes, links)");
-        crate::outln!(
-            "   policy: {}\n   repository: {}",
-            policy_path.display(),
-            dir.join("repository").display()
-        );
+        crate::outln!("   policy: {}\n   repository: {}", policy_path.display(), dir.join("repository").display());
         Ok(0)
     } else {
-        Err(Error::damaged(format!(
-            "restored tree differs from the source: {}",
-            diffs.join("; ")
-        )))
+        Err(Error::damaged(format!("restored tree differs from the source: {}", diffs.join("; "))))
     }
 }
 
@@ -122,8 +99,7 @@ fn write_private(path: &Path, text: &str) -> Result<()> {
         .mode(0o600)
         .open(path)
         .map_err(|e| Error::io("create", path, e))?;
-    f.write_all(text.as_bytes())
-        .map_err(|e| Error::io("write", path, e))
+    f.write_all(text.as_bytes()).map_err(|e| Error::io("write", path, e))
 }
 
 fn make_tree(src: &Path) -> Result<()> {
@@ -136,9 +112,7 @@ fn make_tree(src: &Path) -> Result<()> {
     std::fs::create_dir_all(src.join("empty")).map_err(io)?;
     std::fs::write(src.join("docs/notes.txt"), "first version\n").map_err(io)?;
     std::fs::write(src.join("docs/résumé.txt"), "unicode names survive\n").map_err(io)?;
-    let text: String = (0..20000)
-        .map(|i| format!("line {i}: the quick brown fox\n"))
-        .collect();
+    let text: String = (0..20000).map(|i| format!("line {i}: the quick brown fox\n")).collect();
     std::fs::write(src.join("docs/big.log"), text).map_err(io)?;
     let mut rnd = vec![0u8; 3 << 20];
     let mut x: u64 = 0x9E3779B97F4A7C15;
@@ -173,15 +147,11 @@ pub fn compare(a: &Path, b: &Path) -> Result<Vec<String>> {
                 continue;
             }
         };
-        if ma.file_type() != mb.file_type()
-            || (ma.mode() != mb.mode() && !ma.file_type().is_symlink())
-        {
+        if ma.file_type() != mb.file_type() || (ma.mode() != mb.mode() && !ma.file_type().is_symlink()) {
             diffs.push(format!("{} type or mode differs", rel.display()));
         } else if ma.is_file() && std::fs::read(e.path()).ok() != std::fs::read(&other).ok() {
             diffs.push(format!("{} content differs", rel.display()));
-        } else if ma.file_type().is_symlink()
-            && std::fs::read_link(e.path()).ok() != std::fs::read_link(&other).ok()
-        {
+        } else if ma.file_type().is_symlink() && std::fs::read_link(e.path()).ok() != std::fs::read_link(&other).ok() {
             diffs.push(format!("{} link target differs", rel.display()));
         } else if !ma.is_dir() && (ma.mtime(), ma.mtime_nsec()) != (mb.mtime(), mb.mtime_nsec()) {
             diffs.push(format!("{} mtime differs", rel.display()));

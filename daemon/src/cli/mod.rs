@@ -26,12 +26,7 @@ pub struct Cli {
 #[derive(Args, Debug, Clone)]
 pub struct Global {
     /// Directory of policies (*.toml)
-    #[arg(
-        long,
-        global = true,
-        env = "VEZA_DR_POLICIES",
-        default_value = "policies"
-    )]
+    #[arg(long, global = true, env = "VEZA_DR_POLICIES", default_value = "policies")]
     pub policies: PathBuf,
     /// Local state: chunk cache, job history, keys (default /var/lib/veza-dr as root, else XDG)
     #[arg(long, global = true, env = "VEZA_DR_STATE_DIR")]
@@ -135,10 +130,7 @@ pub enum PolicyCmd {
 fn init_logging(g: &Global) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("VEZA_DR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false);
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
     let _ = match g.log_format {
         LogFormat::Json => b.json().try_init(),
         LogFormat::Text => b.without_time().try_init(),
@@ -164,10 +156,7 @@ pub fn main() -> i32 {
         }
     };
     init_logging(&cli.global);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return report(&Error::failed(format!("cannot start the runtime: {e}"))),
     };
@@ -178,9 +167,7 @@ pub fn main() -> i32 {
 }
 
 pub(crate) fn state_dir(g: &Global) -> PathBuf {
-    g.state_dir
-        .clone()
-        .unwrap_or_else(crate::repository::cache::default_state_dir)
+    g.state_dir.clone().unwrap_or_else(crate::repository::cache::default_state_dir)
 }
 
 pub(crate) fn load_policy(g: &Global, name: &str) -> Result<crate::policy::Policy> {

@@ -25,24 +25,15 @@ pub struct Bar {
 }
 
 impl Bar {
-    pub fn start(
-        enabled: bool,
-        label: &'static str,
-        get: impl Fn() -> (u64, u64) + Send + 'static,
-    ) -> Bar {
+    pub fn start(enabled: bool, label: &'static str, get: impl Fn() -> (u64, u64) + Send + 'static) -> Bar {
         if !enabled || !std::io::stderr().is_terminal() {
-            return Bar {
-                stop: None,
-                task: None,
-            };
+            return Bar { stop: None, task: None };
         }
         let pb = ProgressBar::new(0);
         pb.set_style(
-            ProgressStyle::with_template(
-                "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
+            ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
+                .expect("valid template")
+                .progress_chars("=> "),
         );
         pb.set_message(label);
         let (tx, mut rx) = tokio::sync::oneshot::channel();
@@ -58,10 +49,7 @@ impl Bar {
             }
             pb.finish_and_clear();
         });
-        Bar {
-            stop: Some(tx),
-            task: Some(task),
-        }
+        Bar { stop: Some(tx), task: Some(task) }
     }
 
     pub async fn finish(mut self) {

@@ -92,10 +92,7 @@ pub fn run(
     jobs: Vec<ReadJob>,
     progress: Arc<Progress>,
 ) -> Result<EngineOutput> {
-    let workers = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
-        .max(1);
+    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(1);
     let (work_tx, work_rx) = crossbeam_channel::bounded::<Work>(workers * 2);
     let (sealed_tx, sealed_rx) = crossbeam_channel::bounded::<Sealed>(workers * 2);
     let failed = Arc::new(AtomicBool::new(false));
@@ -127,14 +124,7 @@ pub fn run(
                 for w in rx {
                     match seal_blob(&sealer, &mut zc, &w.data) {
                         Ok(blob) => {
-                            if tx
-                                .send(Sealed {
-                                    id: w.id,
-                                    raw_len: w.data.len() as u32,
-                                    blob,
-                                })
-                                .is_err()
-                            {
+                            if tx.send(Sealed { id: w.id, raw_len: w.data.len() as u32, blob }).is_err() {
                                 return;
                             }
                         }
@@ -150,21 +140,10 @@ pub fn run(
             let fail = fail.clone();
             let failed = failed.clone();
             let progress = progress.clone();
-            s.spawn(move || {
-                pack_and_upload(rt, store, sealer, cfg, sealed_rx, progress, failed, fail)
-            })
+            s.spawn(move || pack_and_upload(rt, store, sealer, cfg, sealed_rx, progress, failed, fail))
         };
 
-        let results = read_all(
-            jobs,
-            &key,
-            known,
-            cfg.chunker,
-            &work_tx,
-            &progress,
-            &failed,
-            &fail,
-        );
+        let results = read_all(jobs, &key, known, cfg.chunker, &work_tx, &progress, &failed, &fail);
         drop(work_tx);
         for h in worker_handles {
             let _ = h.join();
@@ -196,10 +175,7 @@ fn read_all(
         if failed.load(Ordering::SeqCst) {
             break;
         }
-        let mut r = ReadResult {
-            idx: job.idx,
-            ..Default::default()
-        };
+        let mut r = ReadResult { idx: job.idx, ..Default::default() };
         let (reader, path): (Box<dyn Read + Send>, Option<PathBuf>) = match job.input {
             Input::Path(p) => match std::fs::File::open(&p) {
                 Ok(f) => (Box::new(f), Some(p)),
@@ -218,10 +194,7 @@ fn read_all(
             let c = match c {
                 Ok(c) => c,
                 Err(e) => {
-                    let what = path
-                        .as_ref()
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_else(|| "stream".into());
+                    let what = path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "stream".into());
                     match path {
                         Some(_) => r.skipped = Some(format!("cannot read {what}: {e}")),
                         None => fail(Error::failed(format!("cannot read {what}: {e}"))),
@@ -233,9 +206,7 @@ fn read_all(
             hasher.update(&c.data);
             let id = chunk_id(key, &c.data);
             r.size += c.length as u64;
-            progress
-                .bytes_read
-                .fetch_add(c.length as u64, Ordering::Relaxed);
+            progress.bytes_read.fetch_add(c.length as u64, Ordering::Relaxed);
             r.chunks.push(id);
             if known.insert(id) && tx.send(Work { id, data: c.data }).is_err() {
                 ok = false;
@@ -305,95 +276,86 @@ fn pack_and_upload(
     let sem = Arc::new(tokio::sync::Semaphore::new(cfg.uploads));
     let mut tasks = Vec::new();
     let mut out = Packed::default();
-    let mut buf: Vec<u8> = Vec::with_capacity(cfg.pack_size + (1 << 20));
+    // A pack is kept as its list of blobs: no copy into one buffer before the upload.
+    let mut buf: Vec<Bytes> = Vec::new();
+    let mut buf_len = 0u64;
+    let mut hasher = blake3::Hasher::new();
     let mut entries: Vec<(ChunkId, u64, u32, u32)> = Vec::new();
 
-    let mut flush =
-        |buf: &mut Vec<u8>, entries: &mut Vec<(ChunkId, u64, u32, u32)>, out: &mut Packed| {
-            if buf.is_empty() {
-                return;
-            }
-            let data = Bytes::from(std::mem::replace(
-                buf,
-                Vec::with_capacity(cfg.pack_size + (1 << 20)),
-            ));
-            let pack: PackId = *blake3::hash(&data).as_bytes();
-            let index = PackIndex {
-                chunks: entries
-                    .iter()
-                    .map(|(id, off, len, raw)| IndexEntry {
-                        id: hex::encode(id),
-                        off: *off,
-                        len: *len,
-                        raw: *raw,
-                    })
-                    .collect(),
-            };
-            for (id, offset, len, raw_len) in entries.drain(..) {
-                out.new_locs.insert(
-                    id,
-                    BlobLoc {
-                        pack,
-                        offset,
-                        len,
-                        raw_len,
-                    },
-                );
-            }
-            let size = data.len() as u64;
-            out.packs.push((pack, size));
-            let index_blob =
-                zstd::bulk::compress(&serde_json::to_vec(&index).expect("serialisable"), 3)
-                    .map_err(|e| Error::failed(format!("cannot compress pack index: {e}")))
-                    .and_then(|z| sealer.seal(&z));
-            let index_blob = match index_blob {
-                Ok(b) => Bytes::from(b),
-                Err(e) => return fail(e),
-            };
-            // Waiting for a permit here is what bounds memory: at most `uploads` packs in flight.
-            let permit = match rt.block_on(sem.clone().acquire_owned()) {
-                Ok(p) => p,
-                Err(_) => return,
-            };
-            let store = store.clone();
-            let fail = fail.clone();
-            let progress = progress.clone();
-            let threshold = cfg.multipart_threshold;
-            tasks.push(rt.spawn(async move {
-                let _permit = permit;
-                let key = pack_key(&pack);
-                let r = if data.len() > threshold {
-                    store.put_multipart(&key, data, 8 << 20).await
-                } else {
-                    store.put(&key, data).await
-                };
-                let r = match r {
-                    Ok(()) => store.put(&index_key(&pack), index_blob).await,
-                    Err(e) => Err(e),
-                };
-                match r {
-                    Ok(()) => {
-                        progress.bytes_uploaded.fetch_add(size, Ordering::Relaxed);
-                    }
-                    Err(e) => fail(e),
-                }
-            }));
+    let mut flush = |buf: &mut Vec<Bytes>,
+                     buf_len: &mut u64,
+                     hasher: &mut blake3::Hasher,
+                     entries: &mut Vec<(ChunkId, u64, u32, u32)>,
+                     out: &mut Packed| {
+        if buf.is_empty() {
+            return;
+        }
+        let data = std::mem::take(buf);
+        let size = std::mem::take(buf_len);
+        let pack: PackId = *std::mem::take(hasher).finalize().as_bytes();
+        let index = PackIndex {
+            chunks: entries
+                .iter()
+                .map(|(id, off, len, raw)| IndexEntry { id: hex::encode(id), off: *off, len: *len, raw: *raw })
+                .collect(),
         };
+        for (id, offset, len, raw_len) in entries.drain(..) {
+            out.new_locs.insert(id, BlobLoc { pack, offset, len, raw_len });
+        }
+        out.packs.push((pack, size));
+        let index_blob = zstd::bulk::compress(&serde_json::to_vec(&index).expect("serialisable"), 3)
+            .map_err(|e| Error::failed(format!("cannot compress pack index: {e}")))
+            .and_then(|z| sealer.seal(&z));
+        let index_blob = match index_blob {
+            Ok(b) => Bytes::from(b),
+            Err(e) => return fail(e),
+        };
+        // Waiting for a permit here is what bounds memory: at most `uploads` packs in flight.
+        let permit = match rt.block_on(sem.clone().acquire_owned()) {
+            Ok(p) => p,
+            Err(_) => return,
+        };
+        let store = store.clone();
+        let fail = fail.clone();
+        let progress = progress.clone();
+        let threshold = cfg.multipart_threshold;
+        tasks.push(rt.spawn(async move {
+            let _permit = permit;
+            let key = pack_key(&pack);
+            let r = if size as usize > threshold {
+                store.put_multipart(&key, data, 8 << 20).await
+            } else {
+                store.put_parts(&key, data).await
+            };
+            let r = match r {
+                Ok(()) => store.put(&index_key(&pack), index_blob).await,
+                Err(e) => Err(e),
+            };
+            match r {
+                Ok(()) => {
+                    progress.bytes_uploaded.fetch_add(size, Ordering::Relaxed);
+                }
+                Err(e) => fail(e),
+            }
+        }));
+    };
 
     for s in rx.iter() {
         if failed.load(Ordering::SeqCst) {
             continue; // drain so that producers never block
         }
-        entries.push((s.id, buf.len() as u64, s.blob.len() as u32, s.raw_len));
+        entries.push((s.id, buf_len, s.blob.len() as u32, s.raw_len));
         out.chunks_new += 1;
         out.bytes_new += s.raw_len as u64;
-        buf.extend_from_slice(&s.blob);
-        if buf.len() >= cfg.pack_size {
-            flush(&mut buf, &mut entries, &mut out);
+        hasher.update(&s.blob);
+        buf_len += s.blob.len() as u64;
+        buf.push(Bytes::from(s.blob));
+        if buf_len >= cfg.pack_size as u64 {
+            flush(&mut buf, &mut buf_len, &mut hasher, &mut entries, &mut out);
         }
     }
     if !failed.load(Ordering::SeqCst) {
-        flush(&mut buf, &mut entries, &mut out);
+        flush(&mut buf, &mut buf_len, &mut hasher, &mut entries, &mut out);
     }
     for t in tasks {
         if rt.block_on(t).is_err() {
@@ -414,10 +376,7 @@ pub fn reusable(
     cache
         .into_iter()
         .filter(|(_, l)| {
-            packs
-                .get(&l.pack)
-                .is_some_and(|&size| l.offset + l.len as u64 <= size)
-                && !marked.contains(&l.pack)
+            packs.get(&l.pack).is_some_and(|&size| l.offset + l.len as u64 <= size) && !marked.contains(&l.pack)
         })
         .collect()
 }

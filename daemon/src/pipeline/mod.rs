@@ -14,20 +14,16 @@ pub fn chunk_id(key: &[u8; 32], data: &[u8]) -> ChunkId {
 }
 
 /// Compress (when it helps) and encrypt one chunk.
-pub fn seal_blob(
-    sealer: &Sealer,
-    zc: &mut zstd::bulk::Compressor<'_>,
-    data: &[u8],
-) -> Result<Vec<u8>> {
-    let mut framed = Vec::with_capacity(data.len() + 1);
+pub fn seal_blob(sealer: &Sealer, zc: &mut zstd::bulk::Compressor<'_>, data: &[u8]) -> Result<Vec<u8>> {
+    let mut framed = Vec::with_capacity(1 + zstd::zstd_safe::compress_bound(data.len()));
     framed.push(BLOB_ZSTD);
-    framed.resize(1 + zstd::zstd_safe::compress_bound(data.len()), 0);
-    let n = zc
-        .compress_to_buffer(data, &mut framed[1..])
-        .map_err(|e| Error::failed(format!("zstd compression failed: {e}")))?;
-    if n < data.len() {
-        framed.truncate(1 + n);
-    } else {
+    // Compress into the spare capacity after the flag byte: no zero-filling of the buffer.
+    let mut cur = std::io::Cursor::new(framed);
+    cur.set_position(1);
+    let n =
+        zc.compress_to_buffer(data, &mut cur).map_err(|e| Error::failed(format!("zstd compression failed: {e}")))?;
+    let mut framed = cur.into_inner();
+    if n >= data.len() {
         framed.clear();
         framed.push(BLOB_RAW);
         framed.extend_from_slice(data);
@@ -38,27 +34,26 @@ pub fn seal_blob(
 /// Decrypt, decompress and check one chunk against its id. `what` names it in errors.
 pub fn open_blob(
     opener: &Opener,
+    dz: &mut zstd::bulk::Decompressor<'_>,
     key: &[u8; 32],
     id: &ChunkId,
     raw_len: u32,
     sealed: &[u8],
     what: &dyn std::fmt::Display,
 ) -> Result<Vec<u8>> {
-    let framed = opener.open(sealed, what)?;
-    let data = match framed.split_first() {
-        Some((&BLOB_RAW, rest)) => rest.to_vec(),
-        Some((&BLOB_ZSTD, rest)) => zstd::bulk::decompress(rest, raw_len as usize)
-            .map_err(|e| Error::damaged(format!("{what} does not decompress: {e}")))?,
-        _ => {
-            return Err(Error::damaged(format!(
-                "{what} has an unknown blob framing"
-            )))
+    let mut framed = opener.open(sealed, what)?;
+    let data = match framed.first() {
+        Some(&BLOB_RAW) => {
+            framed.remove(0);
+            framed
         }
+        Some(&BLOB_ZSTD) => dz
+            .decompress(&framed[1..], raw_len as usize)
+            .map_err(|e| Error::damaged(format!("{what} does not decompress: {e}")))?,
+        _ => return Err(Error::damaged(format!("{what} has an unknown blob framing"))),
     };
     if data.len() != raw_len as usize || &chunk_id(key, &data) != id {
-        return Err(Error::damaged(format!(
-            "{what} does not match its id (tampered or swapped)"
-        )));
+        return Err(Error::damaged(format!("{what} does not match its id (tampered or swapped)")));
     }
     Ok(data)
 }
@@ -75,22 +70,17 @@ mod tests {
         let opener = Opener::from_identity(id);
         let key = [7u8; 32];
         let mut zc = zstd::bulk::Compressor::new(3).unwrap();
+        let mut dz = zstd::bulk::Decompressor::new().unwrap();
         let a = vec![b'a'; 10_000];
-        let b: Vec<u8> = (0..10_000u32)
-            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-            .collect();
+        let b: Vec<u8> = (0..10_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
         let (ia, ib) = (chunk_id(&key, &a), chunk_id(&key, &b));
         let sa = seal_blob(&sealer, &mut zc, &a).unwrap();
         let sb = seal_blob(&sealer, &mut zc, &b).unwrap();
         assert!(sa.len() < 1000, "compressible data was not compressed");
-        assert_eq!(open_blob(&opener, &key, &ia, 10_000, &sa, &"a").unwrap(), a);
-        assert_eq!(open_blob(&opener, &key, &ib, 10_000, &sb, &"b").unwrap(), b);
+        assert_eq!(open_blob(&opener, &mut dz, &key, &ia, 10_000, &sa, &"a").unwrap(), a);
+        assert_eq!(open_blob(&opener, &mut dz, &key, &ib, 10_000, &sb, &"b").unwrap(), b);
         // A swapped blob decrypts fine but fails its id check.
-        let err = open_blob(&opener, &key, &ia, 10_000, &sb, &"a").unwrap_err();
-        assert!(
-            err.message.contains("does not match its id"),
-            "{}",
-            err.message
-        );
+        let err = open_blob(&opener, &mut dz, &key, &ia, 10_000, &sb, &"a").unwrap_err();
+        assert!(err.message.contains("does not match its id"), "{}", err.message);
     }
 }

@@ -46,12 +46,8 @@ pub struct FileSink {
 impl Sink for FileSink {
     fn write(&self, file: usize, offset: u64, data: &[u8]) -> Result<()> {
         let p = &self.paths[file];
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(p)
-            .map_err(|e| Error::io("open", p, e))?;
-        f.write_all_at(data, offset)
-            .map_err(|e| Error::io("write", p, e))
+        let f = std::fs::OpenOptions::new().write(true).open(p).map_err(|e| Error::io("open", p, e))?;
+        f.write_all_at(data, offset).map_err(|e| Error::io("write", p, e))
     }
 }
 
@@ -64,7 +60,7 @@ impl Sink for NullSink {
     }
 }
 
-const MAX_RANGE: u64 = 16 << 20;
+const MAX_RANGE: u64 = 8 << 20;
 const MAX_GAP: u64 = 1 << 20;
 
 /// Fetch, check and write every wanted chunk. Returns the damage found; a local write failure
@@ -111,19 +107,11 @@ pub async fn fetch(
             async move {
                 let object = pack_key(&pack);
                 let start = ws[0].loc.offset;
-                let end = ws
-                    .iter()
-                    .map(|w| w.loc.offset + w.loc.len as u64)
-                    .max()
-                    .unwrap_or(start);
+                let end = ws.iter().map(|w| w.loc.offset + w.loc.len as u64).max().unwrap_or(start);
                 let data = match store.get_range(&object, start..end).await {
                     Ok(d) => d,
                     Err(e) if matches!(e.kind, Kind::NotFound | Kind::Damaged) => {
-                        let reason = if e.kind == Kind::NotFound {
-                            "pack is missing".to_string()
-                        } else {
-                            e.message
-                        };
+                        let reason = if e.kind == Kind::NotFound { "pack is missing".to_string() } else { e.message };
                         return Ok(ws
                             .iter()
                             .map(|w| Damage {
@@ -137,20 +125,18 @@ pub async fn fetch(
                 };
                 tokio::task::spawn_blocking(move || {
                     let mut damage = Vec::new();
+                    let mut dz = zstd::bulk::Decompressor::new()
+                        .map_err(|e| Error::failed(format!("cannot start zstd: {e}")))?;
                     for w in ws {
                         let a = (w.loc.offset - start) as usize;
                         let sealed = &data[a..a + w.loc.len as usize];
-                        let what = format_args!("chunk {} in {object}", &hex::encode(w.id)[..16])
-                            .to_string();
-                        match open_blob(&opener, &key, &w.id, w.loc.raw_len, sealed, &what) {
+                        let what = format_args!("chunk {} in {object}", &hex::encode(w.id)[..16]).to_string();
+                        match open_blob(&opener, &mut dz, &key, &w.id, w.loc.raw_len, sealed, &what) {
                             Ok(plain) => {
                                 for (file, off) in &w.targets {
                                     sink.write(*file, *off, &plain)?;
                                 }
-                                bytes_done.fetch_add(
-                                    plain.len() as u64 * w.targets.len() as u64,
-                                    Ordering::Relaxed,
-                                );
+                                bytes_done.fetch_add(plain.len() as u64 * w.targets.len() as u64, Ordering::Relaxed);
                             }
                             // A wrong identity is not damage: stop at once.
                             Err(e) if e.kind == Kind::Crypto => return Err(e),

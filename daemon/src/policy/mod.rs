@@ -132,7 +132,7 @@ fn default_pack_size() -> Size {
     Size(16 << 20)
 }
 fn default_level() -> i32 {
-    3
+    1
 }
 fn default_uploads() -> usize {
     3
@@ -200,51 +200,30 @@ impl Policy {
         let s = file.source.into_inner();
         let source = match s.kind {
             SourceType::Volume => {
-                let p = s
-                    .path
-                    .ok_or_else(|| at(span.clone(), "a volume source needs `path`".into()))?;
+                let p = s.path.ok_or_else(|| at(span.clone(), "a volume source needs `path`".into()))?;
                 if !p.is_absolute() {
-                    return Err(at(
-                        span,
-                        format!("volume path `{}` must be absolute", p.display()),
-                    ));
+                    return Err(at(span, format!("volume path `{}` must be absolute", p.display())));
                 }
                 for g in &s.exclude {
-                    globset::Glob::new(g).map_err(|e| {
-                        at(
-                            span.clone(),
-                            format!("exclude pattern `{g}` is invalid: {e}"),
-                        )
-                    })?;
+                    globset::Glob::new(g)
+                        .map_err(|e| at(span.clone(), format!("exclude pattern `{g}` is invalid: {e}")))?;
                 }
-                Source::Volume(VolumeSource {
-                    path: p,
-                    exclude: s.exclude,
-                })
+                Source::Volume(VolumeSource { path: p, exclude: s.exclude })
             }
             SourceType::Postgres => {
                 let dsn = s.dsn.ok_or_else(|| {
-                    at(
-                        span.clone(),
-                        "a postgres source needs `dsn` (a reference such as `env:VEZA_PG_DSN`)"
-                            .into(),
-                    )
+                    at(span.clone(), "a postgres source needs `dsn` (a reference such as `env:VEZA_PG_DSN`)".into())
                 })?;
                 let method = s.method.unwrap_or(PgMethod::Physical);
                 if method == PgMethod::Physical && s.data_dir.is_none() {
-                    return Err(at(
-                        span,
-                        "a physical postgres source needs `data-dir`".into(),
-                    ));
+                    return Err(at(span, "a physical postgres source needs `data-dir`".into()));
                 }
                 Source::Postgres(PgSource {
                     method,
                     dsn,
                     data_dir: s.data_dir,
                     databases: s.databases,
-                    bin_dir: s
-                        .bin_dir
-                        .unwrap_or_else(|| "/usr/lib/postgresql/15/bin".into()),
+                    bin_dir: s.bin_dir.unwrap_or_else(|| "/usr/lib/postgresql/15/bin".into()),
                 })
             }
         };
@@ -272,55 +251,39 @@ impl Policy {
             Error::policy(format!("{}:{line}:{col}: {msg}", self.path.display()))
         };
         if self.encryption.recipients.is_empty() {
-            return Err(here("recipients", "`encryption.recipients` is empty: backups need at least one public key".into())
-                .with_hint("create one with `veza-dr keygen -o restore.key` and paste the printed `age1…` recipient"));
+            return Err(here(
+                "recipients",
+                "`encryption.recipients` is empty: backups need at least one public key".into(),
+            )
+            .with_hint("create one with `veza-dr keygen -o restore.key` and paste the printed `age1…` recipient"));
         }
         let r = &self.repository;
         let url = url::Url::parse(&r.url).map_err(|e| {
             here("url", format!("repository url `{}` is invalid: {e}", r.url))
                 .with_hint("write e.g. `s3://bucket/prefix` or `file:///var/backups/veza`")
         })?;
-        if !matches!(
-            url.scheme(),
-            "s3" | "file" | "gs" | "az" | "azure" | "abfs" | "abfss" | "memory"
-        ) {
-            return Err(here(
-                "url",
-                format!("repository url scheme `{}` is not supported", url.scheme()),
-            )
-            .with_hint("use s3://, file://, gs:// or az://"));
+        if !matches!(url.scheme(), "s3" | "file" | "gs" | "az" | "azure" | "abfs" | "abfss" | "memory") {
+            return Err(here("url", format!("repository url scheme `{}` is not supported", url.scheme()))
+                .with_hint("use s3://, file://, gs:// or az://"));
         }
         if let Some(ep) = &r.endpoint {
-            url::Url::parse(ep)
-                .map_err(|e| here("endpoint", format!("endpoint `{ep}` is invalid: {e}")))?;
+            url::Url::parse(ep).map_err(|e| here("endpoint", format!("endpoint `{ep}` is invalid: {e}")))?;
         }
         if !(1..=22).contains(&r.compression_level) {
             return Err(here(
                 "compression-level",
-                format!(
-                    "compression-level {} is out of range 1..=22",
-                    r.compression_level
-                ),
+                format!("compression-level {} is out of range 1..=22", r.compression_level),
             ));
         }
         if !(1 << 20..=1 << 30).contains(&r.pack_size.0) {
-            return Err(here(
-                "pack-size",
-                "pack-size must be between 1MiB and 1GiB".into(),
-            ));
+            return Err(here("pack-size", "pack-size must be between 1MiB and 1GiB".into()));
         }
         if r.upload_concurrency == 0 || r.upload_concurrency > 64 {
-            return Err(here(
-                "upload-concurrency",
-                "upload-concurrency must be between 1 and 64".into(),
-            ));
+            return Err(here("upload-concurrency", "upload-concurrency must be between 1 and 64".into()));
         }
         if let Some(tz) = &self.schedule.timezone {
             if tz != "UTC" {
-                return Err(here(
-                    "timezone",
-                    format!("timezone `{tz}` is not supported yet; schedules run in UTC"),
-                ));
+                return Err(here("timezone", format!("timezone `{tz}` is not supported yet; schedules run in UTC")));
             }
         }
         Ok(())
@@ -344,11 +307,7 @@ impl Policy {
 
 fn policy_name(path: &Path) -> Result<String> {
     let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
-    if stem.is_empty()
-        || !stem
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
+    if stem.is_empty() || !stem.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
         return Err(Error::policy(format!(
             "{}: policy file names must be made of letters, digits, `-` and `_`",
             path.display()
@@ -362,12 +321,7 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
     let before = &text[..offset];
     let line = before.matches('\n').count() + 1;
-    let col = before
-        .rsplit('\n')
-        .next()
-        .map(|l| l.chars().count())
-        .unwrap_or(0)
-        + 1;
+    let col = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
     (line, col)
 }
 
@@ -380,13 +334,10 @@ pub fn load_file(path: &Path) -> Result<Policy> {
 /// Every `*.toml` in `dir`, sorted by name. Each result is the policy or its error.
 pub fn load_dir(dir: &Path) -> Result<Vec<Result<Policy>>> {
     let rd = std::fs::read_dir(dir).map_err(|e| {
-        Error::io("read policies directory", dir, e)
-            .with_hint("pass --policies DIR or set VEZA_DR_POLICIES")
+        Error::io("read policies directory", dir, e).with_hint("pass --policies DIR or set VEZA_DR_POLICIES")
     })?;
-    let mut paths: Vec<PathBuf> = rd
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-        .collect();
+    let mut paths: Vec<PathBuf> =
+        rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "toml")).collect();
     paths.sort();
     Ok(paths.iter().map(|p| load_file(p)).collect())
 }
@@ -402,25 +353,19 @@ pub fn find(dir: &Path, name: &str) -> Result<Policy> {
             .map(|rd| {
                 let mut v: Vec<String> = rd
                     .filter_map(|e| e.ok())
-                    .filter_map(|e| {
-                        e.path()
-                            .file_stem()
-                            .map(|s| s.to_string_lossy().into_owned())
-                    })
+                    .filter_map(|e| e.path().file_stem().map(|s| s.to_string_lossy().into_owned()))
                     .collect();
                 v.sort();
                 v
             })
             .unwrap_or_default();
-        return Err(
-            Error::not_found(format!("policy `{name}` not found in {}", dir.display())).with_hint(
-                if known.is_empty() {
-                    "pass --policies DIR pointing at a folder of *.toml policies".to_string()
-                } else {
-                    format!("known policies: {}", known.join(", "))
-                },
-            ),
-        );
+        return Err(Error::not_found(format!("policy `{name}` not found in {}", dir.display())).with_hint(
+            if known.is_empty() {
+                "pass --policies DIR pointing at a folder of *.toml policies".to_string()
+            } else {
+                format!("known policies: {}", known.join(", "))
+            },
+        ));
     }
     load_file(&path)
 }
@@ -440,12 +385,7 @@ mod tests {
             recipient()
         );
         let err = Policy::parse(Path::new("policies/x.toml"), &text).unwrap_err();
-        assert!(
-            err.message
-                .starts_with("policies/x.toml:4:1: unknown field `colour`"),
-            "{}",
-            err.message
-        );
+        assert!(err.message.starts_with("policies/x.toml:4:1: unknown field `colour`"), "{}", err.message);
         assert_eq!(err.kind.exit_code(), 2);
     }
 
@@ -456,12 +396,7 @@ mod tests {
             recipient()
         );
         let err = Policy::parse(Path::new("p.toml"), &text).unwrap_err();
-        assert!(
-            err.message
-                .starts_with("p.toml:5:8: cron expression `0 3 * *` has 4 fields"),
-            "{}",
-            err.message
-        );
+        assert!(err.message.starts_with("p.toml:5:8: cron expression `0 3 * *` has 4 fields"), "{}", err.message);
     }
 
     #[test]
@@ -471,16 +406,7 @@ mod tests {
             recipient()
         );
         let err = Policy::parse(Path::new("p.toml"), &text).unwrap_err();
-        assert!(
-            err.message
-                .contains("p.toml:3:7: secrets must be references"),
-            "{}",
-            err.message
-        );
-        assert!(
-            !err.message.contains("pw@h"),
-            "the secret leaked into the error: {}",
-            err.message
-        );
+        assert!(err.message.contains("p.toml:3:7: secrets must be references"), "{}", err.message);
+        assert!(!err.message.contains("pw@h"), "the secret leaked into the error: {}", err.message);
     }
 }

@@ -11,17 +11,15 @@ pub struct Dur(pub std::time::Duration);
 impl FromStr for Dur {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        humantime::parse_duration(s.trim()).map(Dur).map_err(|e| {
-            format!("`{s}` is not a duration ({e}); write e.g. `90s`, `15m`, `1h` or `30d`")
-        })
+        humantime::parse_duration(s.trim())
+            .map(Dur)
+            .map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. `90s`, `15m`, `1h` or `30d`"))
     }
 }
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -41,9 +39,7 @@ impl FromStr for Size {
         let t = s.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("`{s}` is not a size; write e.g. `16MiB`"))?;
+        let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a size; write e.g. `16MiB`"))?;
         let mult: u64 = match unit.trim() {
             "" | "B" => 1,
             "KiB" | "K" => 1 << 10,
@@ -52,15 +48,9 @@ impl FromStr for Size {
             "KB" | "kB" => 1_000,
             "MB" => 1_000_000,
             "GB" => 1_000_000_000,
-            u => {
-                return Err(format!(
-                    "unknown size unit `{u}` in `{s}`; use B, KiB, MiB or GiB"
-                ))
-            }
+            u => return Err(format!("unknown size unit `{u}` in `{s}`; use B, KiB, MiB or GiB")),
         };
-        n.checked_mul(mult)
-            .map(Size)
-            .ok_or_else(|| format!("size `{s}` is too large"))
+        n.checked_mul(mult).map(Size).ok_or_else(|| format!("size `{s}` is too large"))
     }
 }
 
@@ -95,20 +85,14 @@ impl FromStr for CronExpr {
             6 => s.to_string(),
             n => return Err(format!("cron expression `{s}` has {n} fields; write 5 (minute hour day month weekday) or 6 (with seconds first)")),
         };
-        let schedule = cron::Schedule::from_str(&full)
-            .map_err(|e| format!("cron expression `{s}` is invalid: {e}"))?;
-        Ok(CronExpr {
-            text: s.to_string(),
-            schedule,
-        })
+        let schedule = cron::Schedule::from_str(&full).map_err(|e| format!("cron expression `{s}` is invalid: {e}"))?;
+        Ok(CronExpr { text: s.to_string(), schedule })
     }
 }
 
 impl<'de> Deserialize<'de> for CronExpr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -124,9 +108,7 @@ impl Recipient {
         if let Ok(r) = age::x25519::Recipient::from_str(&self.text) {
             return Box::new(r);
         }
-        Box::new(
-            age::ssh::Recipient::from_str(&self.text).expect("recipient validated at parse time"),
-        )
+        Box::new(age::ssh::Recipient::from_str(&self.text).expect("recipient validated at parse time"))
     }
 }
 
@@ -144,19 +126,18 @@ impl FromStr for Recipient {
             return Err("this is a private identity, not a public recipient: put only `age1…` public keys in policies (the backup host must not be able to decrypt)".into());
         }
         if age::x25519::Recipient::from_str(t).is_ok() || age::ssh::Recipient::from_str(t).is_ok() {
-            return Ok(Recipient {
-                text: t.to_string(),
-            });
+            return Ok(Recipient { text: t.to_string() });
         }
-        Err(format!("`{}` is not an age recipient (`age1…`) or an SSH public key; create one with `veza-dr keygen`", short(t)))
+        Err(format!(
+            "`{}` is not an age recipient (`age1…`) or an SSH public key; create one with `veza-dr keygen`",
+            short(t)
+        ))
     }
 }
 
 impl<'de> Deserialize<'de> for Recipient {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -189,11 +170,7 @@ mod tests {
     fn refuses_private_keys_as_recipients() {
         let id = age::x25519::Identity::generate();
         use age::secrecy::ExposeSecret;
-        let err = id
-            .to_string()
-            .expose_secret()
-            .parse::<Recipient>()
-            .unwrap_err();
+        let err = id.to_string().expose_secret().parse::<Recipient>().unwrap_err();
         assert!(err.contains("private identity"), "{err}");
         assert!(id.to_public().to_string().parse::<Recipient>().is_ok());
     }

@@ -23,8 +23,7 @@ pub fn default_state_dir() -> PathBuf {
     }
     match std::env::var_os("XDG_STATE_HOME") {
         Some(x) if !x.is_empty() => PathBuf::from(x).join("veza-dr"),
-        _ => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into()))
-            .join(".local/state/veza-dr"),
+        _ => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into())).join(".local/state/veza-dr"),
     }
 }
 
@@ -33,14 +32,9 @@ const REC: usize = 32 + 32 + 8 + 4 + 4;
 impl HostState {
     pub fn open(state_dir: &Path, repo_id: &str) -> Result<HostState> {
         let dir = state_dir.join("repos").join(repo_id);
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir.join("manifests"))
-            .map_err(|e| {
-                Error::io("create state directory", &dir, e)
-                    .with_hint("pass --state-dir DIR to a writable directory")
-            })?;
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir.join("manifests")).map_err(|e| {
+            Error::io("create state directory", &dir, e).with_hint("pass --state-dir DIR to a writable directory")
+        })?;
         Ok(HostState { dir })
     }
 
@@ -55,9 +49,7 @@ impl HostState {
             .mode(0o600)
             .open(&tmp)
             .map_err(|e| Error::io("write", &tmp, e))?;
-        f.write_all(data)
-            .and_then(|_| f.sync_all())
-            .map_err(|e| Error::io("write", &tmp, e))?;
+        f.write_all(data).and_then(|_| f.sync_all()).map_err(|e| Error::io("write", &tmp, e))?;
         std::fs::rename(&tmp, &path).map_err(|e| Error::io("write", &path, e))
     }
 
@@ -65,10 +57,8 @@ impl HostState {
     pub async fn chunk_key(&self, repo: &Repo) -> Result<(String, [u8; 32])> {
         let path = self.dir.join("chunk-key");
         if let Ok(text) = std::fs::read_to_string(&path) {
-            if let Some((id, key)) = text
-                .trim()
-                .split_once(':')
-                .and_then(|(i, k)| parse_hex32(k).map(|k| (i.to_string(), k)))
+            if let Some((id, key)) =
+                text.trim().split_once(':').and_then(|(i, k)| parse_hex32(k).map(|k| (i.to_string(), k)))
             {
                 // The repository may have been recreated under us: make sure the key is there.
                 if repo.store.head_size(&format!("keys/{id}")).await?.is_some() {
@@ -81,10 +71,7 @@ impl HostState {
         let key: [u8; 32] = rand::random();
         let id = hex::encode(rand::random::<[u8; 8]>());
         upload_key(repo, &id, &key).await?;
-        self.write_atomic(
-            "chunk-key",
-            format!("{id}:{}\n", hex::encode(key)).as_bytes(),
-        )?;
+        self.write_atomic("chunk-key", format!("{id}:{}\n", hex::encode(key)).as_bytes())?;
         Ok((id, key))
     }
 
@@ -100,15 +87,7 @@ impl HostState {
             let offset = u64::from_le_bytes(r[64..72].try_into().expect("8 bytes"));
             let len = u32::from_le_bytes(r[72..76].try_into().expect("4 bytes"));
             let raw_len = u32::from_le_bytes(r[76..80].try_into().expect("4 bytes"));
-            m.insert(
-                id,
-                BlobLoc {
-                    pack,
-                    offset,
-                    len,
-                    raw_len,
-                },
-            );
+            m.insert(id, BlobLoc { pack, offset, len, raw_len });
         }
         m
     }
@@ -127,8 +106,7 @@ impl HostState {
 
     pub fn save_manifest(&self, m: &Manifest) -> Result<()> {
         let json = serde_json::to_vec(m).expect("serialisable");
-        let z = zstd::bulk::compress(&json, 3)
-            .map_err(|e| Error::failed(format!("cannot compress manifest: {e}")))?;
+        let z = zstd::bulk::compress(&json, 3).map_err(|e| Error::failed(format!("cannot compress manifest: {e}")))?;
         self.write_atomic(&format!("manifests/{}.json.zst", m.snapshot), &z)
     }
 
@@ -154,15 +132,9 @@ impl HostState {
 }
 
 async fn upload_key(repo: &Repo, id: &str, key: &[u8; 32]) -> Result<()> {
-    let kf = KeyFile {
-        key: hex::encode(key),
-        created: chrono::Utc::now().to_rfc3339(),
-        host: super::lock::hostname(),
-    };
+    let kf = KeyFile { key: hex::encode(key), created: chrono::Utc::now().to_rfc3339(), host: super::lock::hostname() };
     let z = zstd::bulk::compress(&serde_json::to_vec(&kf).expect("serialisable"), 3)
         .map_err(|e| Error::failed(format!("cannot compress key: {e}")))?;
     let sealed = repo.sealer.seal(&z)?;
-    repo.store
-        .put(&format!("keys/{id}"), Bytes::from(sealed))
-        .await
+    repo.store.put(&format!("keys/{id}"), Bytes::from(sealed)).await
 }

@@ -24,11 +24,7 @@ pub struct ChunkerParams {
 
 impl Default for ChunkerParams {
     fn default() -> Self {
-        ChunkerParams {
-            min: 256 << 10,
-            avg: 1 << 20,
-            max: 4 << 20,
-        }
+        ChunkerParams { min: 256 << 10, avg: 1 << 20, max: 4 << 20 }
     }
 }
 
@@ -245,11 +241,7 @@ pub fn decode_os(s: &str) -> std::ffi::OsString {
 
 /// A new snapshot id: sortable by time, unique by a random suffix.
 pub fn new_snapshot_id(now: chrono::DateTime<chrono::Utc>) -> String {
-    format!(
-        "{}-{:06x}",
-        now.format("%Y%m%dT%H%M%SZ"),
-        rand::random::<u32>() & 0xff_ffff
-    )
+    format!("{}-{:06x}", now.format("%Y%m%dT%H%M%SZ"), rand::random::<u32>() & 0xff_ffff)
 }
 
 /// Blob plaintext framing: one flag byte (0 raw, 1 zstd) then the payload; then age.

@@ -60,19 +60,11 @@ pub fn ttl() -> Duration {
 }
 
 pub fn hostname() -> String {
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "unknown".into())
+    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "unknown".into())
 }
 
 /// Take a lock, waiting up to `wait` for conflicting holders to finish.
-pub async fn acquire(
-    store: &Store,
-    kind: LockKind,
-    command: &str,
-    wait: Duration,
-) -> Result<LockGuard> {
+pub async fn acquire(store: &Store, kind: LockKind, command: &str, wait: Duration) -> Result<LockGuard> {
     let me = hostname();
     let id = hex::encode(rand::random::<[u8; 8]>());
     let key = format!("locks/{id}.json");
@@ -87,30 +79,13 @@ pub async fn acquire(
             created: now,
             expires: now + chrono::Duration::from_std(ttl()).expect("ttl fits"),
         };
-        store
-            .put(
-                &key,
-                Bytes::from(serde_json::to_vec(&lease).expect("serialisable")),
-            )
-            .await?;
+        store.put(&key, Bytes::from(serde_json::to_vec(&lease).expect("serialisable"))).await?;
         match conflict(store, &key, kind, &me).await {
             Ok(None) => {
                 let valid = Arc::new(AtomicBool::new(true));
                 let (stop, rx) = tokio::sync::watch::channel(false);
-                let task = tokio::spawn(refresh(
-                    store.clone(),
-                    key.clone(),
-                    lease,
-                    valid.clone(),
-                    rx,
-                ));
-                return Ok(LockGuard {
-                    store: store.clone(),
-                    key,
-                    valid,
-                    stop,
-                    task: Some(task),
-                });
+                let task = tokio::spawn(refresh(store.clone(), key.clone(), lease, valid.clone(), rx));
+                return Ok(LockGuard { store: store.clone(), key, valid, stop, task: Some(task) });
             }
             Ok(Some(other)) => {
                 store.delete(&key).await?;
@@ -124,7 +99,9 @@ pub async fn acquire(
                         if other.kind == LockKind::Exclusive { "exclusive" } else { "shared" },
                         other.expires.format("%Y-%m-%d %H:%M:%SZ")
                     ))
-                    .with_hint("wait for it to finish (or for the lease to expire if it crashed); --lock-wait waits for you"));
+                    .with_hint(
+                        "wait for it to finish (or for the lease to expire if it crashed); --lock-wait waits for you",
+                    ));
                 }
                 let jitter = Duration::from_millis(200 + rand::random::<u64>() % 800);
                 tokio::time::sleep(jitter).await;
@@ -177,13 +154,8 @@ async fn refresh(
         }
         let now = Utc::now();
         let new_expiry = now + chrono::Duration::from_std(ttl()).expect("ttl fits");
-        let body = Bytes::from(
-            serde_json::to_vec(&Lease {
-                expires: new_expiry,
-                ..lease.clone()
-            })
-            .expect("serialisable"),
-        );
+        let body =
+            Bytes::from(serde_json::to_vec(&Lease { expires: new_expiry, ..lease.clone() }).expect("serialisable"));
         match store.put(&key, body).await {
             Ok(()) => lease.expires = new_expiry,
             Err(e) => {
@@ -202,13 +174,8 @@ impl LockGuard {
         if self.valid.load(Ordering::SeqCst) {
             Ok(())
         } else {
-            Err(Error::locked(format!(
-                "lost the repository lock {} (refresh failed until it expired)",
-                self.key
-            ))
-            .with_hint(
-                "the object store was unreachable for longer than the lease; run the command again",
-            ))
+            Err(Error::locked(format!("lost the repository lock {} (refresh failed until it expired)", self.key))
+                .with_hint("the object store was unreachable for longer than the lease; run the command again"))
         }
     }
 

@@ -50,52 +50,31 @@ impl Repo {
                 stored
             }
         };
-        Ok(Repo {
-            store,
-            config,
-            sealer: Sealer::new(&policy.encryption.recipients),
-            policy_name: policy.name.clone(),
-        })
+        Ok(Repo { store, config, sealer: Sealer::new(&policy.encryption.recipients), policy_name: policy.name.clone() })
     }
 
     /// Encrypt and store a JSON value under `key` (zstd, then age).
     pub async fn put_sealed_json<T: serde::Serialize>(&self, key: &str, v: &T) -> Result<u64> {
         let json = serde_json::to_vec(v).expect("serialisable");
-        let z = zstd::bulk::compress(&json, 3)
-            .map_err(|e| Error::failed(format!("cannot compress {key}: {e}")))?;
+        let z = zstd::bulk::compress(&json, 3).map_err(|e| Error::failed(format!("cannot compress {key}: {e}")))?;
         let sealed = self.sealer.seal(&z)?;
         let n = sealed.len() as u64;
         self.store.put(key, Bytes::from(sealed)).await?;
         Ok(n)
     }
 
-    pub async fn get_sealed_json<T: serde::de::DeserializeOwned>(
-        &self,
-        key: &str,
-        opener: &Opener,
-    ) -> Result<T> {
-        let b = self
-            .store
-            .get(key)
-            .await
-            .map_err(|e| missing_is_damage(e, key))?;
+    pub async fn get_sealed_json<T: serde::de::DeserializeOwned>(&self, key: &str, opener: &Opener) -> Result<T> {
+        let b = self.store.get(key).await.map_err(|e| missing_is_damage(e, key))?;
         let z = opener.open(&b, &format_args!("object {key}"))?;
-        let json = zstd::stream::decode_all(&z[..])
-            .map_err(|e| Error::damaged(format!("object {key} is corrupted: {e}")))?;
-        serde_json::from_slice(&json)
-            .map_err(|e| Error::damaged(format!("object {key} is corrupted: {e}")))
+        let json =
+            zstd::stream::decode_all(&z[..]).map_err(|e| Error::damaged(format!("object {key} is corrupted: {e}")))?;
+        serde_json::from_slice(&json).map_err(|e| Error::damaged(format!("object {key} is corrupted: {e}")))
     }
 
     /// Every committed snapshot of this repository (all policies), oldest first.
     pub async fn sidecars(&self) -> Result<Vec<Sidecar>> {
-        let keys: Vec<String> = self
-            .store
-            .list("snapshots/")
-            .await?
-            .into_iter()
-            .map(|(k, _)| k)
-            .filter(|k| k.ends_with(".json"))
-            .collect();
+        let keys: Vec<String> =
+            self.store.list("snapshots/").await?.into_iter().map(|(k, _)| k).filter(|k| k.ends_with(".json")).collect();
         let store = &self.store;
         let mut out: Vec<Sidecar> = futures::stream::iter(keys)
             .map(|k| async move {
@@ -124,31 +103,17 @@ impl Repo {
         let snaps = self.snapshots().await?;
         if spec == "latest" {
             return snaps.into_iter().last().ok_or_else(|| {
-                Error::not_found(format!(
-                    "policy {} has no snapshot yet in {}",
-                    self.policy_name, self.store.url
-                ))
-                .with_hint(format!("run `veza-dr backup {}` first", self.policy_name))
+                Error::not_found(format!("policy {} has no snapshot yet in {}", self.policy_name, self.store.url))
+                    .with_hint(format!("run `veza-dr backup {}` first", self.policy_name))
             });
         }
-        let matches: Vec<Sidecar> = snaps
-            .into_iter()
-            .filter(|s| s.id.starts_with(spec))
-            .collect();
+        let matches: Vec<Sidecar> = snaps.into_iter().filter(|s| s.id.starts_with(spec)).collect();
         match matches.len() {
             1 => Ok(matches.into_iter().next().expect("one match")),
-            0 => Err(Error::not_found(format!(
-                "snapshot {spec} not found for policy {}",
-                self.policy_name
-            ))
-            .with_hint(format!(
-                "list them with `veza-dr snapshots {}`",
-                self.policy_name
-            ))),
-            n => Err(
-                Error::usage(format!("snapshot prefix {spec} matches {n} snapshots"))
-                    .with_hint("give more characters of the id"),
-            ),
+            0 => Err(Error::not_found(format!("snapshot {spec} not found for policy {}", self.policy_name))
+                .with_hint(format!("list them with `veza-dr snapshots {}`", self.policy_name))),
+            n => Err(Error::usage(format!("snapshot prefix {spec} matches {n} snapshots"))
+                .with_hint("give more characters of the id")),
         }
     }
 
@@ -158,17 +123,12 @@ impl Repo {
 
     /// The chunk-id key `key_id`, decrypted with the identity.
     pub async fn chunk_key(&self, key_id: &str, opener: &Opener) -> Result<[u8; 32]> {
-        let k: KeyFile = self
-            .get_sealed_json(&format!("keys/{key_id}"), opener)
-            .await?;
-        parse_hex32(&k.key)
-            .ok_or_else(|| Error::damaged(format!("object keys/{key_id} holds a malformed key")))
+        let k: KeyFile = self.get_sealed_json(&format!("keys/{key_id}"), opener).await?;
+        parse_hex32(&k.key).ok_or_else(|| Error::damaged(format!("object keys/{key_id} holds a malformed key")))
     }
 
     /// Packs marked for deletion by an earlier prune: (object key → time marked).
-    pub async fn marks(
-        &self,
-    ) -> Result<std::collections::BTreeMap<String, chrono::DateTime<chrono::Utc>>> {
+    pub async fn marks(&self) -> Result<std::collections::BTreeMap<String, chrono::DateTime<chrono::Utc>>> {
         match self.store.get_opt("prune/marks.json").await? {
             None => Ok(Default::default()),
             Some(b) => serde_json::from_slice(&b)
@@ -180,12 +140,7 @@ impl Repo {
         &self,
         m: &std::collections::BTreeMap<String, chrono::DateTime<chrono::Utc>>,
     ) -> Result<()> {
-        self.store
-            .put(
-                "prune/marks.json",
-                Bytes::from(serde_json::to_vec_pretty(m).expect("serialisable")),
-            )
-            .await
+        self.store.put("prune/marks.json", Bytes::from(serde_json::to_vec_pretty(m).expect("serialisable"))).await
     }
 
     /// Every pack in the store: pack id → size.
@@ -195,22 +150,14 @@ impl Repo {
             .list("data/")
             .await?
             .into_iter()
-            .filter_map(|(k, size)| {
-                k.rsplit('/')
-                    .next()
-                    .and_then(parse_hex32)
-                    .map(|id| (id, size))
-            })
+            .filter_map(|(k, size)| k.rsplit('/').next().and_then(parse_hex32).map(|id| (id, size)))
             .collect())
     }
 }
 
 fn parse_config(url: &str, b: &[u8]) -> Result<RepoConfig> {
-    let cfg: RepoConfig = serde_json::from_slice(b).map_err(|e| {
-        Error::damaged(format!(
-            "object config in {url} is not a veza-dr repository config: {e}"
-        ))
-    })?;
+    let cfg: RepoConfig = serde_json::from_slice(b)
+        .map_err(|e| Error::damaged(format!("object config in {url} is not a veza-dr repository config: {e}")))?;
     if cfg.format != FORMAT_VERSION {
         return Err(Error::failed(format!(
             "repository {url} has format {}, this veza-dr reads format {FORMAT_VERSION}",
@@ -224,8 +171,7 @@ fn parse_config(url: &str, b: &[u8]) -> Result<RepoConfig> {
 /// A missing object that a snapshot needs is damage, not a user error.
 pub fn missing_is_damage(e: Error, key: &str) -> Error {
     if e.kind == crate::error::Kind::NotFound {
-        Error::damaged(format!("object {key} is missing"))
-            .with_hint("run `veza-dr verify` to see what is affected")
+        Error::damaged(format!("object {key} is missing")).with_hint("run `veza-dr verify` to see what is affected")
     } else {
         e
     }

@@ -24,21 +24,19 @@ impl Store {
             .map_err(|e| Error::policy(format!("repository url `{}` is invalid: {e}", cfg.url)))?;
         let inner: Arc<dyn ObjectStore> = match url.scheme() {
             "file" => {
-                let path = url.to_file_path().map_err(|_| {
-                    Error::policy(format!("repository url `{}` is not a local path", cfg.url))
-                })?;
-                std::fs::create_dir_all(&path)
-                    .map_err(|e| Error::io("create repository directory", &path, e))?;
+                let path = url
+                    .to_file_path()
+                    .map_err(|_| Error::policy(format!("repository url `{}` is not a local path", cfg.url)))?;
+                std::fs::create_dir_all(&path).map_err(|e| Error::io("create repository directory", &path, e))?;
                 Arc::new(
-                    object_store::local::LocalFileSystem::new_with_prefix(&path).map_err(|e| {
-                        Error::storage(format!("cannot open repository {}: {e}", cfg.url))
-                    })?,
+                    object_store::local::LocalFileSystem::new_with_prefix(&path)
+                        .map_err(|e| Error::storage(format!("cannot open repository {}: {e}", cfg.url)))?,
                 )
             }
             "s3" => {
-                let bucket = url.host_str().ok_or_else(|| {
-                    Error::policy(format!("repository url `{}` names no bucket", cfg.url))
-                })?;
+                let bucket = url
+                    .host_str()
+                    .ok_or_else(|| Error::policy(format!("repository url `{}` names no bucket", cfg.url)))?;
                 let mut b = object_store::aws::AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
                     .with_retry(retry())
@@ -69,19 +67,14 @@ impl Store {
                 }
                 // Never rely on If-None-Match: some stores (Garage) accept and ignore it.
                 b = b.with_conditional_put(object_store::aws::S3ConditionalPut::Disabled);
-                Arc::new(b.build().map_err(|e| {
-                    Error::policy(format!("cannot configure s3 repository {}: {e}", cfg.url))
-                })?)
+                Arc::new(
+                    b.build().map_err(|e| Error::policy(format!("cannot configure s3 repository {}: {e}", cfg.url)))?,
+                )
             }
             _ => {
-                let opts: Vec<(String, String)> = cfg
-                    .options
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
-                let (store, _) = object_store::parse_url_opts(&url, opts).map_err(|e| {
-                    Error::policy(format!("cannot open repository {}: {e}", cfg.url))
-                })?;
+                let opts: Vec<(String, String)> = cfg.options.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                let (store, _) = object_store::parse_url_opts(&url, opts)
+                    .map_err(|e| Error::policy(format!("cannot open repository {}: {e}", cfg.url)))?;
                 Arc::from(store)
             }
         };
@@ -92,23 +85,14 @@ impl Store {
         let inner: Arc<dyn ObjectStore> = if prefix.is_empty() {
             inner
         } else {
-            Arc::new(object_store::prefix::PrefixStore::new(
-                inner,
-                prefix.as_str(),
-            ))
+            Arc::new(object_store::prefix::PrefixStore::new(inner, prefix.as_str()))
         };
-        Ok(Store {
-            inner,
-            url: cfg.url.clone(),
-        })
+        Ok(Store { inner, url: cfg.url.clone() })
     }
 
     /// Wrap any object store (tests use this to inject faults).
     pub fn from_object_store(inner: Arc<dyn ObjectStore>, url: &str) -> Store {
-        Store {
-            inner,
-            url: url.to_string(),
-        }
+        Store { inner, url: url.to_string() }
     }
 
     pub fn raw(&self) -> &Arc<dyn ObjectStore> {
@@ -116,11 +100,7 @@ impl Store {
     }
 
     pub async fn get(&self, key: &str) -> Result<Bytes> {
-        let r = self
-            .inner
-            .get(&ObjPath::from(key))
-            .await
-            .map_err(|e| self.err("read", key, e))?;
+        let r = self.inner.get(&ObjPath::from(key)).await.map_err(|e| self.err("read", key, e))?;
         r.bytes().await.map_err(|e| self.err("read", key, e))
     }
 
@@ -135,11 +115,7 @@ impl Store {
 
     pub async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> Result<Bytes> {
         let want = range.end - range.start;
-        let b = self
-            .inner
-            .get_range(&ObjPath::from(key), range.clone())
-            .await
-            .map_err(|e| self.err("read", key, e))?;
+        let b = self.inner.get_range(&ObjPath::from(key), range.clone()).await.map_err(|e| self.err("read", key, e))?;
         if b.len() as u64 != want {
             return Err(Error::damaged(format!(
                 "object {key} is truncated: wanted bytes {}..{}, got {}",
@@ -147,9 +123,7 @@ impl Store {
                 range.end,
                 b.len()
             ))
-            .with_hint(
-                "run `veza-dr verify` to list the damage; earlier snapshots may still restore",
-            ));
+            .with_hint("run `veza-dr verify` to list the damage; earlier snapshots may still restore"));
         }
         Ok(b)
     }
@@ -163,10 +137,14 @@ impl Store {
     }
 
     pub async fn put(&self, key: &str, data: Bytes) -> Result<()> {
-        self.inner
-            .put(&ObjPath::from(key), PutPayload::from(data))
-            .await
-            .map_err(|e| self.err("write", key, e))?;
+        self.inner.put(&ObjPath::from(key), PutPayload::from(data)).await.map_err(|e| self.err("write", key, e))?;
+        Ok(())
+    }
+
+    /// Store an object given as several buffers (a pack of blobs) without joining them.
+    pub async fn put_parts(&self, key: &str, parts: Vec<Bytes>) -> Result<()> {
+        let payload: PutPayload = parts.into_iter().collect();
+        self.inner.put(&ObjPath::from(key), payload).await.map_err(|e| self.err("write", key, e))?;
         Ok(())
     }
 
@@ -175,15 +153,8 @@ impl Store {
         if self.head_size(key).await?.is_some() {
             return Ok(false);
         }
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
-        match self
-            .inner
-            .put_opts(&ObjPath::from(key), PutPayload::from(data.clone()), opts)
-            .await
-        {
+        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+        match self.inner.put_opts(&ObjPath::from(key), PutPayload::from(data.clone()), opts).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
             // Stores without conditional writes: HEAD above is the best check we have.
@@ -196,22 +167,13 @@ impl Store {
     }
 
     /// Upload a large object in parts, `part` bytes each.
-    pub async fn put_multipart(&self, key: &str, data: Bytes, part: usize) -> Result<()> {
+    pub async fn put_multipart(&self, key: &str, parts: Vec<Bytes>, part: usize) -> Result<()> {
         let path = ObjPath::from(key);
-        let upload = self
-            .inner
-            .put_multipart(&path)
-            .await
-            .map_err(|e| self.err("write", key, e))?;
+        let upload = self.inner.put_multipart(&path).await.map_err(|e| self.err("write", key, e))?;
         let mut w = object_store::WriteMultipart::new_with_chunk_size(upload, part);
-        let mut off = 0;
-        while off < data.len() {
-            let end = (off + part).min(data.len());
-            w.wait_for_capacity(2)
-                .await
-                .map_err(|e| self.err("write", key, e))?;
-            w.write(&data[off..end]);
-            off = end;
+        for data in parts {
+            w.wait_for_capacity(2).await.map_err(|e| self.err("write", key, e))?;
+            w.write(&data);
         }
         w.finish().await.map_err(|e| self.err("write", key, e))?;
         Ok(())
@@ -227,24 +189,13 @@ impl Store {
     /// Every object under `prefix`, as (key relative to the repository, size).
     pub async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
         let p = ObjPath::from(prefix);
-        let items: Vec<_> = self
-            .inner
-            .list(Some(&p))
-            .try_collect()
-            .await
-            .map_err(|e| self.err("list", prefix, e))?;
-        Ok(items
-            .into_iter()
-            .map(|m| (m.location.to_string(), m.size))
-            .collect())
+        let items: Vec<_> = self.inner.list(Some(&p)).try_collect().await.map_err(|e| self.err("list", prefix, e))?;
+        Ok(items.into_iter().map(|m| (m.location.to_string(), m.size)).collect())
     }
 
     fn err(&self, op: &str, key: &str, e: object_store::Error) -> Error {
         if let object_store::Error::NotFound { .. } = e {
-            return Error::new(
-                Kind::NotFound,
-                format!("object {key} is missing from repository {}", self.url),
-            );
+            return Error::new(Kind::NotFound, format!("object {key} is missing from repository {}", self.url));
         }
         storage_error(&self.url, op, key, &e.to_string())
     }
@@ -291,7 +242,5 @@ fn retry() -> RetryConfig {
 }
 
 fn client_options() -> ClientOptions {
-    ClientOptions::new()
-        .with_connect_timeout(Duration::from_secs(5))
-        .with_timeout(Duration::from_secs(300))
+    ClientOptions::new().with_connect_timeout(Duration::from_secs(5)).with_timeout(Duration::from_secs(300))
 }

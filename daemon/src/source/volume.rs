@@ -17,31 +17,16 @@ pub struct Walked {
 pub fn walk(root: &Path, exclude: &[String]) -> Result<Walked> {
     let meta = std::fs::metadata(root).map_err(|e| Error::io("read volume", root, e))?;
     if !meta.is_dir() {
-        return Err(Error::policy(format!(
-            "volume path {} is not a directory",
-            root.display()
-        )));
+        return Err(Error::policy(format!("volume path {} is not a directory", root.display())));
     }
     let mut gs = globset::GlobSetBuilder::new();
     for g in exclude {
-        gs.add(
-            globset::Glob::new(g)
-                .map_err(|e| Error::policy(format!("exclude pattern `{g}` is invalid: {e}")))?,
-        );
+        gs.add(globset::Glob::new(g).map_err(|e| Error::policy(format!("exclude pattern `{g}` is invalid: {e}")))?);
     }
-    let excl = gs
-        .build()
-        .map_err(|e| Error::policy(format!("exclude patterns are invalid: {e}")))?;
-    let mut out = Walked {
-        entries: Vec::new(),
-        warnings: Vec::new(),
-        skipped: 0,
-    };
+    let excl = gs.build().map_err(|e| Error::policy(format!("exclude patterns are invalid: {e}")))?;
+    let mut out = Walked { entries: Vec::new(), warnings: Vec::new(), skipped: 0 };
     let mut first_link: HashMap<(u64, u64), String> = HashMap::new();
-    let it = walkdir::WalkDir::new(root)
-        .follow_links(false)
-        .sort_by_file_name()
-        .into_iter();
+    let it = walkdir::WalkDir::new(root).follow_links(false).sort_by_file_name().into_iter();
     let it = it.filter_entry(|e| {
         let rel = e.path().strip_prefix(root).unwrap_or(e.path());
         rel.as_os_str().is_empty() || !(excl.is_match(rel) || excl.is_match(e.file_name()))
@@ -51,18 +36,13 @@ pub fn walk(root: &Path, exclude: &[String]) -> Result<Walked> {
             Ok(d) => d,
             Err(e) => {
                 // Vanished or unreadable: warn and go on, as an SRE expects from a file backup.
-                out.warnings
-                    .push(format!("skipped {}", e.to_string().replace('\n', " ")));
+                out.warnings.push(format!("skipped {}", e.to_string().replace('\n', " ")));
                 out.skipped += 1;
                 continue;
             }
         };
         let rel = de.path().strip_prefix(root).unwrap_or(de.path());
-        let rel = if rel.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            rel
-        };
+        let rel = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
         let m = match de.path().symlink_metadata() {
             Ok(m) => m,
             Err(e) => {
@@ -89,8 +69,7 @@ pub fn walk(root: &Path, exclude: &[String]) -> Result<Walked> {
                 "special file"
             };
             tracing::warn!(path = %rel.display(), "skipping {what}");
-            out.warnings
-                .push(format!("skipped {what} {}", rel.display()));
+            out.warnings.push(format!("skipped {what} {}", rel.display()));
             out.skipped += 1;
             continue;
         };
@@ -116,8 +95,7 @@ pub fn walk(root: &Path, exclude: &[String]) -> Result<Walked> {
             match std::fs::read_link(de.path()) {
                 Ok(t) => e.target = Some(encode_os(t.as_os_str())),
                 Err(err) => {
-                    out.warnings
-                        .push(format!("skipped symlink {}: {err}", rel.display()));
+                    out.warnings.push(format!("skipped symlink {}: {err}", rel.display()));
                     continue;
                 }
             }
@@ -142,25 +120,16 @@ pub fn walk(root: &Path, exclude: &[String]) -> Result<Walked> {
 
 /// A restore-side path must stay inside the target.
 pub fn safe_rel(p: &Path) -> Result<&Path> {
-    if p.components()
-        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
-    {
+    if p.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir)) {
         Ok(p)
     } else {
-        Err(Error::damaged(format!(
-            "manifest holds an unsafe path {}",
-            p.display()
-        )))
+        Err(Error::damaged(format!("manifest holds an unsafe path {}", p.display())))
     }
 }
 
 /// Whether `rel` is selected by `--include` prefixes (or is a parent directory of one).
 pub fn included(rel: &Path, includes: &[PathBuf]) -> bool {
-    includes.is_empty()
-        || rel == Path::new(".")
-        || includes
-            .iter()
-            .any(|i| rel.starts_with(i) || i.starts_with(rel))
+    includes.is_empty() || rel == Path::new(".") || includes.iter().any(|i| rel.starts_with(i) || i.starts_with(rel))
 }
 
 /// Create the skeleton: directories, empty files of the right length, symlinks.
@@ -171,24 +140,25 @@ pub fn prepare(target: &Path, entries: &[(usize, &Entry)]) -> Result<Vec<PathBuf
         let rel = e.rel_path();
         let p = target.join(safe_rel(&rel)?);
         match e.kind {
-            EntryKind::Dir => {
-                std::fs::create_dir_all(&p).map_err(|err| Error::io("create directory", &p, err))?
-            }
+            EntryKind::Dir => std::fs::create_dir_all(&p).map_err(|err| Error::io("create directory", &p, err))?,
             EntryKind::File => {
-                if let Some(parent) = p.parent() {
-                    std::fs::create_dir_all(parent)
-                        .map_err(|err| Error::io("create directory", parent, err))?;
+                // Parents come first in the manifest; create them only if they are missing.
+                let f = match std::fs::File::create(&p) {
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                        let parent = p.parent().unwrap_or(target);
+                        std::fs::create_dir_all(parent).map_err(|err| Error::io("create directory", parent, err))?;
+                        std::fs::File::create(&p)
+                    }
+                    r => r,
                 }
-                let f = std::fs::File::create(&p).map_err(|err| Error::io("create", &p, err))?;
-                f.set_len(e.size)
-                    .map_err(|err| Error::io("allocate", &p, err))?;
+                .map_err(|err| Error::io("create", &p, err))?;
+                f.set_len(e.size).map_err(|err| Error::io("allocate", &p, err))?;
                 files.push(p);
             }
             EntryKind::Symlink => {
                 let t = decode_os(e.target.as_deref().unwrap_or(""));
                 let _ = std::fs::remove_file(&p);
-                std::os::unix::fs::symlink(&t, &p)
-                    .map_err(|err| Error::io("create symlink", &p, err))?;
+                std::os::unix::fs::symlink(&t, &p).map_err(|err| Error::io("create symlink", &p, err))?;
             }
             EntryKind::Hardlink => {}
         }
@@ -198,16 +168,9 @@ pub fn prepare(target: &Path, entries: &[(usize, &Entry)]) -> Result<Vec<PathBuf
 
 /// After the data: hard links, then owners, modes and times (directories last, deepest first,
 /// so that writing into them does not move their mtime again).
-pub fn finish(
-    target: &Path,
-    entries: &[(usize, &Entry)],
-    warnings: &mut Vec<String>,
-) -> Result<()> {
+pub fn finish(target: &Path, entries: &[(usize, &Entry)], warnings: &mut Vec<String>) -> Result<()> {
     let root = nix::unistd::geteuid().is_root();
-    for (_, e) in entries
-        .iter()
-        .filter(|(_, e)| e.kind == EntryKind::Hardlink)
-    {
+    for (_, e) in entries.iter().filter(|(_, e)| e.kind == EntryKind::Hardlink) {
         let p = target.join(safe_rel(&e.rel_path())?);
         let first = target.join(decode_os(e.target.as_deref().unwrap_or("")));
         let _ = std::fs::remove_file(&p);
@@ -229,8 +192,7 @@ pub fn finish(
         }
         let t = filetime::FileTime::from_unix_time(e.mtime, e.mtime_ns);
         if e.kind == EntryKind::Symlink {
-            filetime::set_symlink_file_times(&p, t, t)
-                .map_err(|err| Error::io("set times of", &p, err))?;
+            filetime::set_symlink_file_times(&p, t, t).map_err(|err| Error::io("set times of", &p, err))?;
             return Ok(());
         }
         use std::os::unix::fs::PermissionsExt;
@@ -238,17 +200,10 @@ pub fn finish(
             .map_err(|err| Error::io("set mode of", &p, err))?;
         filetime::set_file_times(&p, t, t).map_err(|err| Error::io("set times of", &p, err))
     };
-    for (_, e) in entries
-        .iter()
-        .filter(|(_, e)| e.kind != EntryKind::Dir && e.kind != EntryKind::Hardlink)
-    {
+    for (_, e) in entries.iter().filter(|(_, e)| e.kind != EntryKind::Dir && e.kind != EntryKind::Hardlink) {
         apply(e)?;
     }
-    let mut dirs: Vec<&Entry> = entries
-        .iter()
-        .filter(|(_, e)| e.kind == EntryKind::Dir)
-        .map(|(_, e)| *e)
-        .collect();
+    let mut dirs: Vec<&Entry> = entries.iter().filter(|(_, e)| e.kind == EntryKind::Dir).map(|(_, e)| *e).collect();
     dirs.sort_by_key(|e| std::cmp::Reverse(e.rel_path().components().count()));
     for e in dirs {
         apply(e)?;
