@@ -73,7 +73,7 @@ fn truncated_and_missing_packs_are_detected_without_a_key() {
     let (backend, fx, _src) = setup(12);
     fx.ok(&["backup", "vol"]);
     let ps = packs(&backend);
-    assert!(ps.len() >= 1);
+    assert!(!ps.is_empty());
     let victim = &ps[0];
     let len = victim.metadata().unwrap().len();
     std::fs::OpenOptions::new().write(true).open(victim).unwrap().set_len(len / 2).unwrap();

@@ -17,7 +17,7 @@ fn round_trip(kind: Kind, extra: &str) {
 
     let s1 = fx.json(&["backup", "vol", "--full"]);
     assert_eq!(s1["kind"], "full");
-    assert!(s1["stats"]["bytes-read"].as_u64().unwrap() >= (tree_mb() as u64) << 20 * 9 / 10);
+    assert!(s1["stats"]["bytes-read"].as_u64().unwrap() >= ((tree_mb() as u64) << 20) * 9 / 10);
     let snaps = fx.json(&["snapshots", "vol"]);
     assert_eq!(snaps.as_array().unwrap().len(), 1);
 

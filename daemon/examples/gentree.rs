@@ -1,5 +1,6 @@
 //! Generate the benchmark/test tree: `gentree DIR MIB [SEED]`.
 #[path = "../../tests/common/tree.rs"]
+#[allow(dead_code)]
 mod tree;
 
 fn main() {

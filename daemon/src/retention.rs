@@ -103,7 +103,7 @@ mod tests {
         assert_eq!(daily.len(), 30);
         assert!(daily.iter().all(|(id, _)| id.ends_with("233000Z")), "daily keeps the last of each day");
         let monthly = keep.iter().filter(|(_, why)| why.contains(&"monthly".to_string())).count();
-        assert_eq!(monthly, 2, "January and February");
+        assert_eq!(monthly, 3, "January, February and March 1st");
         let weekly = keep.iter().filter(|(_, why)| why.contains(&"weekly".to_string())).count();
         assert_eq!(weekly, 9, "60 days starting on a Thursday span 9 ISO weeks");
         assert_eq!(keep.len() + forget.len(), snaps.len());
