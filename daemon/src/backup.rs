@@ -1,15 +1,19 @@
 //! A backup job: lock, decide what to read, run the engine, commit the snapshot last.
+//!
+//! Every source goes through the same two steps: `prepare` uploads all data and builds the
+//! manifest; `commit` writes the manifest and then the sidecar that makes the snapshot exist.
+//! A physical PostgreSQL backup waits between the two for its WAL to be archived.
 
 use crate::error::{Error, Result};
 use crate::pipeline::backup::{self as engine, EngineConfig, Input, Progress, ReadJob};
-use crate::policy::{Policy, Source};
+use crate::policy::{PgMethod, Policy, Source};
 use crate::repository::cache::HostState;
 use crate::repository::format::*;
-use crate::repository::lock::{self, LockKind};
+use crate::repository::lock::{self, LockGuard, LockKind};
 use crate::repository::Repo;
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,20 +44,19 @@ pub fn engine_config(policy: &Policy, repo: &Repo) -> EngineConfig {
 
 /// Back up the policy's source and return the committed snapshot's sidecar.
 pub async fn run(policy: &Policy, opts: &Options) -> Result<Sidecar> {
-    let vol = match &policy.source {
-        Source::Volume(v) => v.clone(),
-        Source::Postgres(_) => {
-            return Err(Error::failed(format!(
-                "policy {}: postgres sources are not supported by this build yet",
-                policy.name
-            ))
-            .with_hint("volume policies work; PostgreSQL backups land with the postgres work"))
-        }
-    };
     let repo = Arc::new(Repo::open(policy).await?);
     let guard =
         lock::acquire(&repo.store, LockKind::Shared, &format!("backup {}", policy.name), opts.lock_wait).await?;
-    let r = run_locked(policy, &vol, &repo, opts, &guard).await;
+    let r = match &policy.source {
+        Source::Volume(v) => match prepare_tree(policy, &repo, opts, &v.path, &v.exclude).await {
+            Ok(p) => commit(&repo, &guard, p).await,
+            Err(e) => Err(e),
+        },
+        Source::Postgres(pg) if pg.method == PgMethod::Physical => {
+            crate::source::postgres::backup_physical(policy, pg, &repo, opts, &guard).await
+        }
+        Source::Postgres(pg) => crate::source::postgres::logical::backup(policy, pg, &repo, opts, &guard).await,
+    };
     let released = guard.release().await;
     let sidecar = r?;
     if let Err(e) = released {
@@ -62,59 +65,79 @@ pub async fn run(policy: &Policy, opts: &Options) -> Result<Sidecar> {
     Ok(sidecar)
 }
 
-async fn run_locked(
-    policy: &Policy,
-    vol: &crate::policy::VolumeSource,
-    repo: &Arc<Repo>,
-    opts: &Options,
-    guard: &lock::LockGuard,
-) -> Result<Sidecar> {
+/// Everything of a snapshot but the two commit writes.
+pub struct Pending {
+    pub state: HostState,
+    pub manifest: Manifest,
+    pub sidecar: Sidecar,
+    locs: HashMap<ChunkId, BlobLoc>,
+    live: HashSet<String>,
+}
+
+/// The host's view of the repository at the start of a backup.
+struct Context {
+    state: HostState,
+    key_id: String,
+    key: [u8; 32],
+    cache: HashMap<ChunkId, BlobLoc>,
+    packs: HashMap<PackId, u64>,
+    parent: Option<Manifest>,
+    live: HashSet<String>,
+    started: chrono::DateTime<chrono::Utc>,
+}
+
+async fn context(policy: &Policy, repo: &Repo, opts: &Options) -> Result<Context> {
     let started = chrono::Utc::now();
-    let snap_id = new_snapshot_id(started);
     let state = HostState::open(&opts.state_dir, &repo.config.id)?;
     let (key_id, key) = state.chunk_key(repo).await?;
-
     let packs = repo.packs().await?;
     let marked: HashSet<PackId> =
         repo.marks().await?.keys().filter_map(|k| k.rsplit('/').next().and_then(parse_hex32)).collect();
     let cache = engine::reusable(state.load_chunks(), &packs, &marked);
-
     let all = repo.sidecars().await?;
-    let snaps: Vec<&Sidecar> = all.iter().filter(|s| s.policy == policy.name).collect();
     let parent = match opts.mode {
         Mode::Full => None,
-        _ => snaps.iter().rev().find_map(|s| state.load_manifest(&s.id)),
+        _ => all.iter().rev().filter(|s| s.policy == policy.name).find_map(|s| state.load_manifest(&s.id)),
     };
     if opts.mode == Mode::Incremental && parent.is_none() {
         tracing::info!(policy = %policy.name, "no parent snapshot in the local state: reading everything");
     }
-    let kind = if parent.is_some() { "incremental" } else { "full" };
+    let live = all.iter().map(|s| s.id.clone()).collect();
+    Ok(Context { state, key_id, key, cache, packs, parent, live, started })
+}
 
-    let root = vol.path.clone();
+/// Walk `root` and upload what changed since the parent.
+pub async fn prepare_tree(
+    policy: &Policy,
+    repo: &Arc<Repo>,
+    opts: &Options,
+    root: &Path,
+    exclude: &[String],
+) -> Result<Pending> {
+    let ctx = context(policy, repo, opts).await?;
     let walked = tokio::task::spawn_blocking({
-        let root = root.clone();
-        let ex = vol.exclude.clone();
+        let root = root.to_path_buf();
+        let ex = exclude.to_vec();
         move || crate::source::volume::walk(&root, &ex)
     })
     .await
     .map_err(|e| Error::failed(format!("walk failed: {e}")))??;
     let mut entries = walked.entries;
-    let mut warnings = walked.warnings;
 
-    // Parent lookup: unchanged files (size, mtime, inode, ctime) whose chunks are all still
-    // reusable keep their chunk lists without being read.
-    let parent_files: HashMap<String, (&Entry, &Manifest)> = parent
+    // Unchanged files (size, mtime, inode, ctime) whose chunks can all be reused keep their
+    // chunk lists without being read.
+    let parent_files: HashMap<String, &Entry> = ctx
+        .parent
         .iter()
-        .flat_map(|m| m.entries.iter().filter(|e| e.kind == EntryKind::File).map(move |e| (e.display(), (e, m))))
+        .flat_map(|m| m.entries.iter().filter(|e| e.kind == EntryKind::File).map(|e| (e.display(), e)))
         .collect();
     let mut reused: HashMap<usize, Vec<ChunkId>> = HashMap::new();
     let mut jobs = Vec::new();
-    let mut total = 0u64;
     for (i, e) in entries.iter_mut().enumerate() {
         if e.kind != EntryKind::File {
             continue;
         }
-        if let Some((pe, pm)) = parent_files.get(&e.display()) {
+        if let (Some(pe), Some(pm)) = (parent_files.get(&e.display()), ctx.parent.as_ref()) {
             let same = pe.size == e.size
                 && pe.mtime == e.mtime
                 && pe.mtime_ns == e.mtime_ns
@@ -122,40 +145,100 @@ async fn run_locked(
                 && pe.ctime == e.ctime;
             if same {
                 let ids: Option<Vec<ChunkId>> =
-                    pe.chunks.iter().map(|&c| parse_hex32(&pm.chunks[c as usize].0)).collect();
-                if let Some(ids) = ids.filter(|ids| ids.iter().all(|id| cache.contains_key(id))) {
+                    pe.chunks.iter().map(|&c| pm.chunks.get(c as usize).and_then(|t| parse_hex32(&t.0))).collect();
+                if let Some(ids) = ids.filter(|ids| ids.iter().all(|id| ctx.cache.contains_key(id))) {
                     e.hash = pe.hash.clone();
                     reused.insert(i, ids);
                     continue;
                 }
             }
         }
-        total += e.size;
-        jobs.push(ReadJob {
-            idx: i,
-            input: Input::Path(root.join(e.rel_path())),
-            size: e.size,
-            mtime_ns: e.mtime as i128 * 1_000_000_000 + e.mtime_ns as i128,
-        });
+        let mtime_ns = e.mtime as i128 * 1_000_000_000 + e.mtime_ns as i128;
+        jobs.push(ReadJob { idx: i, input: Input::Path(root.join(e.rel_path())), size: e.size, mtime_ns });
     }
-    opts.progress.bytes_total.store(total, std::sync::atomic::Ordering::Relaxed);
+    let extra = Tree { root: root.display().to_string(), warnings: walked.warnings, skipped: walked.skipped };
+    build(policy, repo, opts, ctx, entries, jobs, reused, extra).await
+}
 
+/// Upload named streams (e.g. pg_dump output) as the files of a snapshot.
+pub async fn prepare_streams(
+    policy: &Policy,
+    repo: &Arc<Repo>,
+    opts: &Options,
+    label: &str,
+    streams: Vec<(String, Box<dyn std::io::Read + Send>)>,
+) -> Result<Pending> {
+    let ctx = context(policy, repo, opts).await?;
+    let now = chrono::Utc::now().timestamp();
+    let mut entries = vec![dir_entry(".", now)];
+    let mut jobs = Vec::new();
+    for (name, r) in streams {
+        let mut e = dir_entry(&name, now);
+        e.kind = EntryKind::File;
+        e.mode = 0o600;
+        jobs.push(ReadJob { idx: entries.len(), input: Input::Stream(r), size: 0, mtime_ns: 0 });
+        entries.push(e);
+    }
+    let extra = Tree { root: label.to_string(), warnings: vec![], skipped: 0 };
+    build(policy, repo, opts, ctx, entries, jobs, HashMap::new(), extra).await
+}
+
+fn dir_entry(path: &str, mtime: i64) -> Entry {
+    Entry {
+        path: path.to_string(),
+        path_hex: None,
+        kind: EntryKind::Dir,
+        mode: 0o700,
+        uid: nix::unistd::geteuid().as_raw(),
+        gid: nix::unistd::getegid().as_raw(),
+        mtime,
+        mtime_ns: 0,
+        size: 0,
+        chunks: vec![],
+        target: None,
+        hash: None,
+        changed: false,
+        ino: 0,
+        ctime: 0,
+    }
+}
+
+struct Tree {
+    root: String,
+    warnings: Vec<String>,
+    skipped: u64,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn build(
+    policy: &Policy,
+    repo: &Arc<Repo>,
+    opts: &Options,
+    ctx: Context,
+    mut entries: Vec<Entry>,
+    jobs: Vec<ReadJob>,
+    reused: HashMap<usize, Vec<ChunkId>>,
+    tree: Tree,
+) -> Result<Pending> {
+    let total: u64 = jobs.iter().map(|j| j.size).sum();
+    opts.progress.bytes_total.store(total, std::sync::atomic::Ordering::Relaxed);
     let cfg = engine_config(policy, repo);
-    let known: HashSet<ChunkId> = cache.keys().copied().collect();
+    let known: HashSet<ChunkId> = ctx.cache.keys().copied().collect();
     let out = {
-        let (store, sealer, progress) = (repo.store.clone(), repo.sealer.clone(), opts.progress.clone());
+        let (store, sealer, progress, key) = (repo.store.clone(), repo.sealer.clone(), opts.progress.clone(), ctx.key);
         let rt = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || engine::run(rt, store, sealer, cfg, key, known, jobs, progress))
             .await
             .map_err(|e| Error::failed(format!("backup engine failed: {e}")))??
     };
 
+    let mut warnings = tree.warnings;
     let mut stats = Stats {
         files_read: out.results.len() as u64,
         chunks_new: out.chunks_new,
         bytes_new: out.bytes_new,
         bytes_uploaded: out.bytes_uploaded,
-        skipped: walked.skipped,
+        skipped: tree.skipped,
         ..Default::default()
     };
     let mut per_file: HashMap<usize, Vec<ChunkId>> = reused;
@@ -180,7 +263,7 @@ async fn run_locked(
     }
 
     // The chunk table: every chunk the tree references, with its location.
-    let mut locs = cache;
+    let mut locs = ctx.cache;
     locs.extend(out.new_locs.iter().map(|(k, v)| (*k, *v)));
     let mut chunk_index: HashMap<ChunkId, u32> = HashMap::new();
     let mut pack_index: HashMap<PackId, u32> = HashMap::new();
@@ -197,74 +280,78 @@ async fn run_locked(
             EntryKind::Symlink => {}
         }
         stats.bytes += e.size;
-        if let Some(ids) = per_file.remove(&i) {
-            for id in ids {
-                let n = match chunk_index.get(&id) {
-                    Some(n) => *n,
-                    None => {
-                        let loc = locs.get(&id).ok_or_else(|| {
-                            Error::failed(format!("internal: chunk {} has no location", hex::encode(id)))
-                        })?;
-                        let p = *pack_index.entry(loc.pack).or_insert_with(|| {
-                            pack_list.push(loc.pack);
-                            (pack_list.len() - 1) as u32
-                        });
-                        table.push((hex::encode(id), p, loc.offset, loc.len, loc.raw_len));
-                        chunk_index.insert(id, (table.len() - 1) as u32);
-                        (table.len() - 1) as u32
-                    }
-                };
-                e.chunks.push(n);
-            }
+        for id in per_file.remove(&i).unwrap_or_default() {
+            let n = match chunk_index.get(&id) {
+                Some(n) => *n,
+                None => {
+                    let loc = locs
+                        .get(&id)
+                        .ok_or_else(|| Error::failed(format!("internal: chunk {} has no location", hex::encode(id))))?;
+                    let p = *pack_index.entry(loc.pack).or_insert_with(|| {
+                        pack_list.push(loc.pack);
+                        (pack_list.len() - 1) as u32
+                    });
+                    table.push((hex::encode(id), p, loc.offset, loc.len, loc.raw_len));
+                    chunk_index.insert(id, (table.len() - 1) as u32);
+                    (table.len() - 1) as u32
+                }
+            };
+            e.chunks.push(n);
         }
         kept.push(e);
     }
-    let pack_sizes: HashMap<PackId, u64> = packs.into_iter().chain(out.packs.iter().copied()).collect();
+    let snap_id = new_snapshot_id(ctx.started);
+    let pack_sizes: HashMap<PackId, u64> = ctx.packs.into_iter().chain(out.packs.iter().copied()).collect();
     let manifest = Manifest {
         format: FORMAT_VERSION,
         snapshot: snap_id.clone(),
         policy: policy.name.clone(),
-        key_id,
-        source_path: root.display().to_string(),
+        key_id: ctx.key_id,
+        source_path: tree.root,
         packs: pack_list.iter().map(hex::encode).collect(),
         chunks: table,
         entries: kept,
         extra: serde_json::Value::Null,
     };
-
-    // Commit last: every pack and index is durable (the engine waited for them); now the
-    // manifest, then the sidecar that makes the snapshot exist.
-    guard.check()?;
-    let manifest_size = repo.put_sealed_json(&manifest_key(&snap_id), &manifest).await?;
     let sidecar = Sidecar {
         format: FORMAT_VERSION,
-        id: snap_id.clone(),
+        id: snap_id,
         policy: policy.name.clone(),
-        kind: kind.into(),
+        kind: if ctx.parent.is_some() { "incremental" } else { "full" }.into(),
         source: policy.source_type().into(),
         host: lock::hostname(),
-        started,
-        finished: chrono::Utc::now(),
-        parent: parent.as_ref().map(|m| m.snapshot.clone()),
+        started: ctx.started,
+        finished: ctx.started,
+        parent: ctx.parent.as_ref().map(|m| m.snapshot.clone()),
         packs: pack_list
             .iter()
             .map(|p| PackRef { id: hex::encode(p), size: pack_sizes.get(p).copied().unwrap_or(0) })
             .collect(),
-        manifest_size,
+        manifest_size: 0,
         stats,
         postgres: None,
         warnings,
     };
+    Ok(Pending { state: ctx.state, manifest, sidecar, locs, live: ctx.live })
+}
+
+/// Commit last: every pack and index is durable (the engine waited for them); now the
+/// manifest, then the sidecar that makes the snapshot exist.
+pub async fn commit(repo: &Repo, guard: &LockGuard, mut p: Pending) -> Result<Sidecar> {
+    guard.check()?;
+    let id = p.sidecar.id.clone();
+    p.sidecar.manifest_size = repo.put_sealed_json(&manifest_key(&id), &p.manifest).await?;
+    p.sidecar.finished = chrono::Utc::now();
     guard.check()?;
     repo.store
-        .put(&sidecar_key(&snap_id), Bytes::from(serde_json::to_vec_pretty(&sidecar).expect("serialisable")))
+        .put(&sidecar_key(&id), Bytes::from(serde_json::to_vec_pretty(&p.sidecar).expect("serialisable")))
         .await?;
 
     // Local state after the commit: losing it costs dedup only.
-    if let Err(e) = state.save_chunks(&locs).and_then(|_| state.save_manifest(&manifest)) {
+    if let Err(e) = p.state.save_chunks(&p.locs).and_then(|_| p.state.save_manifest(&p.manifest)) {
         tracing::warn!(error = %e, "could not update the local state; the next backup reads everything again");
     }
-    let live: HashSet<String> = all.iter().map(|s| s.id.clone()).chain([snap_id]).collect();
-    state.retain_manifests(&live);
-    Ok(sidecar)
+    p.live.insert(id);
+    p.state.retain_manifests(&p.live);
+    Ok(p.sidecar)
 }

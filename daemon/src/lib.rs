@@ -7,6 +7,7 @@ pub mod backup;
 pub mod cli;
 pub mod crypto;
 pub mod error;
+pub mod pgrestore;
 pub mod pipeline;
 pub mod policy;
 pub mod prune;
@@ -16,5 +17,6 @@ pub mod retention;
 pub mod secret;
 pub mod source;
 pub mod verify;
+pub mod wal;
 
 pub use error::{Error, Kind, Result};

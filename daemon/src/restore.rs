@@ -29,6 +29,12 @@ pub struct Summary {
     pub dirs: u64,
     pub bytes: u64,
     pub warnings: Vec<String>,
+    /// Source-specific data from the manifest (a PostgreSQL backup label).
+    #[serde(skip)]
+    pub extra: serde_json::Value,
+    /// Owner of the source root, for restores that must hand the tree to a service user.
+    #[serde(skip)]
+    pub owner: (u32, u32),
 }
 
 /// Chunk wants for a set of (file index, entry): each chunk with every offset it lands at.
@@ -151,5 +157,7 @@ pub async fn run(repo: &Repo, opener: &Opener, opts: &Options) -> Result<Summary
         dirs: selected.iter().filter(|(_, e)| e.kind == EntryKind::Dir).count() as u64,
         bytes: total,
         warnings,
+        owner: manifest.entries.iter().find(|e| e.path == ".").map(|e| (e.uid, e.gid)).unwrap_or((0, 0)),
+        extra: manifest.extra.clone(),
     })
 }

@@ -2,6 +2,7 @@
 //! policies and run the real `veza-dr` binary, and tree generation and comparison.
 #![allow(dead_code)]
 
+pub mod pg;
 pub mod tree;
 
 use std::net::TcpStream;
@@ -47,9 +48,13 @@ fn wait_port(port: u16, child: &mut Child, what: &str) {
 /// Send one raw HTTP request and return the status code.
 pub fn http(port: u16, method: &str, path: &str) -> u16 {
     use std::io::{Read, Write};
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-        .unwrap();
+    // 0 when the server is not ready yet (refused or reset while starting).
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return 0 };
+    let req =
+        format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
+        return 0;
+    }
     let mut resp = String::new();
     let _ = s.read_to_string(&mut resp);
     resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
@@ -108,7 +113,11 @@ impl Backend {
                     .spawn()
                     .expect("start moto_server");
                 wait_port(port, &mut child, "moto_server");
-                assert_eq!(http(port, "PUT", "/veza"), 200, "create bucket on moto");
+                let t = Instant::now();
+                while http(port, "PUT", "/veza") != 200 {
+                    assert!(t.elapsed() < Duration::from_secs(20), "cannot create the bucket on moto");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
                 Backend {
                     kind,
                     port,
@@ -246,6 +255,23 @@ impl Fixture {
             self.recipient
         );
         std::fs::write(self.path(&format!("policies/{name}.toml")), text).unwrap();
+    }
+
+    /// Write `policies/<name>.toml` for a PostgreSQL source.
+    pub fn pg_policy(&self, name: &str, backend: &Backend, prefix: &str, method: &str, data_dir: &Path, extra: &str) {
+        let text = format!(
+            "[source]\ntype = \"postgres\"\nmethod = \"{method}\"\ndsn = \"env:VEZA_PG_DSN\"\ndata-dir = \"{}\"\n\n{}\n[encryption]\nrecipients = [\"{}\"]\n\n{extra}\n",
+            data_dir.display(),
+            backend.repository_toml(prefix),
+            self.recipient
+        );
+        std::fs::write(self.path(&format!("policies/{name}.toml")), text).unwrap();
+        pg::open_up(&self.path("policies"));
+    }
+
+    /// The archive_command for a policy of this fixture.
+    pub fn archive_command(&self, policy: &str) -> String {
+        format!("{} wal-push {} %p", bin().display(), self.path(&format!("policies/{policy}.toml")).display())
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {

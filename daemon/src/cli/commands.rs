@@ -24,10 +24,79 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             backup(&g, &load_policy(&g, &policy)?, mode).await
         }
         Command::Snapshots { policy } => snapshots(&g, &load_policy(&g, &policy)?).await,
-        Command::Restore { policy, snapshot, target, include, identity, overwrite } => {
+        Command::Restore {
+            policy,
+            snapshot,
+            target,
+            target_dsn,
+            include,
+            identity,
+            overwrite,
+            to_time,
+            to_lsn,
+            to_xid,
+            to_name,
+            immediate,
+            start,
+            port,
+            jobs,
+        } => {
             let p = load_policy(&g, &policy)?;
             let opener = opener(&p, identity.as_deref())?;
-            restore(&g, &p, &opener, snapshot, target, include, overwrite).await
+            let recovery =
+                crate::pgrestore::RecoveryTarget { time: to_time, lsn: to_lsn, xid: to_xid, name: to_name, immediate };
+            match &p.source {
+                crate::policy::Source::Postgres(pg) if pg.method == crate::policy::PgMethod::Physical => {
+                    let target = target.ok_or_else(|| Error::usage("a physical restore needs --target DIR"))?;
+                    let identity_file = identity.or_else(|| match &p.encryption.identity {
+                        Some(crate::secret::SecretRef::File(f)) => Some(f.clone()),
+                        _ => None,
+                    });
+                    let o = crate::pgrestore::PhysicalOptions {
+                        snapshot,
+                        target_dir: target,
+                        recovery,
+                        start,
+                        port,
+                        identity_file,
+                        bytes_done: Arc::default(),
+                        bytes_total: Arc::default(),
+                    };
+                    restore_physical(&g, &p, pg, &opener, &o).await
+                }
+                crate::policy::Source::Postgres(pg) => {
+                    let dsn = target_dsn.ok_or_else(|| Error::usage("a logical restore needs --target-dsn DSN"))?;
+                    let dsn = match crate::secret::SecretRef::parse(&dsn) {
+                        Ok(r) => r.resolve()?,
+                        Err(_) => dsn,
+                    };
+                    let repo = Repo::open(&p).await?;
+                    let snap = snapshot.unwrap_or_else(|| "latest".into());
+                    let (id, dbs) = crate::pgrestore::restore_logical(&repo, &opener, pg, &snap, &dsn, jobs).await?;
+                    if g.json {
+                        print_json(&serde_json::json!({"snapshot": id, "databases": dbs}));
+                    } else {
+                        crate::outln!("restored snapshot {id}: databases {}", dbs.join(", "));
+                    }
+                    Ok(0)
+                }
+                crate::policy::Source::Volume(_) => {
+                    if recovery.time.is_some()
+                        || recovery.lsn.is_some()
+                        || recovery.xid.is_some()
+                        || recovery.name.is_some()
+                        || recovery.immediate
+                        || start
+                    {
+                        return Err(Error::usage(
+                            "--to-*, --immediate and --start apply to PostgreSQL physical restores only",
+                        ));
+                    }
+                    let target = target.ok_or_else(|| Error::usage("restore needs --target DIR"))?;
+                    restore(&g, &p, &opener, snapshot.unwrap_or_else(|| "latest".into()), target, include, overwrite)
+                        .await
+                }
+            }
         }
         Command::Verify { policy, read_data, sample, identity } => {
             let p = load_policy(&g, &policy)?;
@@ -42,6 +111,24 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
         }
         Command::Prune { policy, dry_run } => prune(&g, &load_policy(&g, &policy)?, dry_run).await,
         Command::Demo { dir } => super::demo::run(&g, &dir).await,
+        Command::WalPush { policy, path } => {
+            let p = load_policy(&g, &policy)?;
+            let store = crate::repository::Store::open(&p.repository)?;
+            crate::wal::push(&store, &crate::crypto::Sealer::new(&p.encryption.recipients), &path).await?;
+            Ok(0)
+        }
+        Command::WalFetch { policy, segment, dest, identity, spool, prefetch } => {
+            wal_fetch(&g, &policy, &segment, &dest, identity.as_deref(), spool.as_deref(), prefetch).await
+        }
+        Command::WalPrefetch { policy, after, spool, identity, count } => {
+            let p = load_policy(&g, &policy)?;
+            let store = crate::repository::Store::open(&p.repository)?;
+            let opener = Opener::from_file(&identity)?;
+            let lock = spool.join(".prefetch");
+            let r = crate::wal::prefetch(&store, &opener, &after, count, &spool, 16 << 20).await;
+            let _ = std::fs::remove_file(lock);
+            r.map(|_| 0)
+        }
     }
 }
 
@@ -307,4 +394,116 @@ async fn prune(g: &Global, p: &Policy, dry_run: bool) -> Result<i32> {
         );
     }
     Ok(0)
+}
+
+async fn restore_physical(
+    g: &Global,
+    p: &Policy,
+    pg: &crate::policy::PgSource,
+    opener: &Opener,
+    o: &crate::pgrestore::PhysicalOptions,
+) -> Result<i32> {
+    let repo = Repo::open(p).await?;
+    let bar = {
+        let (d, t) = (o.bytes_done.clone(), o.bytes_total.clone());
+        Bar::start(!g.json, "restore", move || (d.load(Ordering::Relaxed), t.load(Ordering::Relaxed)))
+    };
+    let r = crate::pgrestore::restore_physical(&repo, opener, p, pg, o).await;
+    bar.finish().await;
+    let s = r?;
+    if g.json {
+        print_json(&s);
+        return Ok(0);
+    }
+    crate::outln!(
+        "restored snapshot {} into {}: {} files, {} in {:.1}s; recovery target: {}",
+        s.snapshot,
+        s.target,
+        s.files,
+        bytes(s.bytes),
+        s.seconds_restore,
+        s.recovery_target
+    );
+    if s.started {
+        crate::outln!(
+            "server running on port {}: recovery finished in {:.1}s at {} on timeline {}{}",
+            s.port.unwrap_or(0),
+            s.seconds_recovery,
+            s.recovered_lsn.as_deref().unwrap_or("?"),
+            s.timeline.unwrap_or(0),
+            s.last_transaction.as_deref().map(|t| format!("; last transaction at {t}")).unwrap_or_default()
+        );
+    }
+    for w in &s.warnings {
+        crate::outln!("note: {w}");
+    }
+    Ok(0)
+}
+
+/// restore_command. Exit 1 means "not in the repository" (PostgreSQL then ends recovery);
+/// any other failure exits 255 so that PostgreSQL stops instead of promoting early.
+async fn wal_fetch(
+    g: &Global,
+    policy: &str,
+    segment: &str,
+    dest: &Path,
+    identity: Option<&Path>,
+    spool: Option<&Path>,
+    prefetch: usize,
+) -> Result<i32> {
+    let run = async {
+        let p = load_policy(g, policy)?;
+        let opener = opener(&p, identity)?;
+        let store = crate::repository::Store::open(&p.repository)?;
+        let found = crate::wal::fetch_with_spool(&store, &opener, segment, dest, spool).await?;
+        Ok::<_, Error>((found, p))
+    };
+    match run.await {
+        Ok((true, p)) => {
+            if let (Some(spool), Some(id), true) = (spool, identity, prefetch > 0 && segment.len() == 24) {
+                spawn_prefetch(&p, segment, spool, id, prefetch);
+            }
+            Ok(0)
+        }
+        Ok((false, _)) => {
+            eprintln!("veza-dr: WAL file {segment} is not in the repository");
+            Ok(1)
+        }
+        Err(e) => {
+            super::report(&e);
+            Ok(255)
+        }
+    }
+}
+
+/// Start a detached prefetcher unless one is already running for this spool.
+fn spawn_prefetch(p: &Policy, after: &str, spool: &Path, identity: &Path, count: usize) {
+    let lock = spool.join(".prefetch");
+    if std::fs::OpenOptions::new().write(true).create_new(true).open(&lock).is_err() {
+        let stale = lock
+            .metadata()
+            .and_then(|m| m.modified())
+            .map(|t| t.elapsed().unwrap_or_default().as_secs() > 60)
+            .unwrap_or(true);
+        if !stale {
+            return;
+        }
+    }
+    let Ok(exe) = std::env::current_exe() else { return };
+    use std::os::unix::process::CommandExt;
+    let _ = std::process::Command::new(exe)
+        .arg("wal-prefetch")
+        .arg(&p.path)
+        .arg(after)
+        .arg("--spool")
+        .arg(spool)
+        .arg("--identity")
+        .arg(identity)
+        .arg("--count")
+        .arg(count.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn();
 }

@@ -77,15 +77,42 @@ pub enum Command {
     },
     /// List a policy's snapshots
     Snapshots { policy: String },
-    /// Restore a snapshot
+    /// Restore a snapshot (PostgreSQL: to a point in time)
     Restore {
         policy: String,
-        /// Snapshot id, unique prefix, or `latest`
-        #[arg(long, default_value = "latest")]
-        snapshot: String,
-        /// Directory to restore into (must be empty unless --overwrite)
+        /// Snapshot id, unique prefix, or `latest` (PostgreSQL: chosen from the recovery target)
         #[arg(long)]
-        target: PathBuf,
+        snapshot: Option<String>,
+        /// Directory to restore into (must be empty unless --overwrite)
+        #[arg(long, required_unless_present = "target_dsn")]
+        target: Option<PathBuf>,
+        /// Logical PostgreSQL backups: the server to load the dumps into (or env:NAME)
+        #[arg(long, conflicts_with = "target")]
+        target_dsn: Option<String>,
+        /// Recover to this time (RFC 3339)
+        #[arg(long, group = "recovery")]
+        to_time: Option<String>,
+        /// Recover to this LSN
+        #[arg(long, group = "recovery")]
+        to_lsn: Option<String>,
+        /// Recover to this transaction id
+        #[arg(long, group = "recovery")]
+        to_xid: Option<String>,
+        /// Recover to this named restore point
+        #[arg(long, group = "recovery")]
+        to_name: Option<String>,
+        /// Recover only to the end of the backup
+        #[arg(long, group = "recovery")]
+        immediate: bool,
+        /// Start the restored server and wait until recovery has finished
+        #[arg(long)]
+        start: bool,
+        /// Port of the started server
+        #[arg(long, default_value_t = 5433)]
+        port: u16,
+        /// Parallel jobs for pg_restore
+        #[arg(long, default_value_t = 2)]
+        jobs: usize,
         /// Restore only these paths (relative to the source root); repeatable
         #[arg(long)]
         include: Vec<PathBuf>,
@@ -112,6 +139,33 @@ pub enum Command {
         policy: String,
         #[arg(long)]
         dry_run: bool,
+    },
+    /// archive_command: store one WAL file (exit 0 only once it is durable)
+    WalPush { policy: String, path: PathBuf },
+    /// restore_command: fetch one WAL file (exit 1 if the repository does not have it)
+    WalFetch {
+        policy: String,
+        segment: String,
+        dest: PathBuf,
+        #[arg(long, env = "VEZA_DR_IDENTITY")]
+        identity: Option<PathBuf>,
+        /// Directory for prefetched segments
+        #[arg(long)]
+        spool: Option<PathBuf>,
+        /// How many following segments to prefetch in the background
+        #[arg(long, default_value_t = 8)]
+        prefetch: usize,
+    },
+    #[command(hide = true)]
+    WalPrefetch {
+        policy: String,
+        after: String,
+        #[arg(long)]
+        spool: PathBuf,
+        #[arg(long)]
+        identity: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        count: usize,
     },
     /// Run the embedded demo: back up a sample tree to a local repository and restore it
     Demo {

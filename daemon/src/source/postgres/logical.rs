@@ -1,0 +1,233 @@
+//! Logical backups: `pg_dump -Fc` per database plus `pg_dumpall --globals-only`, each streamed
+//! through the pipeline as one file of the snapshot; restore with `pg_restore -j`.
+
+use super::{connect, db_error};
+use crate::backup::{commit, prepare_streams, Options};
+use crate::error::{Error, Kind, Result};
+use crate::policy::{PgSource, Policy};
+use crate::repository::format::Sidecar;
+use crate::repository::lock::LockGuard;
+use crate::repository::Repo;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+
+/// A libpq connection string without the password (which goes in PGPASSWORD, never argv).
+pub struct ConnInfo {
+    pub conninfo: String,
+    pub password: Option<String>,
+}
+
+pub fn conninfo(dsn: &str, dbname: Option<&str>) -> Result<ConnInfo> {
+    let cfg: tokio_postgres::Config =
+        dsn.parse().map_err(|_| Error::usage("the DSN is not a valid PostgreSQL connection string"))?;
+    let mut parts = Vec::new();
+    let q = |s: &str| format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"));
+    let hosts: Vec<String> = cfg
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(s) => s.clone(),
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .collect();
+    if !hosts.is_empty() {
+        parts.push(format!("host={}", q(&hosts.join(","))));
+    }
+    if !cfg.get_ports().is_empty() {
+        let ports: Vec<String> = cfg.get_ports().iter().map(|p| p.to_string()).collect();
+        parts.push(format!("port={}", ports.join(",")));
+    }
+    if let Some(u) = cfg.get_user() {
+        parts.push(format!("user={}", q(u)));
+    }
+    if let Some(d) = dbname.or(cfg.get_dbname()) {
+        parts.push(format!("dbname={}", q(d)));
+    }
+    let password = cfg.get_password().map(|p| String::from_utf8_lossy(p).into_owned());
+    Ok(ConnInfo { conninfo: parts.join(" "), password })
+}
+
+/// A child's stdout that reports the child's failure (with its stderr) at end of stream.
+struct ChildOutput {
+    what: String,
+    child: Child,
+    done: bool,
+}
+
+impl Read for ChildOutput {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.child.stdout.as_mut().map(|o| o.read(buf)).transpose()?.unwrap_or(0);
+        if n == 0 && !self.done {
+            self.done = true;
+            let mut err = String::new();
+            if let Some(mut e) = self.child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            let st = self.child.wait()?;
+            if !st.success() {
+                return Err(std::io::Error::other(format!(
+                    "{} failed ({st}): {}",
+                    self.what,
+                    err.trim().replace('\n', " ")
+                )));
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// Starts the command on first read, so that dumps run one after the other.
+struct Lazy {
+    cmd: Option<Command>,
+    what: String,
+    out: Option<ChildOutput>,
+}
+
+impl Read for Lazy {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.out.is_none() {
+            let mut cmd = self.cmd.take().expect("started once");
+            let child = cmd
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .stdin(Stdio::null())
+                .spawn()
+                .map_err(|e| std::io::Error::other(format!("cannot start {}: {e}", self.what)))?;
+            self.out = Some(ChildOutput { what: self.what.clone(), child, done: false });
+        }
+        self.out.as_mut().expect("started").read(buf)
+    }
+}
+
+fn tool(pg: &PgSource, name: &str, ci: &ConnInfo) -> Command {
+    let mut c = Command::new(pg.bin_dir.join(name));
+    if let Some(p) = &ci.password {
+        c.env("PGPASSWORD", p);
+    }
+    c
+}
+
+pub async fn backup(
+    policy: &Policy,
+    pg: &PgSource,
+    repo: &Arc<Repo>,
+    opts: &Options,
+    guard: &LockGuard,
+) -> Result<Sidecar> {
+    let dsn_ref = pg.dsn.to_string();
+    let c = connect(pg).await?;
+    let version: String = c
+        .query_one("SELECT current_setting('server_version')", &[])
+        .await
+        .map_err(|e| db_error(&dsn_ref, "query the server", e))?
+        .get(0);
+    let databases: Vec<String> = if pg.databases.is_empty() {
+        c.query("SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1", &[])
+            .await
+            .map_err(|e| db_error(&dsn_ref, "list databases", e))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    } else {
+        pg.databases.clone()
+    };
+    drop(c);
+    let dsn = pg.dsn.resolve()?;
+    let mut streams: Vec<(String, Box<dyn Read + Send>)> = Vec::new();
+    let ci = conninfo(&dsn, Some("postgres"))?;
+    let mut g = tool(pg, "pg_dumpall", &ci);
+    g.arg("--globals-only").arg(format!("--dbname={}", ci.conninfo));
+    streams.push((
+        "globals.sql".into(),
+        Box::new(Lazy { cmd: Some(g), what: "pg_dumpall --globals-only".into(), out: None }),
+    ));
+    for db in &databases {
+        let ci = conninfo(&dsn, Some(db))?;
+        let mut d = tool(pg, "pg_dump", &ci);
+        d.args(["-Fc", "--create", "--no-sync"]).arg(format!("--dbname={}", ci.conninfo));
+        streams.push((
+            dump_name(db),
+            Box::new(Lazy { cmd: Some(d), what: format!("pg_dump of database {db}"), out: None }),
+        ));
+    }
+    let mut pending = prepare_streams(policy, repo, opts, "postgres-logical", streams).await?;
+    pending.sidecar.postgres = Some(serde_json::json!({ "version": version, "databases": databases }));
+    commit(repo, guard, pending).await
+}
+
+/// File name of a database's dump in the snapshot (hex when the name is not a plain word).
+pub fn dump_name(db: &str) -> String {
+    if db.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        format!("{db}.dump")
+    } else {
+        format!("hex-{}.dump", hex::encode(db))
+    }
+}
+
+pub fn db_of_dump(file: &str) -> Option<String> {
+    let stem = file.strip_suffix(".dump")?;
+    match stem.strip_prefix("hex-") {
+        Some(h) => hex::decode(h).ok().and_then(|b| String::from_utf8(b).ok()),
+        None => Some(stem.to_string()),
+    }
+}
+
+/// Load restored dump files from `dir` into the server at `dsn`.
+pub async fn load(pg: &PgSource, dir: &Path, dsn: &str, jobs: usize) -> Result<Vec<String>> {
+    let admin = conninfo(dsn, Some("postgres"))?;
+    let globals = dir.join("globals.sql");
+    if globals.exists() {
+        let out = tool(pg, "psql", &admin)
+            .args(["-q", "-X", "-v", "ON_ERROR_STOP=0", "-f"])
+            .arg(&globals)
+            .arg(format!("--dbname={}", admin.conninfo))
+            .output()
+            .map_err(|e| Error::failed(format!("cannot run psql: {e}")))?;
+        if !out.status.success() {
+            return Err(Error::new(
+                Kind::Database,
+                format!("restoring globals failed: {}", String::from_utf8_lossy(&out.stderr).trim()),
+            ));
+        }
+    }
+    let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| db_error("--target-dsn", "connect to the target server", e))?;
+    tokio::spawn(conn);
+    let mut dumps: Vec<PathBuf> =
+        std::fs::read_dir(dir).map_err(|e| Error::io("read", dir, e))?.flatten().map(|e| e.path()).collect();
+    dumps.sort();
+    let mut loaded = Vec::new();
+    for f in dumps {
+        let Some(db) = f.file_name().and_then(|n| n.to_str()).and_then(db_of_dump) else { continue };
+        let exists = client
+            .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&db])
+            .await
+            .map_err(|e| db_error("--target-dsn", "query the target server", e))?
+            .is_some();
+        // A missing database is created by pg_restore with its owner and settings (the dump
+        // was taken with --create); an existing one is loaded into.
+        let ci = if exists { conninfo(dsn, Some(&db))? } else { conninfo(dsn, Some("postgres"))? };
+        let out = tool(pg, "pg_restore", &ci)
+            .args(["--exit-on-error", "-j", &jobs.max(1).to_string()])
+            .args(if exists { &[][..] } else { &["--create"][..] })
+            .arg(format!("--dbname={}", ci.conninfo))
+            .arg(&f)
+            .output()
+            .map_err(|e| Error::failed(format!("cannot run pg_restore: {e}")))?;
+        if !out.status.success() {
+            return Err(Error::new(
+                Kind::Database,
+                format!(
+                    "pg_restore of database {db} failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim().replace('\n', " ")
+                ),
+            )
+            .with_hint("restore into an empty database (objects that already exist make pg_restore fail)"));
+        }
+        loaded.push(db);
+    }
+    Ok(loaded)
+}
