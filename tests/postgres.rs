@@ -192,3 +192,192 @@ fn logical_round_trip() {
         "globals (roles) and ownership restored"
     );
 }
+
+fn one_line_error(o: &std::process::Output) -> String {
+    let e = stderr(o);
+    assert!(
+        e.starts_with("veza-dr: error: ") && e.lines().count() <= 2 && !e.contains("panicked"),
+        "not a one-line error:\n{e}"
+    );
+    e
+}
+
+#[test]
+fn bad_dsn_password_privileges_and_data_dir_are_clear_errors() {
+    let backend = Backend::start(Kind::Moto);
+    let mut fx = Fixture::new(&backend);
+    let pg = Pg::start(&fx.archive_command("db"), fx.env.clone());
+    fx.pg_policy("db", &backend, "db", "physical", &pg.data, "");
+
+    // The DSN reference is not set.
+    let o = fx.run(&["backup", "db"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(one_line_error(&o).contains("secret env:VEZA_PG_DSN is not set"));
+
+    let try_dsn = |dsn: String| {
+        let mut c = fx.cmd(&["backup", "db"]);
+        c.env("VEZA_PG_DSN", &dsn);
+        c.output().unwrap()
+    };
+    // Nothing listens there.
+    let o = try_dsn(pg.dsn().replace(&format!("port={}", pg.port), "port=1"));
+    assert_eq!(o.status.code(), Some(1));
+    let e = one_line_error(&o);
+    assert!(e.contains("cannot connect to PostgreSQL (env:VEZA_PG_DSN)") && e.contains("check the host/port"), "{e}");
+    // Wrong password: named as such, and the password never printed.
+    let o = try_dsn(pg.dsn().replace(common::pg::PASSWORD, "not-the-password"));
+    let e = one_line_error(&o);
+    assert!(e.contains("password authentication failed") && e.contains("check the user and password"), "{e}");
+    assert!(!e.contains("not-the-password") && !e.contains(common::pg::PASSWORD), "a password leaked: {e}");
+    // A user without backup privileges.
+    psql(&pg.dsn(), "CREATE ROLE plain LOGIN PASSWORD 'plainpw'");
+    let o = try_dsn(pg.dsn().replace("user=postgres", "user=plain").replace(common::pg::PASSWORD, "plainpw"));
+    let e = one_line_error(&o);
+    assert!(
+        e.contains("permission denied for function pg_backup_start") && e.contains("superuser or REPLICATION"),
+        "{e}"
+    );
+
+    // A data directory that is not there.
+    fx.env = env_with(&fx, &pg);
+    fx.pg_policy("gone", &backend, "db", "physical", std::path::Path::new("/nonexistent/pgdata"), "");
+    let o = fx.run(&["backup", "gone"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(one_line_error(&o).contains("cannot read data directory /nonexistent/pgdata"));
+    // No snapshot was committed by any of these.
+    assert_eq!(fx.json(&["snapshots", "db"]).as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn archive_mode_off_is_refused() {
+    let backend = Backend::start(Kind::Moto);
+    let mut fx = Fixture::new(&backend);
+    let pg = Pg::start("", vec![]);
+    fx.env = env_with(&fx, &pg);
+    fx.pg_policy("db", &backend, "db", "physical", &pg.data, "");
+    let o = fx.run(&["backup", "db"]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = one_line_error(&o);
+    assert!(e.contains("archive_mode is off") && e.contains("veza-dr wal-push db %p"), "{e}");
+}
+
+#[test]
+fn wal_push_with_the_store_down_fails_and_loses_nothing() {
+    let mut backend = Backend::start(Kind::Garage);
+    let mut fx = Fixture::new(&backend);
+    let pg = Pg::start(&fx.archive_command("db"), fx.env.clone());
+    fx.env = env_with(&fx, &pg);
+    fx.pg_policy("db", &backend, "db", "physical", &pg.data, "");
+    let dsn = pg.dsn();
+    load(&dsn);
+    fx.json(&["backup", "db"]);
+
+    backend.stop();
+    psql(&dsn, "INSERT INTO events (payload) SELECT 'while the store was down ' || g FROM generate_series(1, 5000) g");
+    let seg = psql(&dsn, "SELECT pg_walfile_name(pg_switch_wal())");
+    let t = std::time::Instant::now();
+    while psql(&dsn, "SELECT failed_count FROM pg_stat_archiver") == "0" {
+        assert!(t.elapsed().as_secs() < 60, "wal-push did not fail while the store was down");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(psql(&dsn, "SELECT last_failed_wal FROM pg_stat_archiver"), seg);
+    assert!(pg.log().contains("the endpoint is unreachable"), "the server log should carry wal-push's error");
+
+    backend.restart();
+    switch_and_wait_archived(&dsn);
+    let want = table_hashes(&dsn, TABLES);
+    let port = free_port();
+    let r = fx.path("r");
+    fx.ok(&[
+        "restore",
+        "db",
+        "--target",
+        r.to_str().unwrap(),
+        "--start",
+        "--port",
+        &port.to_string(),
+        "--identity",
+        fx.identity.to_str().unwrap(),
+    ]);
+    let srv = Restored { data: r, port };
+    assert_eq!(table_hashes(&srv.dsn(), TABLES), want, "rows written while the store was down were lost");
+}
+
+#[test]
+fn a_missing_wal_segment_is_named_with_the_last_reachable_point() {
+    let backend = Backend::start(Kind::Moto);
+    let mut fx = Fixture::new(&backend);
+    let pg = Pg::start(&fx.archive_command("db"), fx.env.clone());
+    fx.env = env_with(&fx, &pg);
+    fx.pg_policy("db", &backend, "db", "physical", &pg.data, "");
+    let dsn = pg.dsn();
+    load(&dsn);
+    let full = fx.json(&["backup", "db"]);
+    let stop_wal = full["postgres"]["stop-wal"].as_str().unwrap().to_string();
+    workload(&dsn, 1);
+    let gap = psql(&dsn, "SELECT pg_walfile_name(pg_switch_wal())");
+    workload(&dsn, 2);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let at = psql(&dsn, "SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')");
+    switch_and_wait_archived(&dsn);
+    assert!(gap > stop_wal, "the deleted segment must lie after the backup");
+
+    // Delete the segment from the repository.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(fx.path("policies/db.toml"))
+        .unwrap()
+        .replace(&backend.repository_toml("db"), &backend.repository_toml_files("db", dir.path()));
+    let p = veza_dr::policy::Policy::parse(&dir.path().join("db.toml"), &text).unwrap();
+    let store = veza_dr::repository::Store::open(&p.repository).unwrap();
+    let objs = rt.block_on(store.list(&format!("wal/{}/{gap}/", &gap[..8]))).unwrap();
+    assert_eq!(objs.len(), 1);
+    rt.block_on(store.delete(&objs[0].0)).unwrap();
+
+    // A target beyond the gap: the server refuses to promote, and we say why.
+    let port = free_port();
+    let r1 = fx.path("r1");
+    let o = fx.run(&[
+        "restore",
+        "db",
+        "--to-time",
+        &at,
+        "--target",
+        r1.to_str().unwrap(),
+        "--start",
+        "--port",
+        &port.to_string(),
+        "--identity",
+        fx.identity.to_str().unwrap(),
+    ]);
+    let _srv = Restored { data: r1, port };
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains(&format!("WAL segment {gap} is not in the repository")) && e.contains("last reachable point"),
+        "{e}"
+    );
+
+    // Latest: PostgreSQL would promote at the gap; veza-dr reports the gap as damage.
+    let port = free_port();
+    let r2 = fx.path("r2");
+    let o = fx.run(&[
+        "restore",
+        "db",
+        "--target",
+        r2.to_str().unwrap(),
+        "--start",
+        "--port",
+        &port.to_string(),
+        "--identity",
+        fx.identity.to_str().unwrap(),
+    ]);
+    let _srv = Restored { data: r2, port };
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains(&format!("WAL segment {gap} is missing from the repository"))
+            && e.contains("although WAL continues"),
+        "{e}"
+    );
+}

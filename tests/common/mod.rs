@@ -72,6 +72,8 @@ pub struct Backend {
     pub kind: Kind,
     pub port: u16,
     child: Option<Child>,
+    /// How to start the server again on the same port and data (Garage persists; moto does not).
+    respawn: Option<Box<dyn Fn() -> Child + Send>>,
     pub dir: tempfile::TempDir,
     pub bucket: String,
     pub key_id: String,
@@ -98,6 +100,7 @@ impl Backend {
                 kind,
                 port: 0,
                 child: None,
+                respawn: None,
                 dir,
                 bucket: String::new(),
                 key_id: String::new(),
@@ -122,6 +125,7 @@ impl Backend {
                     kind,
                     port,
                     child: Some(child),
+                    respawn: None,
                     dir,
                     bucket: "veza".into(),
                     key_id: "testing".into(),
@@ -148,17 +152,23 @@ impl Backend {
                     ),
                 )
                 .unwrap();
-                let log = std::fs::File::create(d.join("garage.log")).unwrap();
-                let mut child = Command::new(garage)
-                    .args(["-c", cfg.to_str().unwrap(), "server", "--single-node", "--default-bucket"])
-                    .env("GARAGE_DEFAULT_ACCESS_KEY", GARAGE_KEY)
-                    .env("GARAGE_DEFAULT_SECRET_KEY", GARAGE_SECRET)
-                    .env("GARAGE_DEFAULT_BUCKET", "veza")
-                    .env("RUST_LOG", "warn")
-                    .stdout(Stdio::null())
-                    .stderr(log)
-                    .spawn()
-                    .expect("start garage");
+                let spawn = {
+                    let (garage, cfg, logp) = (garage.clone(), cfg.clone(), d.join("garage.log"));
+                    move || {
+                        let log = std::fs::OpenOptions::new().create(true).append(true).open(&logp).unwrap();
+                        Command::new(&garage)
+                            .args(["-c", cfg.to_str().unwrap(), "server", "--single-node", "--default-bucket"])
+                            .env("GARAGE_DEFAULT_ACCESS_KEY", GARAGE_KEY)
+                            .env("GARAGE_DEFAULT_SECRET_KEY", GARAGE_SECRET)
+                            .env("GARAGE_DEFAULT_BUCKET", "veza")
+                            .env("RUST_LOG", "warn")
+                            .stdout(Stdio::null())
+                            .stderr(log)
+                            .spawn()
+                            .expect("start garage")
+                    }
+                };
+                let mut child = spawn();
                 wait_port(port, &mut child, "garage");
                 // The default bucket and key appear shortly after the port opens.
                 let t = Instant::now();
@@ -169,6 +179,7 @@ impl Backend {
                     kind,
                     port,
                     child: Some(child),
+                    respawn: Some(Box::new(spawn)),
                     dir,
                     bucket: "veza".into(),
                     key_id: GARAGE_KEY.into(),
@@ -204,6 +215,14 @@ impl Backend {
     /// Where a repository object lives on disk, for file:// (tests that damage objects).
     pub fn file_path(&self, prefix: &str, key: &str) -> PathBuf {
         self.dir.path().join(prefix).join(key)
+    }
+
+    /// Start a stopped server again with the same port and data.
+    pub fn restart(&mut self) {
+        let spawn = self.respawn.as_ref().expect("only Garage keeps its data across restarts");
+        let mut child = spawn();
+        wait_port(self.port, &mut child, "garage");
+        self.child = Some(child);
     }
 
     /// Stop the server (a dead endpoint), keeping its data directory.

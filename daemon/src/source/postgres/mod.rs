@@ -132,6 +132,17 @@ pub async fn backup_physical(
         Error::io("read data directory", &data_dir, e)
             .with_hint("run the backup as root or as the data directory's owner")
     })?;
+    // Tablespaces live outside PGDATA; until they are copied too, refuse rather than miss them.
+    let tblspc: Vec<_> =
+        std::fs::read_dir(data_dir.join("pg_tblspc")).map(|rd| rd.flatten().collect()).unwrap_or_default();
+    if !tblspc.is_empty() {
+        return Err(Error::failed(format!(
+            "the cluster of policy {} has {} tablespace(s) outside the data directory; veza-dr does not back them up yet",
+            policy.name,
+            tblspc.len()
+        ))
+        .with_hint("move the tables to pg_default, or use a logical backup for now"));
+    }
     let c = connect(pg).await?;
     let version: i32 = one_text(&c, &dsn, "SELECT current_setting('server_version_num')").await?.parse().unwrap_or(0);
     let archive_mode = one_text(&c, &dsn, "SELECT current_setting('archive_mode')").await?;
