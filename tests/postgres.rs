@@ -381,3 +381,63 @@ fn a_missing_wal_segment_is_named_with_the_last_reachable_point() {
         "{e}"
     );
 }
+
+#[test]
+fn wal_retention_follows_the_oldest_retained_backup() {
+    let backend = Backend::start(Kind::Moto);
+    let mut fx = Fixture::new(&backend);
+    let pg = Pg::start(&fx.archive_command("db"), fx.env.clone());
+    fx.env = env_with(&fx, &pg);
+    fx.pg_policy("db", &backend, "db", "physical", &pg.data, "[retention]\nkeep-last = 1\nprune-grace = \"0s\"\n");
+    let dsn = pg.dsn();
+    load(&dsn);
+    let first = fx.json(&["backup", "db", "--full"]);
+    for round in 1..4 {
+        workload(&dsn, round);
+        psql(&dsn, "SELECT pg_switch_wal()");
+    }
+    let second = fx.json(&["backup", "db", "--full"]);
+    workload(&dsn, 9);
+    let want = table_hashes(&dsn, TABLES);
+    switch_and_wait_archived(&dsn);
+    let keep_from = second["postgres"]["start-wal"].as_str().unwrap().to_string();
+    let first_start = first["postgres"]["start-wal"].as_str().unwrap().to_string();
+    assert!(first_start < keep_from);
+
+    let p1 = fx.json(&["prune", "db"]);
+    assert_eq!(p1["forgotten"].as_array().unwrap().len(), 1);
+    let marked_wal: Vec<String> = p1["marked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|k| k.as_str())
+        .filter(|k| k.starts_with("wal/"))
+        .map(String::from)
+        .collect();
+    assert!(marked_wal.iter().any(|k| k.contains(&first_start)), "the first backup's WAL is marked: {marked_wal:?}");
+    assert!(
+        marked_wal.iter().all(|k| k.split('/').nth(2).unwrap()[8..24] < keep_from[8..24]),
+        "WAL the kept backup needs was marked: {marked_wal:?}"
+    );
+    let p2 = fx.json(&["prune", "db"]);
+    assert_eq!(
+        p2["deleted"].as_array().unwrap().iter().filter(|k| k.as_str().unwrap().starts_with("wal/")).count(),
+        marked_wal.len()
+    );
+
+    let port = free_port();
+    let r = fx.path("r");
+    fx.ok(&[
+        "restore",
+        "db",
+        "--target",
+        r.to_str().unwrap(),
+        "--start",
+        "--port",
+        &port.to_string(),
+        "--identity",
+        fx.identity.to_str().unwrap(),
+    ]);
+    let srv = Restored { data: r, port };
+    assert_eq!(table_hashes(&srv.dsn(), TABLES), want);
+}

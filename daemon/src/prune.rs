@@ -78,6 +78,20 @@ async fn run_locked(repo: &Repo, policy: &Policy, dry_run: bool, guard: Option<&
             }
         }
     }
+    // WAL older than the oldest retained physical backup of this policy can no longer be
+    // replayed from any backup: it becomes garbage like an unreferenced pack.
+    let oldest_start = live
+        .iter()
+        .filter(|s| s.policy == policy.name && s.source == "postgres-physical")
+        .filter_map(|s| s.postgres.as_ref()?.get("start-wal")?.as_str().map(str::to_string))
+        .min_by(|a, b| a.get(8..).cmp(&b.get(8..)));
+    if let Some(oldest) = oldest_start.filter(|o| o.len() == 24) {
+        for (name, key) in crate::wal::list_names(&repo.store).await? {
+            if name.len() >= 24 && !name.ends_with(".history") && name[8..24] < oldest[8..24] {
+                candidates.push(key);
+            }
+        }
+    }
     let candidates: HashSet<String> = candidates.into_iter().collect();
 
     let mut marks = repo.marks().await?;
