@@ -39,6 +39,10 @@ pub fn engine_config(policy: &Policy, repo: &Repo) -> EngineConfig {
         level: policy.repository.compression_level,
         uploads: policy.repository.upload_concurrency,
         multipart_threshold: 32 << 20,
+        fixed_chunks: match &policy.source {
+            Source::Postgres(pg) if pg.method == PgMethod::Physical => Some(1 << 20),
+            _ => None,
+        },
     }
 }
 

@@ -23,6 +23,55 @@ pub struct EngineConfig {
     pub uploads: usize,
     /// Packs larger than this go up as multipart uploads.
     pub multipart_threshold: usize,
+    /// Cut fixed-size chunks instead of content-defined ones (page-structured files such as
+    /// PostgreSQL relations never shift, so CDC's cost buys nothing there).
+    pub fixed_chunks: Option<u32>,
+}
+
+/// Cuts a reader into chunks: content-defined (FastCDC) or fixed-size.
+fn chunks(
+    reader: Box<dyn Read + Send>,
+    p: ChunkerParams,
+    fixed: Option<u32>,
+) -> Box<dyn Iterator<Item = std::io::Result<Vec<u8>>> + Send> {
+    match fixed {
+        None => Box::new(fastcdc::v2020::StreamCDC::new(reader, p.min, p.avg, p.max).map(|c| {
+            c.map(|c| c.data).map_err(|e| match e {
+                fastcdc::v2020::Error::IoError(e) => e,
+                e => std::io::Error::other(e.to_string()),
+            })
+        })),
+        Some(size) => {
+            let mut reader = reader;
+            let mut done = false;
+            Box::new(std::iter::from_fn(move || {
+                if done {
+                    return None;
+                }
+                let mut buf = vec![0u8; size as usize];
+                let mut n = 0;
+                while n < buf.len() {
+                    match reader.read(&mut buf[n..]) {
+                        Ok(0) => break,
+                        Ok(k) => n += k,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            done = true;
+                            return Some(Err(e));
+                        }
+                    }
+                }
+                if n < buf.len() {
+                    done = true;
+                }
+                if n == 0 {
+                    return None;
+                }
+                buf.truncate(n);
+                Some(Ok(buf))
+            }))
+        }
+    }
 }
 
 /// Counters read by the progress display and the job history.
@@ -143,7 +192,7 @@ pub fn run(
             s.spawn(move || pack_and_upload(rt, store, sealer, cfg, sealed_rx, progress, failed, fail))
         };
 
-        let results = read_all(jobs, &key, known, cfg.chunker, &work_tx, &progress, &failed, &fail);
+        let results = read_all(jobs, &key, known, cfg.chunker, cfg.fixed_chunks, &work_tx, &progress, &failed, &fail);
         drop(work_tx);
         for h in worker_handles {
             let _ = h.join();
@@ -165,6 +214,7 @@ fn read_all(
     key: &[u8; 32],
     mut known: HashSet<ChunkId>,
     chunker: ChunkerParams,
+    fixed: Option<u32>,
     tx: &crossbeam_channel::Sender<Work>,
     progress: &Progress,
     failed: &AtomicBool,
@@ -187,10 +237,11 @@ fn read_all(
             },
             Input::Stream(s) => (s, None),
         };
+        // The file's hash is BLAKE3 over its chunk ids: it pins the content (each id is a keyed
+        // hash of its chunk) without a second pass over the data.
         let mut hasher = blake3::Hasher::new();
-        let cdc = fastcdc::v2020::StreamCDC::new(reader, chunker.min, chunker.avg, chunker.max);
         let mut ok = true;
-        for c in cdc {
+        for c in chunks(reader, chunker, fixed) {
             let c = match c {
                 Ok(c) => c,
                 Err(e) => {
@@ -203,12 +254,12 @@ fn read_all(
                     break;
                 }
             };
-            hasher.update(&c.data);
-            let id = chunk_id(key, &c.data);
-            r.size += c.length as u64;
-            progress.bytes_read.fetch_add(c.length as u64, Ordering::Relaxed);
+            let id = chunk_id(key, &c);
+            hasher.update(&id);
+            r.size += c.len() as u64;
+            progress.bytes_read.fetch_add(c.len() as u64, Ordering::Relaxed);
             r.chunks.push(id);
-            if known.insert(id) && tx.send(Work { id, data: c.data }).is_err() {
+            if known.insert(id) && tx.send(Work { id, data: c }).is_err() {
                 ok = false;
                 break;
             }
