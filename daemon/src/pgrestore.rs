@@ -98,7 +98,7 @@ fn pg_info<'a>(s: &'a Sidecar, key: &str) -> Option<&'a serde_json::Value> {
 /// The newest physical backup that ends before the recovery target.
 pub fn choose(snaps: &[Sidecar], t: &RecoveryTarget) -> Result<Sidecar> {
     let phys: Vec<&Sidecar> = snaps.iter().filter(|s| s.source == "postgres-physical").collect();
-    let newest = phys.last().copied().cloned();
+    let newest = phys.next_back().copied().cloned();
     let pick = if let Some(ts) = &t.time {
         let want =
             chrono::DateTime::parse_from_rfc3339(ts).map_err(|e| Error::usage(format!("--to-time {ts}: {e}")))?;
@@ -356,7 +356,7 @@ impl Server {
         let last_transaction = log
             .lines()
             .filter_map(|l| l.split("last completed transaction was at log time ").nth(1))
-            .last()
+            .next_back()
             .map(|s| s.trim().to_string());
         let gap = self.gap(repo, &log).await;
         Ok(Recovered { lsn: row.get(0), timeline: row.get(1), last_transaction, gap })
@@ -399,11 +399,11 @@ impl Server {
             .iter()
             .map(|(n, _)| n)
             .filter(|n| n.len() == 24 && n[..8] == first[..8] && n.as_str() > first.as_str())
-            .last()?;
+            .next_back()?;
         let reached = log
             .lines()
             .filter_map(|l| l.split("redo done at ").nth(1))
-            .last()
+            .next_back()
             .map(|s| s.split_whitespace().next().unwrap_or("").to_string());
         Some(
             Error::damaged(format!(
@@ -417,9 +417,9 @@ impl Server {
     async fn failure(&self, what: &str, repo: &Repo) -> Error {
         let log = std::fs::read_to_string(self.log()).unwrap_or_default();
         let fatal =
-            log.lines().filter(|l| l.contains("FATAL") || l.contains("PANIC")).last().unwrap_or("").trim().to_string();
+            log.lines().filter(|l| l.contains("FATAL") || l.contains("PANIC")).next_back().unwrap_or("").trim().to_string();
         let missing = std::fs::read_to_string(crate::wal::spool_dir(&self.data).join("missing")).unwrap_or_default();
-        let redo = log.lines().filter_map(|l| l.split("redo done at ").nth(1)).last().map(|s| s.to_string());
+        let redo = log.lines().filter_map(|l| l.split("redo done at ").nth(1)).next_back().map(|s| s.to_string());
         let _ = repo;
         let mut msg = format!("{what}: {fatal}");
         if let Some(seg) = missing.lines().find(|n| n.len() == 24) {
