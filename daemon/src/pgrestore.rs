@@ -98,7 +98,7 @@ fn pg_info<'a>(s: &'a Sidecar, key: &str) -> Option<&'a serde_json::Value> {
 /// The newest physical backup that ends before the recovery target.
 pub fn choose(snaps: &[Sidecar], t: &RecoveryTarget) -> Result<Sidecar> {
     let phys: Vec<&Sidecar> = snaps.iter().filter(|s| s.source == "postgres-physical").collect();
-    let newest = phys.next_back().copied().cloned();
+    let newest = phys.last().copied().cloned();
     let pick = if let Some(ts) = &t.time {
         let want =
             chrono::DateTime::parse_from_rfc3339(ts).map_err(|e| Error::usage(format!("--to-time {ts}: {e}")))?;
