@@ -398,8 +398,7 @@ impl Server {
         let later = names
             .iter()
             .map(|(n, _)| n)
-            .filter(|n| n.len() == 24 && n[..8] == first[..8] && n.as_str() > first.as_str())
-            .next_back()?;
+            .rfind(|n| n.len() == 24 && n[..8] == first[..8] && n.as_str() > first.as_str())?;
         let reached = log
             .lines()
             .filter_map(|l| l.split("redo done at ").nth(1))
@@ -416,8 +415,7 @@ impl Server {
 
     async fn failure(&self, what: &str, repo: &Repo) -> Error {
         let log = std::fs::read_to_string(self.log()).unwrap_or_default();
-        let fatal =
-            log.lines().filter(|l| l.contains("FATAL") || l.contains("PANIC")).next_back().unwrap_or("").trim().to_string();
+        let fatal = log.lines().rfind(|l| l.contains("FATAL") || l.contains("PANIC")).unwrap_or("").trim().to_string();
         let missing = std::fs::read_to_string(crate::wal::spool_dir(&self.data).join("missing")).unwrap_or_default();
         let redo = log.lines().filter_map(|l| l.split("redo done at ").nth(1)).next_back().map(|s| s.to_string());
         let _ = repo;
