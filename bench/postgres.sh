@@ -112,12 +112,10 @@ run v_incr runuser -u postgres -- env VEZA_PG_DSN="$VEZA_PG_DSN" $VZ backup db -
 run b_incr runuser -u postgres -- $BR --type=incr backup; BI=$WALL BIR=$RSS
 VIB=$(( $(size "$D/veza-repo/data" "$D/veza-repo/index" "$D/veza-repo/snapshots") - VFB )); BIB=$(( $(size "$D/pgbr-repo/backup") - BFB ))
 
-# Restore to a running server (restore + start + end of recovery). Each starts from a settled
-# machine (checkpoint, sync, no writeback in flight) so that neither pays for the other's I/O.
+# Restore to a running server (restore + start + end of recovery). The kernel's page-cache
+# state swings a 2.7 GB restore by 2x, so the tools alternate twice from a settled machine
+# (checkpoint, sync) and each keeps its best run.
 settle() { $BIN/psql -qAtX -c "CHECKPOINT" postgres >/dev/null; sync; sleep 3; }
-mkdir -p "$D/restore-vz" "$D/restore-br"; chown postgres "$D/restore-vz" "$D/restore-br"; rmdir "$D/restore-vz"
-settle
-run v_restore runuser -u postgres -- env VEZA_PG_DSN="$VEZA_PG_DSN" $VZ restore db --target "$D/restore-vz" --start --port $RPORT1 --identity "$D/restore.key"; VR=$WALL VRR=$RSS
 restore_br() {
   $BR --pg1-path="$D/restore-br" restore >/dev/null
   printf "port = $RPORT2\narchive_mode = off\n" >> "$D/restore-br/postgresql.auto.conf"
@@ -125,8 +123,21 @@ restore_br() {
   until [ "$($BIN/psql -qAtX -p $RPORT2 -c 'select pg_is_in_recovery()' postgres 2>/dev/null)" = "f" ]; do sleep 0.1; done
 }
 export -f restore_br; export BR D BIN RPORT2
-settle
-run b_restore runuser -u postgres -- bash -c restore_br; BRR_W=$WALL BRR=$RSS
+min() { awk -v a="$1" -v b="$2" 'BEGIN { print (b == "" || a + 0 < b + 0) ? a : b }'; }
+VR=""; BRR_W=""; VRR=0; BRR=0
+for round in 1 2; do
+  for d in restore-vz restore-br; do
+    [ -d "$D/$d" ] && runuser -u postgres -- $BIN/pg_ctl -D "$D/$d" -m immediate stop >/dev/null 2>&1 || true
+    rm -rf "${D:?}/$d"
+  done
+  mkdir -p "$D/restore-br"; chown postgres "$D/restore-br"
+  settle
+  run v_restore runuser -u postgres -- env VEZA_PG_DSN="$VEZA_PG_DSN" $VZ restore db --target "$D/restore-vz" --start --port $RPORT1 --identity "$D/restore.key"
+  VR=$(min "$WALL" "$VR"); VRR=$(( RSS > VRR ? RSS : VRR ))
+  settle
+  run b_restore runuser -u postgres -- bash -c restore_br
+  BRR_W=$(min "$WALL" "$BRR_W"); BRR=$(( RSS > BRR ? RSS : BRR ))
+done
 CHECK_V=$($BIN/psql -qAtX -h /tmp/.veza-dr-$RPORT1 -p $RPORT1 -c "select count(*) from pgbench_history" postgres)
 CHECK_B=$($BIN/psql -qAtX -p $RPORT2 -c "select count(*) from pgbench_history" postgres)
 [ "$CHECK_V" = "$CHECK_B" ] || echo "WARNING: restored servers differ: veza $CHECK_V rows vs pgbackrest $CHECK_B" >&2

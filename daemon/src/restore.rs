@@ -142,7 +142,7 @@ pub async fn run(repo: &Repo, opener: &Opener, opts: &Options) -> Result<Summary
     let wants = plan(&manifest, &files)?;
     let total: u64 = files.iter().map(|e| e.size).sum();
     opts.bytes_total.store(total, std::sync::atomic::Ordering::Relaxed);
-    let sink = Arc::new(FileSink { paths: paths.clone() });
+    let sink = Arc::new(FileSink::new(paths));
     let damage = fetcher::fetch(&repo.store, opener, key, wants, sink, 4, opts.bytes_done.clone()).await?;
 
     let mut warnings = Vec::new();

@@ -40,12 +40,23 @@ pub trait Sink: Send + Sync {
 
 /// Writes into files under a target directory.
 pub struct FileSink {
-    pub paths: Vec<PathBuf>,
+    paths: Vec<PathBuf>,
+    /// One writer per file at a time: concurrent pwrites into one large file make the kernel
+    /// spin on its inode lock (a 2.7 GB PostgreSQL restore spent twice its time in the kernel).
+    locks: Vec<std::sync::Mutex<()>>,
+}
+
+impl FileSink {
+    pub fn new(paths: Vec<PathBuf>) -> FileSink {
+        let locks = paths.iter().map(|_| std::sync::Mutex::new(())).collect();
+        FileSink { paths, locks }
+    }
 }
 
 impl Sink for FileSink {
     fn write(&self, file: usize, offset: u64, data: &[u8]) -> Result<()> {
         let p = &self.paths[file];
+        let _one_writer = self.locks[file].lock().unwrap_or_else(|e| e.into_inner());
         let f = std::fs::OpenOptions::new().write(true).open(p).map_err(|e| Error::io("open", p, e))?;
         f.write_all_at(data, offset).map_err(|e| Error::io("write", p, e))
     }
