@@ -79,15 +79,60 @@ pub struct CronExpr {
 impl FromStr for CronExpr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let fields = s.split_whitespace().count();
+        let mut parts: Vec<String> = s.split_whitespace().map(str::to_string).collect();
+        let fields = parts.len();
+        if fields == 5 || fields == 6 {
+            // Standard cron numbers weekdays 0-7 from Sunday (0 and 7 both Sunday); the cron
+            // crate numbers them 1-7 from Sunday. Translate so that `1` means Monday.
+            let dow = parts.last_mut().expect("5 or 6 fields");
+            *dow = standard_weekdays(dow).map_err(|e| format!("cron expression `{s}`: {e}"))?;
+        }
+        let s_std = parts.join(" ");
         let full = match fields {
-            5 => format!("0 {s}"),
-            6 => s.to_string(),
+            5 => format!("0 {s_std}"),
+            6 => s_std,
             n => return Err(format!("cron expression `{s}` has {n} fields; write 5 (minute hour day month weekday) or 6 (with seconds first)")),
         };
         let schedule = cron::Schedule::from_str(&full).map_err(|e| format!("cron expression `{s}` is invalid: {e}"))?;
         Ok(CronExpr { text: s.to_string(), schedule })
     }
+}
+
+/// Map standard weekday numbers (0-7, Sunday = 0 or 7) to the cron crate's (1-7, Sunday = 1).
+fn standard_weekdays(field: &str) -> Result<String, String> {
+    let map = |n: u32| -> Result<u32, String> {
+        match n {
+            0..=7 => Ok(n % 7 + 1),
+            _ => Err(format!("weekday {n} is out of range 0-7")),
+        }
+    };
+    let mut out = Vec::new();
+    for item in field.split(',') {
+        let (range, step) = match item.split_once('/') {
+            Some((r, st)) => (r, Some(st)),
+            None => (item, None),
+        };
+        let mapped = match range.split_once('-') {
+            Some((a, b)) if a.parse::<u32>().is_ok() && b.parse::<u32>().is_ok() => {
+                let (a, b) = (map(a.parse().unwrap_or(0))?, b.parse::<u32>().unwrap_or(0));
+                // `x-7` ends on Sunday: in the crate's numbering that is the end of the week.
+                let b = if b == 7 { 7 } else { map(b)? };
+                if b < a {
+                    return Err(format!("weekday range `{range}` wraps around; write Sunday as 0 at the start"));
+                }
+                format!("{a}-{b}")
+            }
+            _ => match range.parse::<u32>() {
+                Ok(n) => map(n)?.to_string(),
+                Err(_) => range.to_string(),
+            },
+        };
+        out.push(match step {
+            Some(st) => format!("{mapped}/{st}"),
+            None => mapped,
+        });
+    }
+    Ok(out.join(","))
 }
 
 impl<'de> Deserialize<'de> for CronExpr {
@@ -164,6 +209,17 @@ mod tests {
         assert!("*/5 * * * * *".parse::<CronExpr>().is_ok());
         assert!("0 3 * *".parse::<CronExpr>().is_err());
         assert!("0 25 * * *".parse::<CronExpr>().is_err());
+        // Weekdays are standard: 1 is Monday, 0 and 7 are Sunday.
+        let monday_3am = "0 3 * * 1".parse::<CronExpr>().unwrap();
+        let after: chrono::DateTime<chrono::Utc> = "2026-11-21T12:00:00Z".parse().unwrap(); // a Saturday
+        let next = monday_3am.schedule.after(&after).next().unwrap();
+        assert_eq!(next.to_rfc3339(), "2026-11-23T03:00:00+00:00");
+        for sunday in ["0 3 * * 0", "0 3 * * 7", "0 3 * * SUN"] {
+            let next = sunday.parse::<CronExpr>().unwrap().schedule.after(&after).next().unwrap();
+            assert_eq!(next.to_rfc3339(), "2026-11-22T03:00:00+00:00", "{sunday}");
+        }
+        let weekdays = "0 3 * * 1-5".parse::<CronExpr>().unwrap().schedule.after(&after).next().unwrap();
+        assert_eq!(weekdays.to_rfc3339(), "2026-11-23T03:00:00+00:00");
     }
 
     #[test]
