@@ -315,10 +315,12 @@ mod tests {
         Policy::parse(std::path::Path::new(&format!("{name}.toml")), &text).unwrap()
     }
 
+    type Calls = Arc<std::sync::Mutex<Vec<(String, JobKind, DateTime<Utc>)>>>;
+
     #[derive(Clone)]
     struct Recorder {
         clock: Clock,
-        calls: Arc<std::sync::Mutex<Vec<(String, JobKind, DateTime<Utc>)>>>,
+        calls: Calls,
         full_takes: Duration,
         now_running: Arc<AtomicUsize>,
         max_running: Arc<AtomicUsize>,
