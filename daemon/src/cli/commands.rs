@@ -111,6 +111,17 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
         }
         Command::Prune { policy, dry_run } => prune(&g, &load_policy(&g, &policy)?, dry_run).await,
         Command::Demo { dir } => super::demo::run(&g, &dir).await,
+        Command::Daemon { listen, max_jobs, grace } => {
+            crate::daemon::run(crate::daemon::Options {
+                policies_dir: g.policies.clone(),
+                state_dir: state_dir(&g),
+                listen,
+                max_concurrent: max_jobs,
+                grace,
+            })
+            .await
+        }
+        Command::History { policy } => history(&g, &policy),
         Command::WalPush { policy, path } => {
             let p = load_policy(&g, &policy)?;
             let store = crate::repository::Store::open(&p.repository)?;
@@ -506,4 +517,41 @@ fn spawn_prefetch(p: &Policy, after: &str, spool: &Path, identity: &Path, count:
         .stderr(std::process::Stdio::null())
         .process_group(0)
         .spawn();
+}
+
+fn history(g: &Global, policy: &str) -> Result<i32> {
+    let h = crate::daemon::history::History::open(&state_dir(g))?;
+    let jobs = h.list(Some(policy))?;
+    if g.json {
+        print_json(&jobs);
+        return Ok(0);
+    }
+    if jobs.is_empty() {
+        crate::outln!("no jobs recorded for policy {policy} in {}", state_dir(g).display());
+        return Ok(0);
+    }
+    crate::outln!(
+        "{:<20} {:<12} {:<9} {:>8} {:>11} {:>11}  {}",
+        "STARTED (UTC)",
+        "JOB",
+        "RESULT",
+        "TIME",
+        "READ",
+        "STORED",
+        "SNAPSHOT / ERROR"
+    );
+    for j in &jobs {
+        let secs = (j.finished - j.started).num_milliseconds() as f64 / 1000.0;
+        crate::outln!(
+            "{:<20} {:<12} {:<9} {:>7.1}s {:>11} {:>11}  {}",
+            j.started.format("%Y-%m-%d %H:%M:%S"),
+            j.kind,
+            j.result,
+            secs,
+            bytes(j.bytes_read),
+            bytes(j.bytes_stored),
+            j.error.clone().or_else(|| j.snapshot.clone()).unwrap_or_default()
+        );
+    }
+    Ok(0)
 }

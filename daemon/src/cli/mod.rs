@@ -167,6 +167,20 @@ pub enum Command {
         #[arg(long, default_value_t = 8)]
         count: usize,
     },
+    /// Run the scheduler: every policy's jobs, /metrics, /healthz, /status
+    Daemon {
+        /// Address of the HTTP endpoints
+        #[arg(long, default_value = "127.0.0.1:9187")]
+        listen: std::net::SocketAddr,
+        /// Jobs running at once across all policies
+        #[arg(long, default_value_t = 2)]
+        max_jobs: usize,
+        /// On SIGTERM, how long running jobs may take to finish
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        grace: std::time::Duration,
+    },
+    /// Job history of a policy (from the daemon's local state)
+    History { policy: String },
     /// Run the embedded demo: back up a sample tree to a local repository and restore it
     Demo {
         /// Working directory of the demo
@@ -181,13 +195,23 @@ pub enum PolicyCmd {
     Check { dir: Option<PathBuf> },
 }
 
-fn init_logging(g: &Global) {
+fn init_logging(cli: &Cli) {
+    let g = &cli.global;
+    // The daemon logs what it does; one-shot commands only warnings and errors.
+    let default = if matches!(cli.command, Command::Daemon { .. }) { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("VEZA_DR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
-    let _ = match g.log_format {
-        LogFormat::Json => b.json().try_init(),
-        LogFormat::Text => b.without_time().try_init(),
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(ansi);
+    let daemon = matches!(cli.command, Command::Daemon { .. });
+    let _ = match (g.log_format, daemon) {
+        (LogFormat::Json, _) => b.json().try_init(),
+        (LogFormat::Text, true) => b.try_init(),
+        (LogFormat::Text, false) => b.without_time().try_init(),
     };
 }
 
@@ -209,7 +233,7 @@ pub fn main() -> i32 {
             return code;
         }
     };
-    init_logging(&cli.global);
+    init_logging(&cli);
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return report(&Error::failed(format!("cannot start the runtime: {e}"))),

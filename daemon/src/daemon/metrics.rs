@@ -1,0 +1,64 @@
+//! Prometheus metrics of the daemon.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobLabels {
+    pub policy: String,
+    pub kind: String,
+}
+
+type G = Family<JobLabels, Gauge<f64, AtomicU64>>;
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub last_success: G,
+    pub last_duration: G,
+    pub last_bytes_read: G,
+    pub last_bytes_stored: G,
+    pub failures: Family<JobLabels, Counter>,
+    pub runs: Family<JobLabels, Counter>,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            last_success: G::default(),
+            last_duration: G::default(),
+            last_bytes_read: G::default(),
+            last_bytes_stored: G::default(),
+            failures: Default::default(),
+            runs: Default::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "veza_dr_last_success_timestamp_seconds",
+            "Unix time of the last successful job",
+            m.last_success.clone(),
+        );
+        registry.register("veza_dr_last_duration_seconds", "Wall time of the last job", m.last_duration.clone());
+        registry.register("veza_dr_last_bytes_read", "Bytes read by the last job", m.last_bytes_read.clone());
+        registry.register("veza_dr_last_bytes_stored", "Bytes uploaded by the last job", m.last_bytes_stored.clone());
+        registry.register("veza_dr_job_failures", "Failed jobs", m.failures.clone());
+        registry.register("veza_dr_job_runs", "Jobs run", m.runs.clone());
+        Metrics { registry, ..m }
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
+        s
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
