@@ -47,17 +47,24 @@ fn wait_port(port: u16, child: &mut Child, what: &str) {
 
 /// Send one raw HTTP request and return the status code.
 pub fn http(port: u16, method: &str, path: &str) -> u16 {
+    http_full(port, method, path).0
+}
+
+/// Send one raw HTTP request; (status, body). Status 0 when the server is not there.
+pub fn http_full(port: u16, method: &str, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
     // 0 when the server is not ready yet (refused or reset while starting).
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return 0 };
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return (0, String::new()) };
     let req =
         format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
     if s.write_all(req.as_bytes()).is_err() {
-        return 0;
+        return (0, String::new());
     }
     let mut resp = String::new();
     let _ = s.read_to_string(&mut resp);
-    resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+    let code = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (code, body)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
