@@ -13,7 +13,13 @@ pub struct JobLabels {
     pub kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    pub policy: String,
+}
+
 type G = Family<JobLabels, Gauge<f64, AtomicU64>>;
+type PG = Family<PolicyLabels, Gauge<f64, AtomicU64>>;
 
 pub struct Metrics {
     pub registry: Registry,
@@ -23,6 +29,8 @@ pub struct Metrics {
     pub last_bytes_stored: G,
     pub failures: Family<JobLabels, Counter>,
     pub runs: Family<JobLabels, Counter>,
+    pub rpo: PG,
+    pub rto: PG,
 }
 
 impl Metrics {
@@ -35,6 +43,8 @@ impl Metrics {
             last_bytes_stored: G::default(),
             failures: Default::default(),
             runs: Default::default(),
+            rpo: PG::default(),
+            rto: PG::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -47,7 +57,24 @@ impl Metrics {
         registry.register("veza_dr_last_bytes_stored", "Bytes uploaded by the last job", m.last_bytes_stored.clone());
         registry.register("veza_dr_job_failures", "Failed jobs", m.failures.clone());
         registry.register("veza_dr_job_runs", "Jobs run", m.runs.clone());
+        registry.register("veza_dr_policy_rpo_seconds", "Recovery point objective of the policy", m.rpo.clone());
+        registry.register("veza_dr_policy_rto_seconds", "Recovery time objective of the policy", m.rto.clone());
         Metrics { registry, ..m }
+    }
+
+    /// Export each policy's objectives, so that alert rules can compare against them.
+    pub fn set_objectives(&self, policies: &[crate::policy::Policy]) {
+        self.rpo.clear();
+        self.rto.clear();
+        for p in policies {
+            let l = PolicyLabels { policy: p.name.clone() };
+            if let Some(d) = p.objectives.rpo {
+                self.rpo.get_or_create(&l).set(d.0.as_secs_f64());
+            }
+            if let Some(d) = p.objectives.rto {
+                self.rto.get_or_create(&l).set(d.0.as_secs_f64());
+            }
+        }
     }
 
     pub fn render(&self) -> String {

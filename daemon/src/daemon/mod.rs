@@ -157,6 +157,7 @@ pub async fn run(o: Options) -> Result<i32> {
     let policies = load_policies(&o.policies_dir)?;
     let history = Arc::new(History::open(&o.state_dir)?);
     let metrics = Arc::new(metrics::Metrics::new());
+    metrics.set_objectives(&policies);
     let listener = tokio::net::TcpListener::bind(o.listen).await.map_err(|e| {
         Error::failed(format!("cannot listen on {}: {e}", o.listen))
             .with_hint("another process uses the port: pass --listen ADDR")
@@ -206,7 +207,8 @@ pub async fn run(o: Options) -> Result<i32> {
             signal(SignalKind::terminate()).map_err(|e| Error::failed(format!("cannot watch SIGTERM: {e}")))?;
         let mut int =
             signal(SignalKind::interrupt()).map_err(|e| Error::failed(format!("cannot watch SIGINT: {e}")))?;
-        let (stop, dir, errors) = (stop.clone(), o.policies_dir.clone(), reload_errors.clone());
+        let (stop, dir, errors, metrics) =
+            (stop.clone(), o.policies_dir.clone(), reload_errors.clone(), metrics.clone());
         tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -229,6 +231,7 @@ pub async fn run(o: Options) -> Result<i32> {
                                 new.sort_by(|a, b| a.name.cmp(&b.name));
                                 tracing::info!(policies = new.len(), errors = errs.len(), "reloaded policies");
                                 *errors.lock().expect("not poisoned") = errs;
+                                metrics.set_objectives(&new);
                                 let _ = tx.send(Arc::new(new));
                             }
                             Err(e) => {
