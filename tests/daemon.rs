@@ -128,3 +128,41 @@ fn start_up_errors_are_clear() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains(&format!("cannot listen on {addr}")), "{}", stderr(&o));
 }
+
+#[test]
+fn wal_archive_time_is_exported_for_postgres_policies() {
+    use common::pg::{psql, switch_and_wait_archived, Pg};
+    let backend = Backend::start(Kind::Moto);
+    let mut fx = Fixture::new(&backend);
+    let pg = Pg::start(&fx.archive_command("db"), fx.env.clone());
+    fx.env.push(("VEZA_PG_DSN".into(), pg.dsn()));
+    fx.pg_policy(
+        "db",
+        &backend,
+        "db",
+        "physical",
+        &pg.data,
+        "[schedule]\nfull = \"0 3 * * *\"\n[objectives]\nrpo = \"1h\"\nrto = \"4h\"\n",
+    );
+    psql(&pg.dsn(), "CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) g");
+    switch_and_wait_archived(&pg.dsn());
+    let port = free_port();
+    let mut daemon = fx
+        .cmd(&["daemon", "--listen", &format!("127.0.0.1:{port}")])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut body = String::new();
+    wait_for("the WAL metric", 60, || {
+        body = http_full(port, "GET", "/metrics").1;
+        body.contains("veza_dr_wal_last_archived_timestamp_seconds{policy=\"db\"}")
+    });
+    let line =
+        body.lines().find(|l| l.starts_with("veza_dr_wal_last_archived_timestamp_seconds{policy=\"db\"}")).unwrap();
+    let t: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!((chrono::Utc::now().timestamp() as f64 - t).abs() < 120.0, "{line}");
+    assert!(body.contains("veza_dr_policy_rpo_seconds{policy=\"db\"} 3600"), "{body}");
+    assert!(body.contains("veza_dr_policy_rto_seconds{policy=\"db\"} 14400"), "{body}");
+    signal(&daemon, nix::sys::signal::Signal::SIGTERM);
+    assert!(daemon.wait().unwrap().success());
+}

@@ -31,6 +31,7 @@ pub struct Metrics {
     pub runs: Family<JobLabels, Counter>,
     pub rpo: PG,
     pub rto: PG,
+    pub wal_last_archived: PG,
 }
 
 impl Metrics {
@@ -45,6 +46,7 @@ impl Metrics {
             runs: Default::default(),
             rpo: PG::default(),
             rto: PG::default(),
+            wal_last_archived: PG::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -59,6 +61,11 @@ impl Metrics {
         registry.register("veza_dr_job_runs", "Jobs run", m.runs.clone());
         registry.register("veza_dr_policy_rpo_seconds", "Recovery point objective of the policy", m.rpo.clone());
         registry.register("veza_dr_policy_rto_seconds", "Recovery time objective of the policy", m.rto.clone());
+        registry.register(
+            "veza_dr_wal_last_archived_timestamp_seconds",
+            "Unix time of the newest WAL file in the repository (PostgreSQL physical policies)",
+            m.wal_last_archived.clone(),
+        );
         Metrics { registry, ..m }
     }
 

@@ -199,6 +199,36 @@ pub async fn run(o: Options) -> Result<i32> {
         });
     }
 
+    // WAL archive lag: the newest archived WAL per physical PostgreSQL policy, every minute.
+    {
+        let (rx, metrics, stop) = (rx.clone(), metrics.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let current = rx.borrow().clone();
+                for p in current.iter().filter(|p| p.source_type() == "postgres-physical") {
+                    let newest = match crate::repository::Store::open(&p.repository) {
+                        Ok(store) => store.newest("wal/").await,
+                        Err(e) => Err(e),
+                    };
+                    match newest {
+                        Ok(Some(t)) => {
+                            metrics
+                                .wal_last_archived
+                                .get_or_create(&metrics::PolicyLabels { policy: p.name.clone() })
+                                .set(t.timestamp() as f64);
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(policy = %p.name, "cannot read the WAL archive: {}", e.message),
+                    }
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                }
+            }
+        });
+    }
+
     // Signals.
     {
         use tokio::signal::unix::{signal, SignalKind};

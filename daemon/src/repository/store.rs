@@ -193,6 +193,13 @@ impl Store {
         Ok(items.into_iter().map(|m| (m.location.to_string(), m.size)).collect())
     }
 
+    /// The newest modification time among objects under `prefix`, if any.
+    pub async fn newest(&self, prefix: &str) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
+        let p = ObjPath::from(prefix);
+        let items: Vec<_> = self.inner.list(Some(&p)).try_collect().await.map_err(|e| self.err("list", prefix, e))?;
+        Ok(items.into_iter().map(|m| m.last_modified).max())
+    }
+
     fn err(&self, op: &str, key: &str, e: object_store::Error) -> Error {
         if let object_store::Error::NotFound { .. } = e {
             return Error::new(Kind::NotFound, format!("object {key} is missing from repository {}", self.url));
