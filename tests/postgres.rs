@@ -71,19 +71,7 @@ fn pitr(kind: Kind) {
     // To the recorded time: picks the full backup (the incremental ends later) and replays WAL.
     let port = free_port();
     let r1 = fx.path("r1");
-    let s = fx.json(&[
-        "restore",
-        "db",
-        "--to-time",
-        &at,
-        "--target",
-        r1.to_str().unwrap(),
-        "--start",
-        "--port",
-        &port.to_string(),
-        "--identity",
-        fx.identity.to_str().unwrap(),
-    ]);
+    let s = fx.json(&restore_args(&fx, &r1, port, &["--to-time", &at]));
     let srv = Restored { data: r1.clone(), port };
     assert_eq!(s["snapshot"], full["id"], "{s}");
     assert_eq!(table_hashes(&srv.dsn(), TABLES), at_hashes, "restored tables differ from the recorded state at {at}");
@@ -100,17 +88,7 @@ fn pitr(kind: Kind) {
     // Latest: the incremental plus all archived WAL equals the live cluster.
     let port = free_port();
     let r2 = fx.path("r2");
-    let s = fx.json(&[
-        "restore",
-        "db",
-        "--target",
-        r2.to_str().unwrap(),
-        "--start",
-        "--port",
-        &port.to_string(),
-        "--identity",
-        fx.identity.to_str().unwrap(),
-    ]);
+    let s = fx.json(&restore_args(&fx, &r2, port, &[]));
     let srv = Restored { data: r2, port };
     assert_eq!(s["snapshot"], inc["id"], "{s}");
     assert_eq!(table_hashes(&srv.dsn(), TABLES), final_hashes);
@@ -129,6 +107,14 @@ fn pitr(kind: Kind) {
     let o = fx.run(&["wal-push", "db", copy.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("already archived with different content"), "{}", stderr(&o));
+}
+
+/// `restore db --target T --start --port P --identity …` plus `extra`.
+fn restore_args<'a>(fx: &'a Fixture, target: &'a std::path::Path, port: u16, extra: &[&'a str]) -> Vec<String> {
+    let mut a: Vec<String> = ["restore", "db"].iter().chain(extra.iter()).map(|s| s.to_string()).collect();
+    a.extend(["--target".into(), target.display().to_string(), "--start".into(), "--port".into(), port.to_string()]);
+    a.extend(["--identity".into(), fx.identity.display().to_string()]);
+    a
 }
 
 /// The fixture's files must be readable by the postgres user (archive_command, restore).
@@ -288,17 +274,7 @@ fn wal_push_with_the_store_down_fails_and_loses_nothing() {
     let want = table_hashes(&dsn, TABLES);
     let port = free_port();
     let r = fx.path("r");
-    fx.ok(&[
-        "restore",
-        "db",
-        "--target",
-        r.to_str().unwrap(),
-        "--start",
-        "--port",
-        &port.to_string(),
-        "--identity",
-        fx.identity.to_str().unwrap(),
-    ]);
+    fx.ok(&restore_args(&fx, &r, port, &[]));
     let srv = Restored { data: r, port };
     assert_eq!(table_hashes(&srv.dsn(), TABLES), want, "rows written while the store was down were lost");
 }
@@ -337,19 +313,7 @@ fn a_missing_wal_segment_is_named_with_the_last_reachable_point() {
     // A target beyond the gap: the server refuses to promote, and we say why.
     let port = free_port();
     let r1 = fx.path("r1");
-    let o = fx.run(&[
-        "restore",
-        "db",
-        "--to-time",
-        &at,
-        "--target",
-        r1.to_str().unwrap(),
-        "--start",
-        "--port",
-        &port.to_string(),
-        "--identity",
-        fx.identity.to_str().unwrap(),
-    ]);
+    let o = fx.run(&restore_args(&fx, &r1, port, &["--to-time", &at]));
     let _srv = Restored { data: r1, port };
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let e = stderr(&o);
@@ -361,17 +325,7 @@ fn a_missing_wal_segment_is_named_with_the_last_reachable_point() {
     // Latest: PostgreSQL would promote at the gap; veza-dr reports the gap as damage.
     let port = free_port();
     let r2 = fx.path("r2");
-    let o = fx.run(&[
-        "restore",
-        "db",
-        "--target",
-        r2.to_str().unwrap(),
-        "--start",
-        "--port",
-        &port.to_string(),
-        "--identity",
-        fx.identity.to_str().unwrap(),
-    ]);
+    let o = fx.run(&restore_args(&fx, &r2, port, &[]));
     let _srv = Restored { data: r2, port };
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     let e = stderr(&o);
@@ -427,17 +381,7 @@ fn wal_retention_follows_the_oldest_retained_backup() {
 
     let port = free_port();
     let r = fx.path("r");
-    fx.ok(&[
-        "restore",
-        "db",
-        "--target",
-        r.to_str().unwrap(),
-        "--start",
-        "--port",
-        &port.to_string(),
-        "--identity",
-        fx.identity.to_str().unwrap(),
-    ]);
+    fx.ok(&restore_args(&fx, &r, port, &[]));
     let srv = Restored { data: r, port };
     assert_eq!(table_hashes(&srv.dsn(), TABLES), want);
 }

@@ -300,7 +300,7 @@ impl Fixture {
         format!("{} wal-push {} %p", bin().display(), self.path(&format!("policies/{policy}.toml")).display())
     }
 
-    pub fn cmd(&self, args: &[&str]) -> Command {
+    pub fn cmd<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Command {
         let mut c = Command::new(bin());
         c.arg("--policies").arg(self.path("policies")).arg("--state-dir").arg(self.path("state"));
         c.args(args);
@@ -311,12 +311,12 @@ impl Fixture {
         c
     }
 
-    pub fn run(&self, args: &[&str]) -> Output {
+    pub fn run<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Output {
         self.cmd(args).output().unwrap()
     }
 
     /// Run and require success; returns stdout.
-    pub fn ok(&self, args: &[&str]) -> String {
+    pub fn ok<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(&self, args: &[S]) -> String {
         let out = self.run(args);
         assert!(
             out.status.success(),
@@ -328,9 +328,9 @@ impl Fixture {
         String::from_utf8(out.stdout).unwrap()
     }
 
-    pub fn json(&self, args: &[&str]) -> serde_json::Value {
-        let mut a = args.to_vec();
-        a.push("--json");
+    pub fn json<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(&self, args: &[S]) -> serde_json::Value {
+        let mut a: Vec<&std::ffi::OsStr> = args.iter().map(|s| s.as_ref()).collect();
+        a.push("--json".as_ref());
         serde_json::from_str(&self.ok(&a)).unwrap()
     }
 }
