@@ -7,6 +7,7 @@ pub mod backup;
 pub mod cli;
 pub mod crypto;
 pub mod daemon;
+pub mod drill;
 pub mod error;
 pub mod pgrestore;
 pub mod pipeline;

@@ -1,7 +1,7 @@
 //! One function per subcommand: load the policy, call the library, print the result.
 
 use super::output::{bytes, Bar};
-use super::{load_policy, state_dir, Cli, Command, Global, PolicyCmd};
+use super::{load_policy, state_dir, Cli, Command, Global, PolicyCmd, ReportCmd};
 use crate::crypto::Opener;
 use crate::error::{Error, Result};
 use crate::policy::Policy;
@@ -14,7 +14,60 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
     let g = cli.global;
     match cli.command {
         Command::Policy { cmd: PolicyCmd::Check { dir } } => policy_check(&g, dir.as_deref().unwrap_or(&g.policies)),
-        Command::Keygen { output } => keygen(&g, output.as_deref()),
+        Command::Keygen { signing: true, .. } => {
+            crate::outln!("{}", crate::drill::public_key(&state_dir(&g))?);
+            Ok(0)
+        }
+        Command::Keygen { output, .. } => keygen(&g, output.as_deref()),
+        Command::Drill { policy, identity, snapshot, report_dir } => {
+            let p = load_policy(&g, &policy)?;
+            let identity_file = identity.clone().or_else(|| match &p.encryption.identity {
+                Some(crate::secret::SecretRef::File(f)) => Some(f.clone()),
+                _ => None,
+            });
+            let identity_file = identity_file.ok_or_else(|| {
+                Error::crypto(format!("a drill of policy {} needs the private identity", p.name))
+                    .with_hint("pass --identity FILE")
+            })?;
+            let opener = Opener::from_file(&identity_file)?;
+            let repo = Repo::open(&p).await?;
+            let o = crate::drill::Options { state_dir: state_dir(&g), report_dir, identity_file, snapshot };
+            let r = crate::drill::run(&repo, &p, &opener, &o).await?;
+            if g.json {
+                print_json(&r);
+            } else {
+                crate::out!("{}", crate::drill::markdown(&r));
+            }
+            Ok(if r.verdict == "fail" { 1 } else { 0 })
+        }
+        Command::Drills { policy } => {
+            let p = load_policy(&g, &policy)?;
+            let repo = Repo::open(&p).await?;
+            let all = crate::drill::history(&repo, &p.name).await?;
+            if g.json {
+                print_json(&all);
+            } else {
+                crate::outln!("{:<18} {:<18} {:>10} {:>10}  {}", "DRILL", "VERDICT", "RTO", "RPO", "FAILURE");
+                for r in &all {
+                    let s = |v: Option<f64>| v.map(|x| format!("{x:.1}s")).unwrap_or_else(|| "-".into());
+                    crate::outln!(
+                        "{:<18} {:<18} {:>10} {:>10}  {}",
+                        r.id,
+                        r.verdict,
+                        s(r.rto.measured_seconds),
+                        s(r.rpo.measured_seconds),
+                        r.failure.clone().unwrap_or_default()
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Command::Report { cmd: ReportCmd::Verify { file } } => {
+            let text = std::fs::read_to_string(&file).map_err(|e| Error::io("read report", &file, e))?;
+            let key = crate::drill::verify_report(&text)?;
+            crate::outln!("signature ok: signed by ed25519 key {key}");
+            Ok(0)
+        }
         Command::Backup { policy, full, incremental } => {
             let mode = match (full, incremental) {
                 (true, _) => crate::backup::Mode::Full,

@@ -64,6 +64,9 @@ pub enum Command {
         /// Write the identity here (mode 0600) instead of stdout
         #[arg(short, long)]
         output: Option<PathBuf>,
+        /// Print (creating it on first use) the ed25519 key that signs drill reports
+        #[arg(long, conflicts_with = "output")]
+        signing: bool,
     },
     /// Back up a policy's source
     Backup {
@@ -179,6 +182,25 @@ pub enum Command {
         #[arg(long, default_value = "10m", value_parser = parse_duration)]
         grace: std::time::Duration,
     },
+    /// Restore drill: restore into a sandbox, start, check, measure RTO/RPO, write a signed report
+    Drill {
+        policy: String,
+        #[arg(long, env = "VEZA_DR_IDENTITY")]
+        identity: Option<PathBuf>,
+        /// Snapshot to drill (default: the newest)
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// Where to write the report (JSON and Markdown)
+        #[arg(long, default_value = "drill-reports")]
+        report_dir: PathBuf,
+    },
+    /// Drill history of a policy, from the repository
+    Drills { policy: String },
+    /// Drill reports
+    Report {
+        #[command(subcommand)]
+        cmd: ReportCmd,
+    },
     /// Job history of a policy (from the daemon's local state)
     History { policy: String },
     /// Run the embedded demo: back up a sample tree to a local repository and restore it
@@ -187,6 +209,12 @@ pub enum Command {
         #[arg(long, default_value = "veza-dr-demo")]
         dir: PathBuf,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ReportCmd {
+    /// Check a report's signature (exit 3 if it was altered)
+    Verify { file: PathBuf },
 }
 
 #[derive(Subcommand, Debug)]

@@ -124,9 +124,30 @@ async fn run_once(p: &Policy, k: JobKind, state_dir: &std::path::Path) -> Result
                 Ok(Done { bytes_stored: r.bytes_deleted, ..Default::default() })
             }
             JobKind::Verify => {
-                // The monthly restore drill lands with the drill work; until then the keyless
-                // structural verify runs on this schedule.
                 let repo = crate::repository::Repo::open(&p2).await?;
+                // With a restore-side identity and a physical PostgreSQL source: the drill.
+                if let (Some(crate::secret::SecretRef::File(id)), "postgres-physical") =
+                    (&p2.encryption.identity, p2.source_type())
+                {
+                    let opener = crate::crypto::Opener::from_file(id)?;
+                    let o = crate::drill::Options {
+                        state_dir: sd.clone(),
+                        report_dir: sd.join("drill-reports"),
+                        identity_file: id.clone(),
+                        snapshot: None,
+                    };
+                    let r = crate::drill::run(&repo, &p2, &opener, &o).await?;
+                    return if r.verdict == "fail" {
+                        Err(Error::failed(format!(
+                            "drill of policy {} failed: {}",
+                            p2.name,
+                            r.failure.unwrap_or_default()
+                        )))
+                    } else {
+                        Ok(Done { snapshot: r.snapshot, ..Default::default() })
+                    };
+                }
+                // Otherwise (no key on this host) the keyless structural verify.
                 let r = crate::verify::run(&repo, None, false, 100.0).await?;
                 if r.ok() {
                     Ok(Done::default())
