@@ -13,7 +13,7 @@ mkdir -p "$CI_HOME/bin"
 
 # Debian packages. Installed before any test cluster starts (an upgrade under a running server
 # breaks it).
-APT_PACKAGES=(postgresql-15 postgresql-client-15 util-linux prometheus)
+APT_PACKAGES=(postgresql-15 postgresql-client-15 util-linux prometheus chromium)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

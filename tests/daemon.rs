@@ -146,6 +146,16 @@ fn wal_archive_time_is_exported_for_postgres_policies() {
     );
     psql(&pg.dsn(), "CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) g");
     switch_and_wait_archived(&pg.dsn());
+    // A drill run by hand before the daemon starts: its result is exported too.
+    fx.ok(&["backup", "db"]);
+    fx.ok(&[
+        "drill",
+        "db",
+        "--identity",
+        fx.identity.to_str().unwrap(),
+        "--report-dir",
+        fx.path("reports").to_str().unwrap(),
+    ]);
     let port = free_port();
     let mut daemon = fx
         .cmd(&["daemon", "--listen", &format!("127.0.0.1:{port}")])
@@ -163,6 +173,8 @@ fn wal_archive_time_is_exported_for_postgres_policies() {
     assert!((chrono::Utc::now().timestamp() as f64 - t).abs() < 120.0, "{line}");
     assert!(body.contains("veza_dr_policy_rpo_seconds{policy=\"db\"} 3600"), "{body}");
     assert!(body.contains("veza_dr_policy_rto_seconds{policy=\"db\"} 14400"), "{body}");
+    assert!(body.contains("veza_dr_drill_passed{policy=\"db\"} 1"), "{body}");
+    assert!(body.contains("veza_dr_drill_rto_seconds{policy=\"db\"}"), "{body}");
     signal(&daemon, nix::sys::signal::Signal::SIGTERM);
     assert!(daemon.wait().unwrap().success());
 }

@@ -11,6 +11,29 @@ fn drill_policy_extra(check_sql: &str, expect: &str) -> String {
     )
 }
 
+/// The DOM of a local page as headless Chromium renders it.
+fn chromium_dom(page: &std::path::Path) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("--dump-dom")
+        .arg(format!("file://{}", page.display()))
+        .output()
+        .expect("chromium is not installed: run scripts/setup.sh (Debian package chromium)");
+    assert!(out.status.success(), "chromium: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn leftover_sandboxes() -> usize {
     std::fs::read_dir(std::env::temp_dir())
         .unwrap()
@@ -80,6 +103,19 @@ fn drills_pass_fail_and_sign_their_reports() {
     let o = fx.run(&["report", "verify", forged_path.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(3));
     assert!(stderr(&o).contains("altered after signing"), "{}", stderr(&o));
+
+    // The HTML page renders in a real browser and says what happened.
+    let page = file.with_extension("html");
+    let dom = chromium_dom(&page);
+    assert!(dom.contains("id=\"verdict\">PASS<"), "{dom}");
+    assert!(dom.contains("accounts loaded") && dom.contains("the user check") && dom.contains("pg_amcheck"), "{dom}");
+    assert!(dom.contains(&format!("{rto:.1} s")) && dom.contains("14400.0 s"), "measured and objective RTO shown");
+    assert!(dom.contains("<svg") && dom.contains("<polyline"), "the history chart is drawn");
+    assert!(
+        !std::fs::read_to_string(&page).unwrap().contains("http://")
+            || !std::fs::read_to_string(&page).unwrap().contains("src=\"http"),
+        "self-contained"
+    );
 
     // A check that cannot pass fails the drill, and the report says which and why.
     fx.pg_policy(

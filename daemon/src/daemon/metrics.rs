@@ -32,6 +32,10 @@ pub struct Metrics {
     pub rpo: PG,
     pub rto: PG,
     pub wal_last_archived: PG,
+    pub drill_last: PG,
+    pub drill_passed: PG,
+    pub drill_rto: PG,
+    pub drill_rpo: PG,
 }
 
 impl Metrics {
@@ -47,6 +51,10 @@ impl Metrics {
             rpo: PG::default(),
             rto: PG::default(),
             wal_last_archived: PG::default(),
+            drill_last: PG::default(),
+            drill_passed: PG::default(),
+            drill_rto: PG::default(),
+            drill_rpo: PG::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -62,11 +70,36 @@ impl Metrics {
         registry.register("veza_dr_policy_rpo_seconds", "Recovery point objective of the policy", m.rpo.clone());
         registry.register("veza_dr_policy_rto_seconds", "Recovery time objective of the policy", m.rto.clone());
         registry.register(
+            "veza_dr_drill_last_timestamp_seconds",
+            "Unix time of the newest restore drill",
+            m.drill_last.clone(),
+        );
+        registry.register(
+            "veza_dr_drill_passed",
+            "1 if the newest restore drill passed (with or without warning), else 0",
+            m.drill_passed.clone(),
+        );
+        registry.register("veza_dr_drill_rto_seconds", "RTO measured by the newest passing drill", m.drill_rto.clone());
+        registry.register("veza_dr_drill_rpo_seconds", "RPO measured by the newest drill", m.drill_rpo.clone());
+        registry.register(
             "veza_dr_wal_last_archived_timestamp_seconds",
             "Unix time of the newest WAL file in the repository (PostgreSQL physical policies)",
             m.wal_last_archived.clone(),
         );
         Metrics { registry, ..m }
+    }
+
+    /// Export the newest drill of a policy.
+    pub fn set_drill(&self, policy: &str, r: &crate::drill::Report) {
+        let l = PolicyLabels { policy: policy.into() };
+        self.drill_last.get_or_create(&l).set(r.finished.timestamp() as f64);
+        self.drill_passed.get_or_create(&l).set(if r.verdict == "fail" { 0.0 } else { 1.0 });
+        if let Some(v) = r.rto.measured_seconds {
+            self.drill_rto.get_or_create(&l).set(v);
+        }
+        if let Some(v) = r.rpo.measured_seconds {
+            self.drill_rpo.get_or_create(&l).set(v);
+        }
     }
 
     /// Export each policy's objectives, so that alert rules can compare against them.

@@ -220,12 +220,20 @@ pub async fn run(o: Options) -> Result<i32> {
         });
     }
 
-    // WAL archive lag: the newest archived WAL per physical PostgreSQL policy, every minute.
+    // Every minute: the newest archived WAL per physical PostgreSQL policy (archive lag) and
+    // the newest drill report per policy (from the repository, so drills run by hand count).
     {
         let (rx, metrics, stop) = (rx.clone(), metrics.clone(), stop.clone());
         tokio::spawn(async move {
             loop {
                 let current = rx.borrow().clone();
+                for p in current.iter() {
+                    if let Ok(repo) = crate::repository::Repo::open(p).await {
+                        if let Ok(Some(r)) = crate::drill::history(&repo, &p.name).await.map(|h| h.into_iter().last()) {
+                            metrics.set_drill(&p.name, &r);
+                        }
+                    }
+                }
                 for p in current.iter().filter(|p| p.source_type() == "postgres-physical") {
                     let newest = match crate::repository::Store::open(&p.repository) {
                         Ok(store) => store.newest("wal/").await,
