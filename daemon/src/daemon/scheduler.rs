@@ -74,7 +74,7 @@ pub fn jobs_of(p: &Policy) -> Vec<(JobKind, CronExpr)> {
 
 /// The first slot of `cron` strictly after `t`.
 pub fn next_after(cron: &CronExpr, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
-    cron.schedule.after(&t).next()
+    cron.next_after(t)
 }
 
 /// Whether a slot of `cron` fell in `(since, now]`: a run missed while the daemon was down.
@@ -427,6 +427,19 @@ mod tests {
         // Two at 03:00, two when the first pair finished.
         assert_eq!(c.iter().filter(|x| x.2 == "21 03:00:00").count(), 2, "{c:?}");
         assert_eq!(c.iter().filter(|x| x.2 == "21 03:10:00").count(), 2, "{c:?}");
+    }
+
+    #[test]
+    fn schedules_follow_the_policy_timezone() {
+        let p = policy("db", "full = \"0 3 * * *\"\ntimezone = \"Europe/Paris\"");
+        let (_, full) = &jobs_of(&p)[0];
+        // 03:00 in Paris is 02:00 UTC in winter and 01:00 UTC in summer.
+        assert_eq!(next_after(full, at("2026-11-21T12:00:00Z")).unwrap(), at("2026-11-22T02:00:00Z"));
+        assert_eq!(next_after(full, at("2026-07-01T12:00:00Z")).unwrap(), at("2026-07-02T01:00:00Z"));
+        let r = age::x25519::Identity::generate().to_public().to_string();
+        let text = format!("[source]\ntype = \"volume\"\npath = \"/srv\"\n[schedule]\nfull = \"0 3 * * *\"\ntimezone = \"Mars/Olympus\"\n[repository]\nurl = \"file:///tmp/x\"\n[encryption]\nrecipients = [\"{r}\"]\n");
+        let e = Policy::parse(std::path::Path::new("p.toml"), &text).unwrap_err();
+        assert!(e.message.starts_with("p.toml:6:1: unknown timezone `Mars/Olympus`"), "{}", e.message);
     }
 
     #[tokio::test(start_paused = true)]

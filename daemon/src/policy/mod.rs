@@ -227,11 +227,26 @@ impl Policy {
                 })
             }
         };
+        let mut schedule = file.schedule;
+        if let Some(tz) = schedule.timezone.clone() {
+            let zone: chrono_tz::Tz = tz.parse().map_err(|_| {
+                let off = text.find("timezone").unwrap_or(0);
+                let (line, col) = line_col(text, off);
+                Error::policy(format!("{}:{line}:{col}: unknown timezone `{tz}`", path.display()))
+                    .with_hint("use an IANA name such as `UTC` or `Europe/Paris`")
+            })?;
+            for c in [&mut schedule.full, &mut schedule.incremental, &mut schedule.verify, &mut schedule.prune]
+                .into_iter()
+                .flatten()
+            {
+                c.tz = zone;
+            }
+        }
         let policy = Policy {
             name,
             path: path.to_path_buf(),
             source,
-            schedule: file.schedule,
+            schedule,
             repository: file.repository,
             encryption: file.encryption,
             retention: file.retention,
@@ -280,11 +295,6 @@ impl Policy {
         }
         if r.upload_concurrency == 0 || r.upload_concurrency > 64 {
             return Err(here("upload-concurrency", "upload-concurrency must be between 1 and 64".into()));
-        }
-        if let Some(tz) = &self.schedule.timezone {
-            if tz != "UTC" {
-                return Err(here("timezone", format!("timezone `{tz}` is not supported yet; schedules run in UTC")));
-            }
         }
         Ok(())
     }

@@ -74,6 +74,15 @@ impl<'de> Deserialize<'de> for Size {
 pub struct CronExpr {
     pub text: String,
     pub schedule: cron::Schedule,
+    /// The zone the fields are read in: UTC unless the policy's `[schedule] timezone` says.
+    pub tz: chrono_tz::Tz,
+}
+
+impl CronExpr {
+    /// The first slot strictly after `t`, read in the expression's timezone.
+    pub fn next_after(&self, t: chrono::DateTime<chrono::Utc>) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.schedule.after(&t.with_timezone(&self.tz)).next().map(|d| d.with_timezone(&chrono::Utc))
+    }
 }
 
 impl FromStr for CronExpr {
@@ -94,7 +103,7 @@ impl FromStr for CronExpr {
             n => return Err(format!("cron expression `{s}` has {n} fields; write 5 (minute hour day month weekday) or 6 (with seconds first)")),
         };
         let schedule = cron::Schedule::from_str(&full).map_err(|e| format!("cron expression `{s}` is invalid: {e}"))?;
-        Ok(CronExpr { text: s.to_string(), schedule })
+        Ok(CronExpr { text: s.to_string(), schedule, tz: chrono_tz::UTC })
     }
 }
 
