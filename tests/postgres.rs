@@ -385,3 +385,69 @@ fn wal_retention_follows_the_oldest_retained_backup() {
     let srv = Restored { data: r, port };
     assert_eq!(table_hashes(&srv.dsn(), TABLES), want);
 }
+
+#[test]
+fn tablespaces_are_backed_up_and_restored_beside_the_copy() {
+    let backend = Backend::start(Kind::Moto);
+    let mut fx = Fixture::new(&backend);
+    let pg = Pg::start(&fx.archive_command("db"), fx.env.clone());
+    fx.env = env_with(&fx, &pg);
+    fx.pg_policy("db", &backend, "db", "physical", &pg.data, "");
+    let ts = fx.path("tablespace-location");
+    std::fs::create_dir_all(&ts).unwrap();
+    common::pg::open_up(&ts);
+    std::process::Command::new("chown").arg("postgres").arg(&ts).status().unwrap();
+    let dsn = pg.dsn();
+    psql(&dsn, &format!("CREATE TABLESPACE fast LOCATION '{}'", ts.display()));
+    psql(&dsn, "CREATE TABLE hot (id int PRIMARY KEY, v text) TABLESPACE fast");
+    psql(&dsn, "INSERT INTO hot SELECT g, md5(g::text) FROM generate_series(1, 50000) g");
+    let s = fx.json(&["backup", "db"]);
+    assert!(s["stats"]["files"].as_u64().unwrap() > 0);
+    psql(&dsn, "INSERT INTO hot SELECT g, 'after the backup' FROM generate_series(50001, 60000) g");
+    let want = table_hashes(&dsn, &["hot"]);
+    switch_and_wait_archived(&dsn);
+    let source_files = walkdir::WalkDir::new(&ts).into_iter().count();
+
+    let port = free_port();
+    let r = fx.path("r");
+    fx.ok(&restore_args(&fx, &r, port, &[]));
+    let srv = Restored { data: r.clone(), port };
+    assert_eq!(table_hashes(&srv.dsn(), &["hot"]), want, "the tablespace's table was not restored");
+    let loc = psql(&srv.dsn(), "SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = 'fast'");
+    assert!(loc.starts_with(&format!("{}-tablespaces/", r.display())), "restored tablespace points at {loc}");
+    drop(srv);
+    // The source's own tablespace was not touched.
+    assert_eq!(walkdir::WalkDir::new(&ts).into_iter().count(), source_files);
+    assert_eq!(psql(&dsn, "SELECT count(*) FROM hot"), "60000");
+}
+
+#[test]
+fn restore_to_a_named_point_a_transaction_or_the_backup_end() {
+    let backend = Backend::start(Kind::Moto);
+    let mut fx = Fixture::new(&backend);
+    let pg = Pg::start(&fx.archive_command("db"), fx.env.clone());
+    fx.env = env_with(&fx, &pg);
+    fx.pg_policy("db", &backend, "db", "physical", &pg.data, "");
+    let dsn = pg.dsn();
+    psql(&dsn, "CREATE TABLE steps (n int)");
+    psql(&dsn, "INSERT INTO steps VALUES (1)");
+    fx.ok(&["backup", "db"]);
+    psql(&dsn, "INSERT INTO steps VALUES (2)");
+    psql(&dsn, "SELECT pg_create_restore_point('before_three')");
+    let xid = psql(&dsn, "BEGIN; INSERT INTO steps VALUES (3); SELECT txid_current(); COMMIT;");
+    let xid = xid.lines().find(|l| l.chars().all(|c| c.is_ascii_digit()) && !l.is_empty()).unwrap().to_string();
+    psql(&dsn, "INSERT INTO steps VALUES (4)");
+    switch_and_wait_archived(&dsn);
+
+    for (extra, want) in [
+        (vec!["--to-name", "before_three"], "1,2"),
+        (vec!["--to-xid", xid.as_str()], "1,2,3"),
+        (vec!["--immediate"], "1"),
+    ] {
+        let port = free_port();
+        let r = fx.path(&format!("r-{}", extra[0].trim_start_matches('-')));
+        fx.ok(&restore_args(&fx, &r, port, &extra));
+        let srv = Restored { data: r, port };
+        assert_eq!(psql(&srv.dsn(), "SELECT string_agg(n::text, ',' ORDER BY n) FROM steps"), want, "{extra:?}");
+    }
+}

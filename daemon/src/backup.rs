@@ -52,7 +52,7 @@ pub async fn run(policy: &Policy, opts: &Options) -> Result<Sidecar> {
     let guard =
         lock::acquire(&repo.store, LockKind::Shared, &format!("backup {}", policy.name), opts.lock_wait).await?;
     let r = match &policy.source {
-        Source::Volume(v) => match prepare_tree(policy, &repo, opts, &v.path, &v.exclude).await {
+        Source::Volume(v) => match prepare_tree(policy, &repo, opts, &v.path, &v.exclude, &[]).await {
             Ok(p) => commit(&repo, &guard, p).await,
             Err(e) => Err(e),
         },
@@ -117,12 +117,33 @@ pub async fn prepare_tree(
     opts: &Options,
     root: &Path,
     exclude: &[String],
+    extra_roots: &[(String, PathBuf)],
 ) -> Result<Pending> {
     let ctx = context(policy, repo, opts).await?;
-    let walked = tokio::task::spawn_blocking({
+    // Extra roots (PostgreSQL tablespaces) are stored under a prefix of the tree, in place of
+    // the entry at that path (the pg_tblspc/<oid> symlink). `sources` says where each entry is read.
+    let (walked, sources) = tokio::task::spawn_blocking({
         let root = root.to_path_buf();
         let ex = exclude.to_vec();
-        move || crate::source::volume::walk(&root, &ex)
+        let extra = extra_roots.to_vec();
+        move || -> Result<(crate::source::volume::Walked, Vec<PathBuf>)> {
+            let mut w = crate::source::volume::walk(&root, &ex)?;
+            w.entries.retain(|e| !extra.iter().any(|(prefix, _)| e.display() == *prefix));
+            let mut sources: Vec<PathBuf> = w.entries.iter().map(|e| root.join(e.rel_path())).collect();
+            for (prefix, xroot) in &extra {
+                let xw = crate::source::volume::walk(xroot, &ex)?;
+                for mut e in xw.entries {
+                    let rel = e.rel_path();
+                    sources.push(xroot.join(&rel));
+                    let path = if rel == Path::new(".") { PathBuf::from(prefix) } else { Path::new(prefix).join(&rel) };
+                    e.set_path(&path);
+                    w.entries.push(e);
+                }
+                w.warnings.extend(xw.warnings);
+                w.skipped += xw.skipped;
+            }
+            Ok((w, sources))
+        }
     })
     .await
     .map_err(|e| Error::failed(format!("walk failed: {e}")))??;
@@ -158,7 +179,7 @@ pub async fn prepare_tree(
             }
         }
         let mtime_ns = e.mtime as i128 * 1_000_000_000 + e.mtime_ns as i128;
-        jobs.push(ReadJob { idx: i, input: Input::Path(root.join(e.rel_path())), size: e.size, mtime_ns });
+        jobs.push(ReadJob { idx: i, input: Input::Path(sources[i].clone()), size: e.size, mtime_ns });
     }
     let extra = Tree { root: root.display().to_string(), warnings: walked.warnings, skipped: walked.skipped };
     build(policy, repo, opts, ctx, entries, jobs, reused, extra).await

@@ -179,8 +179,20 @@ pub async fn restore_physical(
         return Err(Error::damaged(format!("snapshot {} has no backup_label: it is not a physical backup", snap.id)));
     }
     std::fs::write(target.join("backup_label"), label).map_err(|e| io("write", &target.join("backup_label"), e))?;
-    if let Some(m) = summary.extra.get("tablespace_map").and_then(|v| v.as_str()).filter(|m| !m.is_empty()) {
-        std::fs::write(target.join("tablespace_map"), m).map_err(|e| io("write", &target.join("tablespace_map"), e))?;
+    // Tablespaces come back as directories under pg_tblspc/<oid>: move each beside the data
+    // directory and link it, as PostgreSQL expects (never onto the source's own locations).
+    // With the links in place, tablespace_map is not needed.
+    let mut tablespace_dirs = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(target.join("pg_tblspc")) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                let home = PathBuf::from(format!("{}-tablespaces", target.display())).join(e.file_name());
+                std::fs::create_dir_all(home.parent().unwrap_or(target)).map_err(|err| io("create", &home, err))?;
+                std::fs::rename(e.path(), &home).map_err(|err| io("move tablespace to", &home, err))?;
+                std::os::unix::fs::symlink(&home, e.path()).map_err(|err| io("link tablespace", &e.path(), err))?;
+                tablespace_dirs.push(home);
+            }
+        }
     }
     std::fs::create_dir_all(target.join("pg_wal/archive_status")).map_err(|e| io("create", target, e))?;
 
@@ -216,8 +228,12 @@ pub async fn restore_physical(
 
     // Hand the tree to the data directory's owner, 0700 as PostgreSQL requires.
     let (uid, gid) = summary.owner;
-    for e in walkdir::WalkDir::new(target).into_iter().flatten() {
-        let _ = std::os::unix::fs::lchown(e.path(), Some(uid), Some(gid));
+    let tablespace_parent: Vec<PathBuf> =
+        tablespace_dirs.iter().filter_map(|d| d.parent().map(Path::to_path_buf)).take(1).collect();
+    for root in std::iter::once(target.clone()).chain(tablespace_parent) {
+        for e in walkdir::WalkDir::new(&root).into_iter().flatten() {
+            let _ = std::os::unix::fs::lchown(e.path(), Some(uid), Some(gid));
+        }
     }
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o700)).map_err(|e| io("chmod", target, e))?;

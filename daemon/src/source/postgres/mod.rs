@@ -132,16 +132,16 @@ pub async fn backup_physical(
         Error::io("read data directory", &data_dir, e)
             .with_hint("run the backup as root or as the data directory's owner")
     })?;
-    // Tablespaces live outside PGDATA; until they are copied too, refuse rather than miss them.
-    let tblspc: Vec<_> =
-        std::fs::read_dir(data_dir.join("pg_tblspc")).map(|rd| rd.flatten().collect()).unwrap_or_default();
-    if !tblspc.is_empty() {
-        return Err(Error::failed(format!(
-            "the cluster of policy {} has {} tablespace(s) outside the data directory; veza-dr does not back them up yet",
-            policy.name,
-            tblspc.len()
-        ))
-        .with_hint("move the tables to pg_default, or use a logical backup for now"));
+    // Tablespaces live outside PGDATA behind pg_tblspc/<oid> symlinks: read each location too,
+    // and store it under pg_tblspc/<oid>/ in the snapshot.
+    let mut tablespaces: Vec<(String, std::path::PathBuf)> = Vec::new();
+    for e in
+        std::fs::read_dir(data_dir.join("pg_tblspc")).map(|rd| rd.flatten().collect::<Vec<_>>()).unwrap_or_default()
+    {
+        if let Ok(loc) = std::fs::read_link(e.path()) {
+            let loc = if loc.is_absolute() { loc } else { data_dir.join("pg_tblspc").join(loc) };
+            tablespaces.push((format!("pg_tblspc/{}", e.file_name().to_string_lossy()), loc));
+        }
     }
     let c = connect(pg).await?;
     let version: i32 = one_text(&c, &dsn, "SELECT current_setting('server_version_num')").await?.parse().unwrap_or(0);
@@ -178,7 +178,7 @@ pub async fn backup_physical(
         .get(0);
 
     let excludes: Vec<String> = EXCLUDES.iter().map(|s| s.to_string()).collect();
-    let mut pending = prepare_tree(policy, repo, opts, &data_dir, &excludes).await?;
+    let mut pending = prepare_tree(policy, repo, opts, &data_dir, &excludes, &tablespaces).await?;
 
     // pg_backup_stop waits for the last segment to be archived; bound it.
     let stop_sql = if version >= 150000 {
