@@ -149,3 +149,61 @@ fn drills_pass_fail_and_sign_their_reports() {
     assert_eq!(verdicts.len(), 2, "{h}");
     assert!(verdicts.contains(&"pass") && verdicts.contains(&"fail"));
 }
+
+#[test]
+fn volume_drills_compare_every_file_and_name_damage() {
+    let backend = Backend::start(Kind::File);
+    let fx = Fixture::new(&backend);
+    let src = fx.path("src");
+    tree::generate(&src, 8, 4);
+    fx.volume_policy("vol", &backend, "repo", &src, "[objectives]\nrpo = \"1h\"\nrto = \"4h\"\n");
+    fx.ok(&["backup", "vol"]);
+    let before = leftover_sandboxes();
+    let reports = fx.path("reports");
+    let o = fx.run(&[
+        "drill",
+        "vol",
+        "--identity",
+        fx.identity.to_str().unwrap(),
+        "--report-dir",
+        reports.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
+    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(r["verdict"], "pass", "{r}");
+    assert!(r["phases"][1]["detail"].as_str().unwrap().ends_with("files match the snapshot's hashes"), "{r}");
+    assert!(r["rpo"]["measured-seconds"].as_f64().unwrap() < 600.0);
+
+    // A flipped byte in the biggest pack: the drill fails and names the damage.
+    let pack = walkdir::WalkDir::new(backend.file_path("repo", "data"))
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_file())
+        .max_by_key(|e| e.metadata().unwrap().len())
+        .unwrap()
+        .into_path();
+    let mut data = std::fs::read(&pack).unwrap();
+    let mid = data.len() / 2;
+    data[mid] ^= 1;
+    std::fs::write(&pack, data).unwrap();
+    let o = fx.run(&[
+        "drill",
+        "vol",
+        "--identity",
+        fx.identity.to_str().unwrap(),
+        "--report-dir",
+        reports.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(r["verdict"], "fail");
+    let failure = r["failure"].as_str().unwrap();
+    assert!(
+        failure.starts_with("fetch, decrypt, write: snapshot")
+            && failure.contains(pack.file_name().unwrap().to_str().unwrap()),
+        "{failure}"
+    );
+    assert_eq!(leftover_sandboxes(), before, "the sandbox was not removed");
+}

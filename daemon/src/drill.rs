@@ -109,42 +109,17 @@ fn phase(report: &mut Report, name: &str, t: Instant, r: &Result<String>) {
 pub async fn run(repo: &Repo, policy: &Policy, opener: &Opener, o: &Options) -> Result<Report> {
     let pg = match &policy.source {
         Source::Postgres(pg) if pg.method == PgMethod::Physical => pg.clone(),
+        Source::Volume(_) => return run_volume(repo, policy, opener, o).await,
         _ => {
             return Err(Error::usage(format!(
-            "policy {} is not a physical PostgreSQL policy: drills of volume and logical policies are not built yet",
-            policy.name
-        )))
+                "policy {} is not a physical PostgreSQL policy: drills of logical policies are not built yet",
+                policy.name
+            )))
         }
     };
     let t0 = Instant::now();
     let started = Utc::now();
-    let mut rep = Report {
-        format: 1,
-        id: started.format("%Y%m%dT%H%M%SZ").to_string(),
-        policy: policy.name.clone(),
-        host: crate::repository::lock::hostname(),
-        started,
-        finished: started,
-        verdict: "fail".into(),
-        failure: None,
-        snapshot: None,
-        wal_from: None,
-        recovered_lsn: None,
-        last_transaction: None,
-        phases: vec![],
-        checks: vec![],
-        rto: Objective {
-            measured_seconds: None,
-            objective_seconds: policy.objectives.rto.map(|d| d.0.as_secs_f64()),
-            verdict: String::new(),
-        },
-        rpo: Objective {
-            measured_seconds: None,
-            objective_seconds: policy.objectives.rpo.map(|d| d.0.as_secs_f64()),
-            verdict: String::new(),
-        },
-        signature: None,
-    };
+    let mut rep = new_report(policy, started);
     // The sandbox: removed when this function returns, whatever happened.
     let sandbox = tempfile::Builder::new()
         .prefix("veza-drill-")
@@ -231,15 +206,56 @@ pub async fn run(repo: &Repo, policy: &Policy, opener: &Opener, o: &Options) -> 
     }
     server.stop();
     drop(sandbox);
+    // Measured RPO: start of the drill to the newest recovered transaction; without a
+    // replayed transaction the newest recovered point is the end of the backup.
+    let recovered_at =
+        rep.last_transaction.as_deref().and_then(parse_pg_time).or(backup_end.filter(|_| restored.is_ok()));
+    finish(repo, rep, t0, recovered_at, o).await
+}
 
-    // Measured RTO: start of the drill to a server that passed its checks.
+fn new_report(policy: &Policy, started: DateTime<Utc>) -> Report {
+    Report {
+        format: 1,
+        id: started.format("%Y%m%dT%H%M%SZ").to_string(),
+        policy: policy.name.clone(),
+        host: crate::repository::lock::hostname(),
+        started,
+        finished: started,
+        verdict: "fail".into(),
+        failure: None,
+        snapshot: None,
+        wal_from: None,
+        recovered_lsn: None,
+        last_transaction: None,
+        phases: vec![],
+        checks: vec![],
+        rto: Objective {
+            measured_seconds: None,
+            objective_seconds: policy.objectives.rto.map(|d| d.0.as_secs_f64()),
+            verdict: String::new(),
+        },
+        rpo: Objective {
+            measured_seconds: None,
+            objective_seconds: policy.objectives.rpo.map(|d| d.0.as_secs_f64()),
+            verdict: String::new(),
+        },
+        signature: None,
+    }
+}
+
+/// Measure RTO and RPO, judge, sign and store. RTO: start of the drill to a server (or tree)
+/// that passed its checks; RPO: start of the drill to the newest recovered point.
+async fn finish(
+    repo: &Repo,
+    mut rep: Report,
+    t0: Instant,
+    recovered_at: Option<DateTime<Utc>>,
+    o: &Options,
+) -> Result<Report> {
     if rep.failure.is_none() {
         rep.rto.measured_seconds = Some(t0.elapsed().as_secs_f64());
     }
-    // Measured RPO: start of the drill to the newest recovered transaction.
-    // Without a replayed transaction the newest recovered point is the end of the backup.
-    let recovered_at =
-        rep.last_transaction.as_deref().and_then(parse_pg_time).or(backup_end.filter(|_| restored.is_ok()));
+    let started = rep.started;
     rep.rpo.measured_seconds = recovered_at.map(|t| (started - t).num_milliseconds().max(0) as f64 / 1000.0);
     rep.rto.verdict = judge(rep.rto.measured_seconds, rep.rto.objective_seconds);
     rep.rpo.verdict = judge(rep.rpo.measured_seconds, rep.rpo.objective_seconds);
@@ -257,6 +273,90 @@ pub async fn run(repo: &Repo, policy: &Policy, opener: &Opener, o: &Options) -> 
     sign(&mut rep, &o.state_dir)?;
     store(repo, &rep, &o.report_dir).await?;
     Ok(rep)
+}
+
+/// A volume drill: restore into a sandbox and compare every file with the snapshot's record.
+async fn run_volume(repo: &Repo, policy: &Policy, opener: &Opener, o: &Options) -> Result<Report> {
+    let t0 = Instant::now();
+    let started = Utc::now();
+    let mut rep = new_report(policy, started);
+    let sandbox = tempfile::Builder::new()
+        .prefix("veza-drill-")
+        .tempdir()
+        .map_err(|e| Error::failed(format!("cannot create the drill sandbox: {e}")))?;
+    let target = sandbox.path().join("tree");
+    let snap = match &o.snapshot {
+        Some(id) => repo.find_snapshot(id).await?,
+        None => repo.find_snapshot("latest").await?,
+    };
+    rep.snapshot = Some(snap.id.clone());
+    let t = Instant::now();
+    let ropts = crate::restore::Options {
+        snapshot: snap.id.clone(),
+        target: target.clone(),
+        includes: vec![],
+        overwrite: false,
+        bytes_done: Default::default(),
+        bytes_total: Default::default(),
+    };
+    let restored = crate::restore::run(repo, opener, &ropts)
+        .await
+        .map(|s| format!("{} files, {} bytes from snapshot {}", s.files, s.bytes, s.snapshot));
+    phase(&mut rep, "fetch, decrypt, write", t, &restored);
+    if let Err(e) = &restored {
+        rep.failure = Some(format!("fetch, decrypt, write: {}", e.message));
+    } else {
+        let t = Instant::now();
+        let compared = compare_tree(repo, opener, &snap, &target).await;
+        phase(&mut rep, "compare with recorded hashes", t, &compared);
+        if let Err(e) = &compared {
+            rep.failure = Some(format!("compare with recorded hashes: {}", e.message));
+        }
+    }
+    drop(sandbox);
+    // The data is as of the snapshot's start.
+    finish(repo, rep, t0, Some(snap.started), o).await
+}
+
+async fn compare_tree(
+    repo: &Repo,
+    opener: &Opener,
+    snap: &crate::repository::format::Sidecar,
+    target: &Path,
+) -> Result<String> {
+    use crate::repository::format::EntryKind;
+    let m = repo.manifest(snap, opener).await?;
+    let key = repo.chunk_key(&m.key_id, opener).await?;
+    let chunker = repo.config.chunker;
+    let files: Vec<(PathBuf, u64, Option<String>, String)> = m
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File)
+        .map(|e| (target.join(e.rel_path()), e.size, e.hash.clone(), e.display()))
+        .collect();
+    let n = files.len();
+    let bad = tokio::task::spawn_blocking(move || {
+        let mut bad = Vec::new();
+        for (path, size, hash, name) in files {
+            match crate::pipeline::backup::hash_file(&path, &key, chunker, None) {
+                Ok((s, h)) if s == size && hash.as_deref() == Some(hex::encode(h).as_str()) => {}
+                Ok(_) => bad.push(format!("{name} differs")),
+                Err(e) => bad.push(format!("{name}: {e}")),
+            }
+        }
+        bad
+    })
+    .await
+    .map_err(|e| Error::failed(format!("compare failed: {e}")))?;
+    if bad.is_empty() {
+        Ok(format!("{n} files match the snapshot's hashes"))
+    } else {
+        Err(Error::damaged(format!(
+            "{} of {n} files differ from the snapshot: {}",
+            bad.len(),
+            bad.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+        )))
+    }
 }
 
 fn free_port() -> Result<u16> {

@@ -29,7 +29,7 @@ pub struct EngineConfig {
 }
 
 /// Cuts a reader into chunks: content-defined (FastCDC) or fixed-size.
-fn chunks(
+pub fn chunks(
     reader: Box<dyn Read + Send>,
     p: ChunkerParams,
     fixed: Option<u32>,
@@ -415,6 +415,25 @@ fn pack_and_upload(
     }
     out.bytes_uploaded = out.packs.iter().map(|p| p.1).sum();
     out.into()
+}
+
+/// Size and hash of a file as a backup computes them (BLAKE3 over the keyed chunk ids): a drill
+/// compares restored files with the snapshot this way.
+pub fn hash_file(
+    path: &std::path::Path,
+    key: &[u8; 32],
+    p: ChunkerParams,
+    fixed: Option<u32>,
+) -> std::io::Result<(u64, [u8; 32])> {
+    let f = std::fs::File::open(path)?;
+    let mut hasher = blake3::Hasher::new();
+    let mut size = 0u64;
+    for c in chunks(Box::new(f), p, fixed) {
+        let c = c?;
+        size += c.len() as u64;
+        hasher.update(&chunk_id(key, &c));
+    }
+    Ok((size, *hasher.finalize().as_bytes()))
 }
 
 /// Chunks from earlier backups that may be reused: in the local cache, in a pack that still
