@@ -267,7 +267,12 @@ fn wal_push_with_the_store_down_fails_and_loses_nothing() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     assert_eq!(psql(&dsn, "SELECT last_failed_wal FROM pg_stat_archiver"), seg);
-    assert!(pg.log().contains("the endpoint is unreachable"), "the server log should carry wal-push's error");
+    // The archiver's stderr reaches the server log asynchronously to the counter.
+    let t = std::time::Instant::now();
+    while !pg.log().contains("the endpoint is unreachable") {
+        assert!(t.elapsed().as_secs() < 20, "the server log should carry wal-push's error and hint:\n{}", pg.log());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 
     backend.restart();
     switch_and_wait_archived(&dsn);

@@ -221,10 +221,9 @@ pub fn storage_error(url: &str, op: &str, key: &str, text: &str) -> Error {
         "check the repository credentials (access-key-id / secret-access-key in the policy, or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
     } else if lower.contains("nosuchbucket") {
         "the bucket does not exist: create it, or fix the bucket in the repository url"
-    } else if lower.contains("connect")
-        || lower.contains("dns")
-        || lower.contains("timed out")
-        || lower.contains("timeout")
+    } else if ["connect", "error sending request", "connection reset", "broken pipe", "dns", "timed out", "timeout"]
+        .iter()
+        .any(|p| lower.contains(p))
     {
         "the endpoint is unreachable: check `endpoint` in the policy and that the object store is up"
     } else if lower.contains("no space") {
