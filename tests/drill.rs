@@ -34,6 +34,19 @@ fn chromium_dom(page: &std::path::Path) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `veza-dr drill POLICY --identity … --report-dir REPORTS --json`.
+fn drill(fx: &Fixture, policy: &str, reports: &std::path::Path) -> std::process::Output {
+    fx.run(&[
+        "drill",
+        policy,
+        "--identity",
+        fx.identity.to_str().unwrap(),
+        "--report-dir",
+        reports.to_str().unwrap(),
+        "--json",
+    ])
+}
+
 fn leftover_sandboxes() -> usize {
     std::fs::read_dir(std::env::temp_dir())
         .unwrap()
@@ -65,15 +78,7 @@ fn drills_pass_fail_and_sign_their_reports() {
     let before = leftover_sandboxes();
 
     let reports = fx.path("reports");
-    let o = fx.run(&[
-        "drill",
-        "db",
-        "--identity",
-        fx.identity.to_str().unwrap(),
-        "--report-dir",
-        reports.to_str().unwrap(),
-        "--json",
-    ]);
+    let o = drill(&fx, "db", &reports);
     assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
     let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(r["verdict"], "pass", "{r}");
@@ -126,15 +131,7 @@ fn drills_pass_fail_and_sign_their_reports() {
         &pg.data,
         &drill_policy_extra("select count(*) from accounts where balance < 0", "expect = 1"),
     );
-    let o = fx.run(&[
-        "drill",
-        "db",
-        "--identity",
-        fx.identity.to_str().unwrap(),
-        "--report-dir",
-        reports.to_str().unwrap(),
-        "--json",
-    ]);
+    let o = drill(&fx, "db", &reports);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(r["verdict"], "fail");
@@ -160,15 +157,7 @@ fn volume_drills_compare_every_file_and_name_damage() {
     fx.ok(&["backup", "vol"]);
     let before = leftover_sandboxes();
     let reports = fx.path("reports");
-    let o = fx.run(&[
-        "drill",
-        "vol",
-        "--identity",
-        fx.identity.to_str().unwrap(),
-        "--report-dir",
-        reports.to_str().unwrap(),
-        "--json",
-    ]);
+    let o = drill(&fx, "vol", &reports);
     assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
     let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(r["verdict"], "pass", "{r}");
@@ -187,15 +176,7 @@ fn volume_drills_compare_every_file_and_name_damage() {
     let mid = data.len() / 2;
     data[mid] ^= 1;
     std::fs::write(&pack, data).unwrap();
-    let o = fx.run(&[
-        "drill",
-        "vol",
-        "--identity",
-        fx.identity.to_str().unwrap(),
-        "--report-dir",
-        reports.to_str().unwrap(),
-        "--json",
-    ]);
+    let o = drill(&fx, "vol", &reports);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(r["verdict"], "fail");

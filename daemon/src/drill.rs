@@ -120,15 +120,7 @@ pub async fn run(repo: &Repo, policy: &Policy, opener: &Opener, o: &Options) -> 
     let t0 = Instant::now();
     let started = Utc::now();
     let mut rep = new_report(policy, started);
-    // The sandbox: removed when this function returns, whatever happened.
-    let sandbox = tempfile::Builder::new()
-        .prefix("veza-drill-")
-        .tempdir()
-        .map_err(|e| Error::failed(format!("cannot create the drill sandbox: {e}")))?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(sandbox.path(), std::fs::Permissions::from_mode(0o755));
-    }
+    let sandbox = sandbox()?;
     let target = sandbox.path().join("data");
     let port = free_port()?;
     let popts = PhysicalOptions {
@@ -280,15 +272,9 @@ async fn run_volume(repo: &Repo, policy: &Policy, opener: &Opener, o: &Options) 
     let t0 = Instant::now();
     let started = Utc::now();
     let mut rep = new_report(policy, started);
-    let sandbox = tempfile::Builder::new()
-        .prefix("veza-drill-")
-        .tempdir()
-        .map_err(|e| Error::failed(format!("cannot create the drill sandbox: {e}")))?;
+    let sandbox = sandbox()?;
     let target = sandbox.path().join("tree");
-    let snap = match &o.snapshot {
-        Some(id) => repo.find_snapshot(id).await?,
-        None => repo.find_snapshot("latest").await?,
-    };
+    let snap = repo.find_snapshot(o.snapshot.as_deref().unwrap_or("latest")).await?;
     rep.snapshot = Some(snap.id.clone());
     let t = Instant::now();
     let ropts = crate::restore::Options {
@@ -357,6 +343,18 @@ async fn compare_tree(
             bad.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
         )))
     }
+}
+
+/// The drill's sandbox: removed when dropped, whatever happened; traversable by the database
+/// user that runs the throw-away server.
+fn sandbox() -> Result<tempfile::TempDir> {
+    let dir = tempfile::Builder::new()
+        .prefix("veza-drill-")
+        .tempdir()
+        .map_err(|e| Error::failed(format!("cannot create the drill sandbox: {e}")))?;
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755));
+    Ok(dir)
 }
 
 fn free_port() -> Result<u16> {
