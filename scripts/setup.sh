@@ -5,7 +5,9 @@
 #   moto 5.2 (S3 server, PyPI) in a venv         -> $VEZA_CI_HOME/venv/bin/moto_server
 #   Garage 2.5.0 (S3 server, crates.io)           -> ~/.cargo/bin/garage or $VEZA_CI_HOME/bin/garage
 #                                                    (a cold build takes 15-40 min; kept across runs)
-#   Debian packages: PostgreSQL 15 server and client tools
+#   Debian packages: PostgreSQL 15 server and client tools, prometheus (promtool), chromium,
+#                    the wasm32 Rust toolchain for plugins (rustc-web, cargo-web, rust-web-src,
+#                    lld-22), PowerDNS with sqlite (pdns-server, pdns-backend-sqlite3), dig, sqlite3
 set -euo pipefail
 CI_HOME=${VEZA_CI_HOME:-/opt/veza-dr-ci}
 log() { echo "setup: $*" >&2; }
@@ -13,7 +15,8 @@ mkdir -p "$CI_HOME/bin"
 
 # Debian packages. Installed before any test cluster starts (an upgrade under a running server
 # breaks it).
-APT_PACKAGES=(postgresql-15 postgresql-client-15 util-linux prometheus chromium)
+APT_PACKAGES=(postgresql-15 postgresql-client-15 util-linux prometheus chromium
+  rustc-web cargo-web rust-web-src lld-22 pdns-server pdns-backend-sqlite3 bind9-dnsutils sqlite3)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -6,6 +6,12 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 source "${VEZA_CI_HOME:-/opt/veza-dr-ci}/env.sh"
+# Runbook-step plugins: built from source for wasm32 (plugins/dist/*.wasm), their shared helpers
+# tested natively.
+bash plugins/build.sh
 cargo fmt --all --check
+cargo fmt --all --check --manifest-path plugins/Cargo.toml
 cargo clippy --release --all-targets --quiet -- -D warnings
+cargo clippy --quiet --manifest-path plugins/Cargo.toml -p kit -- -D warnings
+cargo test --quiet --manifest-path plugins/Cargo.toml -p kit
 cargo test --release --workspace "$@"

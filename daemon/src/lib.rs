@@ -16,6 +16,7 @@ pub mod prune;
 pub mod repository;
 pub mod restore;
 pub mod retention;
+pub mod runbook;
 pub mod secret;
 pub mod source;
 pub mod verify;

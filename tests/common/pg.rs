@@ -90,6 +90,45 @@ impl Pg {
         pg
     }
 
+    /// A streaming-replication standby of this cluster: `pg_basebackup -R`, started on its own
+    /// port and socket directory.
+    pub fn standby(&self) -> Pg {
+        let dir = tempfile::tempdir().unwrap();
+        open_up(dir.path());
+        let data = dir.path().join("data");
+        let port = super::free_port();
+        let sock = PathBuf::from(format!("/tmp/vzpg-{port}"));
+        std::fs::create_dir_all(&sock).unwrap();
+        for p in [dir.path(), sock.as_path()] {
+            Command::new("chown").args(["-R", "postgres"]).arg(p).status().unwrap();
+        }
+        let out = as_postgres(
+            &[
+                &format!("{BIN}/pg_basebackup"),
+                "-D",
+                data.to_str().unwrap(),
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "-d",
+                &self.dsn(),
+            ],
+            &[],
+        );
+        assert!(out.status.success(), "pg_basebackup: {}", String::from_utf8_lossy(&out.stderr));
+        let conf = format!("\nport = {port}\nunix_socket_directories = '{}'\narchive_mode = off\n", sock.display());
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, conf.as_bytes()))
+            .unwrap();
+        let pg = Pg { _dir: dir, data, port, sock, env: vec![] };
+        pg.ctl(&["start", "-w", "-l", pg.data.parent().unwrap().join("server.log").to_str().unwrap()]);
+        pg
+    }
+
     pub fn ctl(&self, args: &[&str]) {
         let mut a = vec![format!("{BIN}/pg_ctl"), "-D".into(), self.data.display().to_string()];
         a.extend(args.iter().map(|s| s.to_string()));

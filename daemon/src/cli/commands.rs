@@ -62,6 +62,10 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
+        Command::Failover { runbook, dry_run, yes, from, audit_log } => {
+            super::failover::failover(&g, &runbook, dry_run, yes, from, audit_log).await
+        }
+        Command::Plugins => super::failover::plugins(&g).await,
         Command::Report { cmd: ReportCmd::Verify { file } } => {
             let text = std::fs::read_to_string(&file).map_err(|e| Error::io("read report", &file, e))?;
             let key = crate::drill::verify_report(&text)?;
@@ -219,24 +223,36 @@ fn print_json<T: serde::Serialize>(v: &T) {
 }
 
 fn policy_check(g: &Global, dir: &Path) -> Result<i32> {
-    let results = crate::policy::load_dir(dir)?;
-    if results.is_empty() {
+    let docs = crate::policy::load_documents(dir)?;
+    if docs.is_empty() {
         return Err(Error::policy(format!("no policies (*.toml) in {}", dir.display()))
             .with_hint("add a policy, e.g. copy policies/uploads.toml"));
     }
     let mut bad = 0;
     let mut rows = Vec::new();
-    for r in &results {
-        match r {
-            Ok(p) => {
-                rows.push(serde_json::json!({"policy": p.name, "file": p.path, "ok": true}));
-                if !g.json {
-                    crate::outln!("ok    {} ({}, {})", p.name, p.source_type(), p.repository.url);
+    for (path, doc) in &docs {
+        match doc {
+            Ok(d) => {
+                if let Some(p) = &d.policy {
+                    rows.push(serde_json::json!({"policy": p.name, "file": path, "ok": true}));
+                    if !g.json {
+                        crate::outln!("ok    {} ({}, {})", p.name, p.source_type(), p.repository.url);
+                    }
+                }
+                for rb in &d.runbooks {
+                    rows.push(
+                        serde_json::json!({"runbook": rb.name, "file": path, "ok": true, "steps": rb.steps.len()}),
+                    );
+                    if !g.json {
+                        let steps: Vec<String> =
+                            rb.steps.iter().map(|s| format!("{} ({})", s.name, s.plugin)).collect();
+                        crate::outln!("ok    runbook {}: {}", rb.name, steps.join(" -> "));
+                    }
                 }
             }
             Err(e) => {
                 bad += 1;
-                rows.push(serde_json::json!({"ok": false, "error": e.message, "hint": e.hint}));
+                rows.push(serde_json::json!({"file": path, "ok": false, "error": e.message, "hint": e.hint}));
                 if !g.json {
                     crate::outln!("error {}", e.message);
                     if let Some(h) = &e.hint {

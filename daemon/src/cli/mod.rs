@@ -3,6 +3,7 @@
 
 mod commands;
 mod demo;
+mod failover;
 mod output;
 
 use crate::error::{Error, Result};
@@ -37,6 +38,9 @@ pub struct Global {
     /// Log format on stderr
     #[arg(long, global = true, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Directory of runbook-step plugins (<name>.wasm)
+    #[arg(long, global = true, env = "VEZA_DR_PLUGINS", default_value = "plugins/dist")]
+    pub plugins: PathBuf,
     /// How long to wait for a repository lock held by another process
     #[arg(long, global = true, default_value = "0s", value_parser = parse_duration)]
     pub lock_wait: std::time::Duration,
@@ -203,6 +207,24 @@ pub enum Command {
     },
     /// Job history of a policy (from the daemon's local state)
     History { policy: String },
+    /// Run a DR runbook: --dry-run shows each step's plan, --yes runs it
+    Failover {
+        runbook: String,
+        /// Call every step's `plan` only; change nothing
+        #[arg(long, conflicts_with = "yes")]
+        dry_run: bool,
+        /// Run without asking
+        #[arg(long)]
+        yes: bool,
+        /// Resume at this step (after a failed run); earlier steps are skipped
+        #[arg(long)]
+        from: Option<String>,
+        /// Audit log (JSON lines; default <state-dir>/runbooks/audit.log)
+        #[arg(long)]
+        audit_log: Option<PathBuf>,
+    },
+    /// List runbook-step plugins: what they do, and how long they take to load
+    Plugins,
     /// Run the embedded demo: back up a sample tree to a local repository and restore it
     Demo {
         /// Working directory of the demo

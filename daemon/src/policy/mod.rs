@@ -30,17 +30,26 @@ pub struct Policy {
 struct PolicyFile {
     #[serde(default)]
     description: Option<String>,
-    source: toml::Spanned<SourceFile>,
+    source: Option<toml::Spanned<SourceFile>>,
     #[serde(default)]
     schedule: Schedule,
-    repository: RepositoryCfg,
-    encryption: Encryption,
+    repository: Option<RepositoryCfg>,
+    encryption: Option<Encryption>,
     #[serde(default)]
     retention: Retention,
     #[serde(default)]
     objectives: Objectives,
     #[serde(default)]
     verify: VerifyCfg,
+    #[serde(default)]
+    runbook: Vec<toml::Spanned<crate::runbook::spec::RunbookSpec>>,
+}
+
+/// What one policy file declares: a backup policy, runbooks, or both.
+#[derive(Debug, Clone)]
+pub struct Document {
+    pub policy: Option<Policy>,
+    pub runbooks: Vec<crate::runbook::spec::RunbookSpec>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -185,19 +194,69 @@ pub struct Check {
 impl Policy {
     /// Parse a policy from its text; `path` is used in messages and for the name.
     pub fn parse(path: &Path, text: &str) -> Result<Policy> {
-        let name = policy_name(path)?;
-        let file: PolicyFile = toml::from_str(text).map_err(|e| {
-            let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
-            let msg = e.message().trim().replace('\n', " ");
-            Error::policy(format!("{}:{line}:{col}: {msg}", path.display()))
-                .with_hint("see the policy reference in README.md; keys are kebab-case")
-        })?;
+        let doc = parse_document(path, text)?;
+        doc.policy.ok_or_else(|| {
+            Error::policy(format!("{}: declares only runbooks, no backup policy ([source])", path.display()))
+                .with_hint("name a policy file with a [source], [repository] and [encryption]")
+        })
+    }
+}
+
+/// Parse a policy file: its backup policy (if it has a `[source]`) and its `[[runbook]]`s.
+pub fn parse_document(path: &Path, text: &str) -> Result<Document> {
+    let name = policy_name(path)?;
+    let toml_error = |e: toml::de::Error| {
+        let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+        let msg = e.message().trim().replace('\n', " ");
+        Error::policy(format!("{}:{line}:{col}: {msg}", path.display()))
+            .with_hint("see the policy reference in README.md; keys are kebab-case")
+    };
+    let file: PolicyFile = toml::from_str(text).map_err(toml_error)?;
+    let at = |span: std::ops::Range<usize>, msg: String| {
+        let (line, col) = line_col(text, span.start);
+        Error::policy(format!("{}:{line}:{col}: {msg}", path.display()))
+    };
+    let mut runbooks = Vec::new();
+    for rb in &file.runbook {
+        let spec = rb.get_ref().clone();
+        spec.validate().map_err(|m| at(rb.span(), format!("runbook `{}`: {m}", spec.name)))?;
+        if runbooks.iter().any(|r: &crate::runbook::spec::RunbookSpec| r.name == spec.name) {
+            return Err(at(rb.span(), format!("runbook `{}` is declared twice", spec.name)));
+        }
+        runbooks.push(spec);
+    }
+    let backup_parts = file.source.is_some() || file.repository.is_some() || file.encryption.is_some();
+    let policy = if backup_parts || runbooks.is_empty() {
+        let missing = |key: &str| {
+            Error::policy(format!("{}:1:1: missing field `{key}`", path.display()))
+                .with_hint("a backup policy needs [source], [repository] and [encryption]")
+        };
+        let source = file.source.clone().ok_or_else(|| missing("source"))?;
+        let repository = file.repository.clone().ok_or_else(|| missing("repository"))?;
+        let encryption = file.encryption.clone().ok_or_else(|| missing("encryption"))?;
+        Some(Policy::build(path, text, name, file, source, repository, encryption)?)
+    } else {
+        None
+    };
+    Ok(Document { policy, runbooks })
+}
+
+impl Policy {
+    fn build(
+        path: &Path,
+        text: &str,
+        name: String,
+        file: PolicyFile,
+        source: toml::Spanned<SourceFile>,
+        repository: RepositoryCfg,
+        encryption: Encryption,
+    ) -> Result<Policy> {
         let at = |span: std::ops::Range<usize>, msg: String| {
             let (line, col) = line_col(text, span.start);
             Error::policy(format!("{}:{line}:{col}: {msg}", path.display()))
         };
-        let span = file.source.span();
-        let s = file.source.into_inner();
+        let span = source.span();
+        let s = source.into_inner();
         let source = match s.kind {
             SourceType::Volume => {
                 let p = s.path.ok_or_else(|| at(span.clone(), "a volume source needs `path`".into()))?;
@@ -247,8 +306,8 @@ impl Policy {
             path: path.to_path_buf(),
             source,
             schedule,
-            repository: file.repository,
-            encryption: file.encryption,
+            repository,
+            encryption,
             retention: file.retention,
             objectives: file.objectives,
             verify: file.verify,
@@ -341,15 +400,27 @@ pub fn load_file(path: &Path) -> Result<Policy> {
     Policy::parse(path, &text)
 }
 
-/// Every `*.toml` in `dir`, sorted by name. Each result is the policy or its error.
+/// Every `*.toml` in `dir`, sorted by name. Each result is the policy or its error; files that
+/// declare only runbooks are left out.
 pub fn load_dir(dir: &Path) -> Result<Vec<Result<Policy>>> {
+    Ok(load_documents(dir)?.into_iter().filter_map(|(_, d)| d.map(|d| d.policy).transpose()).collect())
+}
+
+/// Every `*.toml` in `dir`, sorted by name, with what it declares or its error.
+pub fn load_documents(dir: &Path) -> Result<Vec<(PathBuf, Result<Document>)>> {
     let rd = std::fs::read_dir(dir).map_err(|e| {
         Error::io("read policies directory", dir, e).with_hint("pass --policies DIR or set VEZA_DR_POLICIES")
     })?;
     let mut paths: Vec<PathBuf> =
         rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "toml")).collect();
     paths.sort();
-    Ok(paths.iter().map(|p| load_file(p)).collect())
+    Ok(paths.into_iter().map(|p| (p.clone(), load_document(&p))).collect())
+}
+
+/// Load one policy file with its runbooks.
+pub fn load_document(path: &Path) -> Result<Document> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io("read policy", path, e))?;
+    parse_document(path, &text)
 }
 
 /// Find a policy by name in `dir`, or load it directly if `name` is a path to a `.toml` file.

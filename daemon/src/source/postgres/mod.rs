@@ -35,14 +35,19 @@ pub const EXCLUDES: &[&str] = &[
 
 /// Connect with the policy's DSN. Errors name the reference, never the DSN.
 pub async fn connect(pg: &PgSource) -> Result<tokio_postgres::Client> {
-    let dsn = pg.dsn.resolve()?;
+    connect_ref(&pg.dsn).await
+}
+
+/// Connect with the DSN behind a secret reference. Errors name the reference, never the DSN.
+pub async fn connect_ref(dsn_ref: &crate::secret::SecretRef) -> Result<tokio_postgres::Client> {
+    let dsn = dsn_ref.resolve()?;
     let cfg: tokio_postgres::Config = dsn
         .parse()
-        .map_err(|_| Error::policy(format!("the DSN in {} is not a valid PostgreSQL connection string", pg.dsn)))?;
+        .map_err(|_| Error::policy(format!("the DSN in {dsn_ref} is not a valid PostgreSQL connection string")))?;
     let (client, conn) = tokio::time::timeout(Duration::from_secs(15), cfg.connect(tokio_postgres::NoTls))
         .await
-        .map_err(|_| Error::new(Kind::Database, format!("connecting to PostgreSQL with {} timed out", pg.dsn)))?
-        .map_err(|e| db_error(&pg.dsn.to_string(), "connect to PostgreSQL", e))?;
+        .map_err(|_| Error::new(Kind::Database, format!("connecting to PostgreSQL with {dsn_ref} timed out")))?
+        .map_err(|e| db_error(&dsn_ref.to_string(), "connect to PostgreSQL", e))?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "postgres connection ended");

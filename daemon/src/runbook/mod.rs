@@ -1,0 +1,517 @@
+//! DR runbooks: ordered steps, each a WASM component plugin run by the sandboxed host.
+//!
+//! Before anything runs, every step from the first one to run is prepared: its plugin loaded,
+//! its configuration validated by the plugin, and the grants the plugin needs for that
+//! configuration compared with what the runbook grants. A runbook that would fail on step 3
+//! for a typo therefore fails before step 1 promotes anything.
+//!
+//! A dry run calls each step's `plan` (reads only: the host allows GET/HEAD and read-only SQL).
+//! A run calls `run`, with retries for retryable failures and timeouts, then `verify` when the
+//! plugin offers it. Every step's outcome is appended to the audit log (JSON lines).
+
+pub mod host;
+pub mod spec;
+
+use crate::error::{Error, Kind, Result};
+use host::{CallError, Context, Host, Plugin, StepState};
+use serde::{Deserialize, Serialize};
+use spec::{OnFailure, RunbookSpec, StepSpec};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How to execute a runbook.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Where `<plugin>.wasm` files are looked up.
+    pub plugins_dir: PathBuf,
+    /// Compiled-plugin cache (`None`: compile every time).
+    pub cache_dir: Option<PathBuf>,
+    /// The audit log (JSON lines), appended to.
+    pub audit_log: PathBuf,
+    pub dry_run: bool,
+    /// Start at this step (after a failed run); earlier steps' facts come from the audit log.
+    pub from: Option<String>,
+    /// Who runs it, for the audit log.
+    pub who: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    /// The dry run planned the step.
+    Planned,
+    Ok,
+    Failed,
+    /// Not reached: an earlier step failed with `on-failure = "abort"`.
+    NotRun,
+    /// Before `--from`.
+    Skipped,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct StepReport {
+    pub name: String,
+    pub plugin: String,
+    pub plugin_version: String,
+    pub status: Status,
+    pub attempts: u32,
+    pub seconds: f64,
+    pub summary: String,
+    pub error: Option<String>,
+    pub plan: Vec<String>,
+    pub facts: BTreeMap<String, String>,
+    pub on_failure: OnFailure,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RunReport {
+    pub runbook: String,
+    pub dry_run: bool,
+    pub started: chrono::DateTime<chrono::Utc>,
+    pub seconds: f64,
+    pub objective_seconds: Option<f64>,
+    /// Whether the run finished within the objective (`None` for dry runs or no objective).
+    pub within_objective: Option<bool>,
+    pub ok: bool,
+    pub steps: Vec<StepReport>,
+}
+
+/// Find a runbook by name in any policy file of `dir`. Files that fail to parse are skipped
+/// (an unrelated broken policy must not block a failover) but named if the runbook is missing.
+pub fn find(dir: &Path, name: &str) -> Result<RunbookSpec> {
+    let (mut known, mut broken) = (Vec::new(), Vec::new());
+    for (p, doc) in crate::policy::load_documents(dir)? {
+        match doc {
+            Ok(doc) => {
+                for rb in doc.runbooks {
+                    if rb.name == name {
+                        return Ok(rb);
+                    }
+                    known.push(rb.name);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(file = %p.display(), error = %e.message, "skipping a policy file that does not parse");
+                broken.push(e.message);
+            }
+        }
+    }
+    let mut hint = if known.is_empty() {
+        "declare it as [[runbook]] in a policy file".to_string()
+    } else {
+        format!("known runbooks: {}", known.join(", "))
+    };
+    if !broken.is_empty() {
+        hint.push_str(&format!("; files that do not parse: {}", broken.join(" | ")));
+    }
+    Err(Error::not_found(format!("runbook `{name}` not found in {}", dir.display())).with_hint(hint))
+}
+
+/// A step ready to run: plugin loaded, config validated, grants checked.
+struct Prepared<'a> {
+    spec: &'a StepSpec,
+    plugin: Plugin,
+    version: String,
+    verifies: bool,
+    config: Vec<(String, String)>,
+}
+
+fn step_error(rb: &RunbookSpec, st: &StepSpec, kind: Kind, msg: impl std::fmt::Display) -> Error {
+    Error::new(kind, format!("runbook `{}` step `{}` (plugin `{}`): {msg}", rb.name, st.name, st.plugin))
+}
+
+impl Options {
+    fn state(
+        &self,
+        rb: &RunbookSpec,
+        st: &StepSpec,
+        timeout: Duration,
+        plan: bool,
+        rt: &tokio::runtime::Handle,
+    ) -> StepState {
+        StepState::new(
+            &rb.name,
+            &st.name,
+            st.grants.clone(),
+            rb.connections.clone(),
+            rb.secrets.clone(),
+            timeout,
+            st.memory_limit.map(|m| m.0).unwrap_or(spec::DEFAULT_MEMORY),
+            plan,
+            rt.clone(),
+        )
+    }
+}
+
+/// Load, validate and grant-check one step.
+fn prepare<'a>(
+    host: &Host,
+    rb: &RunbookSpec,
+    st: &'a StepSpec,
+    opts: &Options,
+    rt: &tokio::runtime::Handle,
+) -> Result<Prepared<'a>> {
+    let plugin = host.load(&st.plugin).map_err(|e| {
+        let hint = e.hint.clone();
+        let mut err = step_error(rb, st, e.kind, &e.message);
+        err.hint = hint;
+        err
+    })?;
+    let config = st.config();
+    let call = |what: &str, e: CallError| {
+        let kind = match e {
+            CallError::Step(host::StepError::InvalidConfig(_)) | CallError::Interface(_) => Kind::Policy,
+            _ => Kind::Failed,
+        };
+        step_error(rb, st, kind, format!("{what}: {e}"))
+    };
+    let mut inst = host
+        .instantiate(&plugin, opts.state(rb, st, Duration::from_secs(10), true, rt))
+        .map_err(|e| call("load", e))?;
+    let desc = inst.describe().map_err(|e| call("describe", e))?;
+    inst.validate(&config).map_err(|e| call("validate", e))?;
+    let needs = inst.needs_for(&config).map_err(|e| call("needs-for", e))?;
+    let g = &st.grants;
+    let missing = [
+        ("http", &needs.http, &g.http),
+        ("connections", &needs.connections, &g.connections),
+        ("secrets", &needs.secrets, &g.secrets),
+    ]
+    .into_iter()
+    .flat_map(|(kind, need, have)| {
+        need.iter()
+            .chain(if kind == "http" { desc.needs.http.iter() } else { [].iter() })
+            .filter(|n| !have.contains(n))
+            .map(move |n| format!("{kind} `{n}`"))
+    })
+    .collect::<Vec<_>>();
+    if !missing.is_empty() {
+        return Err(step_error(rb, st, Kind::Policy, format!("needs grants it was not given: {}", missing.join(", ")))
+            .with_hint(format!(
+                "add them to the step's `grants` in the policy, e.g. grants = {{ {} }}",
+                grant_example(&missing)
+            )));
+    }
+    Ok(Prepared { spec: st, plugin, version: desc.version, verifies: desc.verifies, config })
+}
+
+fn grant_example(missing: &[String]) -> String {
+    let mut by: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for m in missing {
+        if let Some((k, v)) = m.split_once(' ') {
+            by.entry(k).or_default().push(v.trim_matches('`').to_string());
+        }
+    }
+    by.iter().map(|(k, v)| format!("{k} = {:?}", v)).collect::<Vec<_>>().join(", ")
+}
+
+/// Execute (or dry-run) a runbook. Blocking: call it from a blocking thread; `rt` serves the
+/// host's HTTP and SQL calls. `progress` sees each step's report as it completes.
+pub fn execute(
+    rb: &RunbookSpec,
+    opts: &Options,
+    rt: &tokio::runtime::Handle,
+    mut progress: impl FnMut(&StepReport),
+) -> Result<RunReport> {
+    let started_at = chrono::Utc::now();
+    let start = Instant::now();
+    let first = match &opts.from {
+        None => 0,
+        Some(f) => rb.steps.iter().position(|s| &s.name == f).ok_or_else(|| {
+            Error::usage(format!("runbook `{}` has no step `{f}`", rb.name)).with_hint(format!(
+                "steps: {}",
+                rb.steps.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+            ))
+        })?,
+    };
+    let host = Host::new(&opts.plugins_dir, opts.cache_dir.as_deref())?;
+    let prepared = rb.steps[first..].iter().map(|st| prepare(&host, rb, st, opts, rt)).collect::<Result<Vec<_>>>()?;
+
+    let mut facts: BTreeMap<String, String> = BTreeMap::new();
+    facts.insert("runbook".into(), rb.name.clone());
+    facts.insert("started-at".into(), started_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+    facts.insert("mode".into(), if opts.dry_run { "dry-run" } else { "run" }.into());
+    let audit = Audit { path: &opts.audit_log, who: &opts.who, runbook: &rb.name, dry_run: opts.dry_run };
+    let mut steps: Vec<StepReport> = Vec::new();
+    for st in &rb.steps[..first] {
+        let earlier = audit.last_facts(&st.name);
+        let report = StepReport {
+            name: st.name.clone(),
+            plugin: st.plugin.clone(),
+            plugin_version: String::new(),
+            status: Status::Skipped,
+            attempts: 0,
+            seconds: 0.0,
+            summary: format!("skipped (--from {})", rb.steps[first].name),
+            error: None,
+            plan: vec![],
+            facts: earlier.clone(),
+            on_failure: st.on_failure,
+        };
+        facts.extend(earlier);
+        progress(&report);
+        steps.push(report);
+    }
+    let mut aborted = false;
+    for p in &prepared {
+        let st = p.spec;
+        let mut report = StepReport {
+            name: st.name.clone(),
+            plugin: st.plugin.clone(),
+            plugin_version: p.version.clone(),
+            status: Status::NotRun,
+            attempts: 0,
+            seconds: 0.0,
+            summary: String::new(),
+            error: None,
+            plan: vec![],
+            facts: BTreeMap::new(),
+            on_failure: st.on_failure,
+        };
+        if aborted {
+            report.summary = "not run: an earlier step failed".into();
+            progress(&report);
+            steps.push(report);
+            continue;
+        }
+        let t = Instant::now();
+        let fact_list: Vec<(String, String)> = facts.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let ctx = |attempt: u32| Context {
+            runbook: rb.name.clone(),
+            step: st.name.clone(),
+            config: p.config.clone(),
+            facts: fact_list.clone(),
+            deadline_ms: st.timeout().as_millis() as u64,
+            attempt,
+        };
+        let result = if opts.dry_run {
+            report.attempts = 1;
+            host.instantiate(&p.plugin, opts.state(rb, st, st.timeout(), true, rt))
+                .and_then(|mut i| i.plan(&ctx(1)))
+                .map(|plan| {
+                    report.plan = plan;
+                    String::new()
+                })
+        } else {
+            run_with_retries(&host, rb, p, opts, rt, &ctx, &mut report)
+        };
+        report.seconds = t.elapsed().as_secs_f64();
+        match result {
+            Ok(summary) => {
+                report.status = if opts.dry_run { Status::Planned } else { Status::Ok };
+                report.summary = summary;
+                facts.extend(report.facts.clone());
+            }
+            Err(e) => {
+                report.status = Status::Failed;
+                report.error = Some(e.to_string());
+                aborted = st.on_failure == OnFailure::Abort;
+            }
+        }
+        audit.append(&report, &p.plugin, &p.config);
+        progress(&report);
+        steps.push(report);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let objective_seconds = rb.objective.map(|d| d.0.as_secs_f64());
+    let ok = steps.iter().all(|s| s.status != Status::Failed);
+    let report = RunReport {
+        runbook: rb.name.clone(),
+        dry_run: opts.dry_run,
+        started: started_at,
+        seconds,
+        within_objective: if opts.dry_run { None } else { objective_seconds.map(|o| ok && seconds <= o) },
+        objective_seconds,
+        ok,
+        steps,
+    };
+    audit.finish(&report);
+    Ok(report)
+}
+
+/// Run a step's attempts; `Ok` carries the summary and fills the report's facts.
+fn run_with_retries(
+    host: &Host,
+    rb: &RunbookSpec,
+    p: &Prepared,
+    opts: &Options,
+    rt: &tokio::runtime::Handle,
+    ctx: &dyn Fn(u32) -> Context,
+    report: &mut StepReport,
+) -> Result<String, CallError> {
+    let st = p.spec;
+    let attempts = st.retries + 1;
+    for attempt in 1..=attempts {
+        report.attempts = attempt;
+        let out = host
+            .instantiate(&p.plugin, opts.state(rb, st, st.timeout(), false, rt))
+            .and_then(|mut i| i.run(&ctx(attempt)));
+        match out {
+            Ok(outcome) => {
+                report.facts = outcome.facts.into_iter().collect();
+                if !p.verifies {
+                    return Ok(outcome.summary);
+                }
+                let mut vctx = ctx(attempt);
+                vctx.facts.extend(report.facts.clone());
+                let v = host
+                    .instantiate(&p.plugin, opts.state(rb, st, st.timeout(), false, rt))
+                    .and_then(|mut i| i.verify(&vctx));
+                return match v {
+                    Ok(v) => Ok(format!("{}; verified: {}", outcome.summary, v.summary)),
+                    Err(e) => Err(CallError::Step(host::StepError::Failed(format!("ran, but verify {e}")))),
+                };
+            }
+            Err(e) if e.retryable() && attempt < attempts => {
+                let delay = st.retry_delay.map(|d| d.0).unwrap_or(spec::DEFAULT_RETRY_DELAY);
+                tracing::warn!(runbook = %rb.name, step = %st.name, attempt, error = %e, "step failed; retrying in {delay:?}");
+                std::thread::sleep(delay);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    unreachable!("the loop returns on the last attempt")
+}
+
+/// The audit log: one JSON line per step outcome and one per runbook, appended and synced.
+struct Audit<'a> {
+    path: &'a Path,
+    who: &'a str,
+    runbook: &'a str,
+    dry_run: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct AuditRecord {
+    pub time: chrono::DateTime<chrono::Utc>,
+    pub who: String,
+    pub host: String,
+    pub runbook: String,
+    /// The step, or `*` for the runbook as a whole.
+    pub step: String,
+    pub mode: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin_hash: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_hash: Option<String>,
+    pub outcome: Status,
+    pub duration_ms: u64,
+    #[serde(default)]
+    pub attempts: u32,
+    #[serde(default)]
+    pub summary: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub facts: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub objective_seconds: Option<f64>,
+}
+
+impl Audit<'_> {
+    fn record(&self, step: &str) -> AuditRecord {
+        AuditRecord {
+            time: chrono::Utc::now(),
+            who: self.who.into(),
+            host: nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
+            runbook: self.runbook.into(),
+            step: step.into(),
+            mode: if self.dry_run { "dry-run" } else { "run" }.into(),
+            plugin: None,
+            plugin_hash: None,
+            config_hash: None,
+            outcome: Status::Ok,
+            duration_ms: 0,
+            attempts: 0,
+            summary: String::new(),
+            error: None,
+            facts: BTreeMap::new(),
+            objective_seconds: None,
+        }
+    }
+
+    fn append(&self, r: &StepReport, plugin: &Plugin, config: &[(String, String)]) {
+        let mut rec = self.record(&r.name);
+        rec.plugin = Some(format!("{}@{}", r.plugin, r.plugin_version));
+        rec.plugin_hash = Some(plugin.hash.clone());
+        rec.config_hash =
+            Some(blake3::hash(serde_json::to_string(config).unwrap_or_default().as_bytes()).to_hex()[..16].to_string());
+        rec.outcome = r.status.clone();
+        rec.duration_ms = (r.seconds * 1000.0) as u64;
+        rec.attempts = r.attempts;
+        rec.summary = if r.plan.is_empty() { r.summary.clone() } else { r.plan.join("; ") };
+        rec.error = r.error.clone();
+        rec.facts = r.facts.clone();
+        self.write(&rec);
+    }
+
+    fn finish(&self, r: &RunReport) {
+        let mut rec = self.record("*");
+        rec.outcome = if r.ok {
+            if r.dry_run {
+                Status::Planned
+            } else {
+                Status::Ok
+            }
+        } else {
+            Status::Failed
+        };
+        rec.duration_ms = (r.seconds * 1000.0) as u64;
+        rec.objective_seconds = r.objective_seconds;
+        rec.summary = format!(
+            "{} of {} steps ok",
+            r.steps.iter().filter(|s| matches!(s.status, Status::Ok | Status::Planned)).count(),
+            r.steps.len()
+        );
+        self.write(&rec);
+    }
+
+    /// Writing the audit log must not stop a failover: a failure is logged loudly instead.
+    fn write(&self, rec: &AuditRecord) {
+        let res = (|| -> std::io::Result<()> {
+            if let Some(d) = self.path.parent() {
+                std::fs::create_dir_all(d)?;
+            }
+            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(self.path)?;
+            let mut line = serde_json::to_vec(rec).map_err(std::io::Error::other)?;
+            line.push(b'\n');
+            f.write_all(&line)?;
+            f.sync_data()
+        })();
+        if let Err(e) = res {
+            tracing::error!(file = %self.path.display(), error = %e, "cannot append to the runbook audit log");
+        }
+    }
+
+    /// The facts of the newest successful real run of `step` of this runbook.
+    fn last_facts(&self, step: &str) -> BTreeMap<String, String> {
+        read_audit(self.path)
+            .into_iter()
+            .rev()
+            .find(|r| r.runbook == self.runbook && r.step == step && r.mode == "run" && r.outcome == Status::Ok)
+            .map(|r| r.facts)
+            .unwrap_or_default()
+    }
+}
+
+/// Every record of an audit log (unreadable lines are skipped).
+pub fn read_audit(path: &Path) -> Vec<AuditRecord> {
+    std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+/// Who is running this, for the audit log: the invoking user behind sudo, else the user.
+pub fn who() -> String {
+    let uid = nix::unistd::getuid();
+    let name = nix::unistd::User::from_uid(uid).ok().flatten().map(|u| u.name).unwrap_or_else(|| uid.to_string());
+    match std::env::var("SUDO_USER") {
+        Ok(s) if !s.is_empty() => format!("{s} (as {name})"),
+        _ => name,
+    }
+}

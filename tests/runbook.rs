@@ -1,0 +1,562 @@
+//! Runbooks and the WASM plugin host, with real peers: a PostgreSQL 15 streaming standby, a
+//! PowerDNS authoritative server, a local HTTP server, and the plugins built from `plugins/`.
+
+mod common;
+
+use common::pg::{self, Pg};
+use common::{bin, free_port, stderr, stdout};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn plugins_dir() -> PathBuf {
+    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist");
+    for p in ["fixture", "http-check", "webhook-notify", "pg-promote", "dns-switch"] {
+        assert!(
+            d.join(format!("{p}.wasm")).is_file(),
+            "{p}.wasm is missing: run plugins/build.sh (scripts/test.sh does)"
+        );
+    }
+    d.canonicalize().unwrap()
+}
+
+/// A policies directory with one runbook file, a state directory, and the real binary.
+struct Books {
+    dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
+}
+
+impl Books {
+    fn new(runbooks: &str) -> Books {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+        std::fs::write(dir.path().join("policies/runbooks.toml"), runbooks).unwrap();
+        Books { dir, env: vec![] }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let mut c = Command::new(bin());
+        c.arg("--policies").arg(self.path("policies")).arg("--state-dir").arg(self.path("state"));
+        c.arg("--plugins").arg(plugins_dir());
+        c.args(args);
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "veza-dr {args:?} failed ({}):\n{}\n{}", out.status, stdout(&out), stderr(&out));
+        stdout(&out)
+    }
+
+    fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.path("state/runbooks/audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+fn one_step(runbook: &str, step: &str, extra: &str) -> String {
+    format!("[[runbook]]\nname = \"{runbook}\"\n[[runbook.step]]\nname = \"{step}\"\nplugin = \"fixture\"\n{extra}\n\n")
+}
+
+#[test]
+fn sandbox_stops_loops_hogs_traps_and_ungranted_requests_with_clear_errors() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    // A core module is not a component; a component built against another interface version.
+    let core = dir.path().join("core.wasm");
+    std::fs::write(&core, b"\0asm\x01\0\0\0").unwrap();
+    let future = dir.path().join("future.wasm");
+    let bytes = std::fs::read(plugins_dir().join("fixture.wasm")).unwrap();
+    let replaced = String::from_utf8_lossy(&bytes).contains("veza:dr/step@0.1.0");
+    assert!(replaced, "the fixture exports veza:dr/step@0.1.0");
+    let mut fut = bytes.clone();
+    for (from, to) in [
+        (&b"veza:dr/step@0.1.0"[..], &b"veza:dr/step@0.9.0"[..]),
+        (b"veza:dr/host@0.1.0", b"veza:dr/host@0.9.0"),
+        (b"veza:dr/types@0.1.0", b"veza:dr/types@0.9.0"),
+    ] {
+        let mut i = 0;
+        while i + from.len() <= fut.len() {
+            if &fut[i..i + from.len()] == from {
+                fut[i..i + from.len()].copy_from_slice(to);
+            }
+            i += 1;
+        }
+    }
+    std::fs::write(&future, &fut).unwrap();
+
+    let text = [
+        one_step("spin", "forever", "with = { mode = \"loop\" }\ntimeout = \"1s\""),
+        one_step("hog", "grow", "with = { mode = \"alloc\" }\nmemory-limit = \"16MiB\""),
+        one_step("crash", "boom", "with = { mode = \"trap\" }"),
+        one_step("snoop", "peek", &format!("with = {{ mode = \"http\", url = \"http://127.0.0.1:{port}/\" }}\ngrants = {{ http = [\"example.org\"] }}")),
+        one_step("needy", "wants", "with = { mode = \"ok\", needs-http = \"10.0.0.1:80\" }"),
+        one_step("typo", "t", "with = { mode = \"lop\" }"),
+        one_step("flaky", "f", "with = { mode = \"flaky\" }\nretries = 1\nretry-delay = \"100ms\""),
+        format!("[[runbook]]\nname = \"core\"\n[[runbook.step]]\nname = \"c\"\nplugin = \"{}\"\n\n", core.display()),
+        format!("[[runbook]]\nname = \"future\"\n[[runbook.step]]\nname = \"f\"\nplugin = \"{}\"\n\n", future.display()),
+    ]
+    .concat();
+    let b = Books::new(&text);
+    assert!(b.ok(&["policy", "check"]).contains("ok    runbook spin: forever (fixture)"));
+
+    let t = Instant::now();
+    let out = b.run(&["failover", "spin", "--yes"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("forever (fixture 0.1.0): FAILED") && stdout(&out).contains("timed out"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(t.elapsed() < Duration::from_secs(30), "the deadline did not stop the loop: {:?}", t.elapsed());
+
+    let out = b.run(&["failover", "hog", "--yes"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("ran out of memory: it tried to grow past its limit of 16 MiB"), "{}", stdout(&out));
+
+    let out = b.run(&["failover", "crash", "--yes"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("trapped: wasm `unreachable` instruction executed"), "{}", stdout(&out));
+
+    let out = b.run(&["failover", "snoop", "--yes"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout(&out)
+            .contains(&format!("HTTP to `127.0.0.1:{port}` is not granted to step `peek` (granted: example.org)")),
+        "{}",
+        stdout(&out)
+    );
+
+    // Refused before anything runs, as bad configuration (exit 2), naming runbook, step and plugin.
+    let out = b.run(&["failover", "needy", "--yes"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains(
+            "runbook `needy` step `wants` (plugin `fixture`): needs grants it was not given: http `10.0.0.1:80`"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    let out = b.run(&["failover", "typo", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out)
+            .contains("runbook `typo` step `t` (plugin `fixture`): validate: invalid config: `mode` lop is not one of"),
+        "{}",
+        stderr(&out)
+    );
+    let out = b.run(&["failover", "core", "--yes"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("is a core WebAssembly module, not a component"), "{}", stderr(&out));
+    let out = b.run(&["failover", "future", "--yes"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("runbook `future` step `f`")
+            && stderr(&out).contains("was built for another interface")
+            && stderr(&out).contains("veza:dr@0.1.0"),
+        "{}",
+        stderr(&out)
+    );
+    let out = b.run(&["failover", "nope", "--yes"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("runbook `nope` not found") && stderr(&out).contains("known runbooks: spin, hog"),
+        "{}",
+        stderr(&out)
+    );
+    let out = b.run(&["failover", "spin"]);
+    assert_eq!(out.status.code(), Some(2), "no terminal and no --yes: refuse");
+
+    let out = b.ok(&["failover", "flaky", "--yes"]);
+    assert!(
+        out.contains("f (fixture 0.1.0): ok")
+            && out.contains("2 attempts")
+            && out.contains("flaky passed on attempt 2"),
+        "{out}"
+    );
+
+    // The audit log has a line per step and per runbook, with who, the config hash and the outcome.
+    let audit = b.audit();
+    let spin = audit.iter().find(|r| r["runbook"] == "spin" && r["step"] == "forever").unwrap();
+    assert_eq!(spin["outcome"], "failed");
+    assert!(spin["error"].as_str().unwrap().contains("timed out"));
+    assert_eq!(spin["config-hash"].as_str().unwrap().len(), 16);
+    assert!(!spin["who"].as_str().unwrap().is_empty());
+    let flaky = audit.iter().find(|r| r["runbook"] == "flaky" && r["step"] == "f").unwrap();
+    assert_eq!((flaky["outcome"].as_str(), flaky["attempts"].as_u64()), (Some("ok"), Some(2)));
+    assert!(audit.iter().any(|r| r["runbook"] == "flaky" && r["step"] == "*" && r["outcome"] == "ok"));
+}
+
+/// The same faults inside one process: each fails its step, and the process goes on to run a
+/// healthy step afterwards (this is what keeps the daemon up).
+#[test]
+fn one_process_survives_every_fault_and_caches_compiled_plugins() {
+    use veza_dr::runbook::{self, spec::RunbookSpec, Status};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let text = [
+        one_step("spin", "forever", "with = { mode = \"loop\" }\ntimeout = \"500ms\""),
+        one_step("hog", "grow", "with = { mode = \"alloc\" }\nmemory-limit = \"8MiB\""),
+        one_step("crash", "boom", "with = { mode = \"trap\" }"),
+        one_step("fine", "ok", "with = { mode = \"ok\", answer = 42 }"),
+    ]
+    .concat();
+    let path = state.path().join("rb.toml");
+    let doc = veza_dr::policy::parse_document(&path, &text).unwrap();
+    let by = |n: &str| -> RunbookSpec { doc.runbooks.iter().find(|r| r.name == n).unwrap().clone() };
+    let opts = runbook::Options {
+        plugins_dir: plugins_dir(),
+        cache_dir: Some(state.path().join("cache")),
+        audit_log: state.path().join("audit.log"),
+        dry_run: false,
+        from: None,
+        who: "test".into(),
+    };
+    for (name, want) in
+        [("spin", "timed out"), ("hog", "ran out of memory"), ("crash", "trapped"), ("spin", "timed out")]
+    {
+        let r = runbook::execute(&by(name), &opts, rt.handle(), |_| {}).unwrap();
+        assert!(!r.ok);
+        assert_eq!(r.steps[0].status, Status::Failed);
+        assert!(r.steps[0].error.as_deref().unwrap().contains(want), "{name}: {:?}", r.steps[0].error);
+    }
+    let r = runbook::execute(&by("fine"), &opts, rt.handle(), |_| {}).unwrap();
+    assert!(r.ok, "{r:?}");
+    assert_eq!(r.steps[0].facts.get("answer").map(String::as_str), Some("42"));
+
+    // Cold load compiles and fills the cache; a warm load deserializes; a damaged cache file is
+    // ignored and replaced.
+    let cache = state.path().join("cache2");
+    let host = runbook::host::Host::new(&plugins_dir(), Some(&cache)).unwrap();
+    let cold = host.load("http-check").unwrap();
+    assert!(!cold.cached);
+    let warm = host.load("http-check").unwrap();
+    assert!(warm.cached, "the second load must come from the cache");
+    let files: Vec<PathBuf> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 1);
+    let mut damaged = std::fs::read(&files[0]).unwrap();
+    let mid = damaged.len() / 2;
+    damaged[mid] ^= 0xff;
+    std::fs::write(&files[0], damaged).unwrap();
+    let again = host.load("http-check").unwrap();
+    assert!(!again.cached, "a damaged cache file must not be used");
+    assert!(host.load("http-check").unwrap().cached);
+}
+
+/// A small HTTP server: `/health` answers 503 twice then 200 "status: ready"; `/hook` records
+/// POST bodies; `/echo` returns the X-Token header.
+struct Web {
+    port: u16,
+    hooks: Arc<Mutex<Vec<String>>>,
+    health_calls: Arc<Mutex<u32>>,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn web(port: u16) -> Web {
+    use axum::routing::{get, post};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let hooks: Arc<Mutex<Vec<String>>> = Arc::default();
+    let health_calls: Arc<Mutex<u32>> = Arc::default();
+    let (h, c) = (hooks.clone(), health_calls.clone());
+    let app = axum::Router::new()
+        .route(
+            "/health",
+            get(move || {
+                let c = c.clone();
+                async move {
+                    let mut n = c.lock().unwrap();
+                    *n += 1;
+                    if *n <= 2 {
+                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "starting".to_string())
+                    } else {
+                        (axum::http::StatusCode::OK, "status: ready".to_string())
+                    }
+                }
+            }),
+        )
+        .route(
+            "/hook",
+            post(move |body: String| {
+                let h = h.clone();
+                async move {
+                    h.lock().unwrap().push(body);
+                    "ok"
+                }
+            }),
+        )
+        .route(
+            "/echo",
+            get(|headers: axum::http::HeaderMap| async move {
+                format!("token={}", headers.get("x-token").and_then(|v| v.to_str().ok()).unwrap_or("-"))
+            }),
+        );
+    rt.spawn(async move {
+        let l = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        axum::serve(l, app).await.unwrap();
+    });
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Web { port, hooks, health_calls, _rt: rt }
+}
+
+#[test]
+fn http_check_and_webhook_against_a_local_server_with_dry_run_resume_and_secrets() {
+    let port = free_port();
+    let text = format!(
+        r#"
+[[runbook]]
+name = "region-failover"
+objective = "2m"
+secrets = {{ hook = "env:TEST_HOOK_URL", token = "env:TEST_TOKEN" }}
+
+[[runbook.step]]
+name = "learn"
+plugin = "fixture"
+with = {{ mode = "ok", new-timeline = "7" }}
+
+[[runbook.step]]
+name = "app-healthy"
+plugin = "http-check"
+with = {{ url = "http://127.0.0.1:{port}/health", body-contains = "ready", within = "20s", interval = "200ms" }}
+grants = {{ http = ["127.0.0.1:{port}"] }}
+
+[[runbook.step]]
+name = "notify"
+plugin = "webhook-notify"
+with = {{ url = "${{secret:hook}}", text = "Failover {{{{runbook}}}} done: timeline {{{{new-timeline}}}}", username = "veza-dr" }}
+grants = {{ http = ["127.0.0.1"], secrets = ["hook"] }}
+
+[[runbook]]
+name = "leak"
+secrets = {{ token = "env:TEST_TOKEN" }}
+[[runbook.step]]
+name = "echo"
+plugin = "fixture"
+with = {{ mode = "http", url = "http://127.0.0.1:{port}/echo", header = "X-Token: ${{secret:token}}" }}
+grants = {{ http = ["127.0.0.1"], secrets = ["token"] }}
+"#
+    );
+    let mut b = Books::new(&text);
+    b.env.push(("TEST_HOOK_URL".into(), format!("http://127.0.0.1:{port}/hook")));
+    b.env.push(("TEST_TOKEN".into(), "tok-9f8e7d6c5b".into()));
+
+    // The server is down: the dry run plans every step and touches nothing; the real run
+    // fails at the health check and does not notify.
+    let plan = b.ok(&["failover", "region-failover", "--dry-run"]);
+    assert!(plan.contains(&format!("GET http://127.0.0.1:{port}/health every 200 ms until it answers status 200 and a body containing \"ready\"")), "{plan}");
+    assert!(
+        plan.contains(
+            "POST to the webhook in secret `hook`: \"Failover region-failover done: timeline {{new-timeline}}\""
+        ),
+        "{plan}"
+    );
+    assert!(plan.contains("dry run: every step planned, nothing changed"), "{plan}");
+    let b_short = text.replace("within = \"20s\"", "within = \"1s\"");
+    std::fs::write(b.path("policies/runbooks.toml"), &b_short).unwrap();
+    let out = b.run(&["failover", "region-failover", "--yes"]);
+    assert_eq!(out.status.code(), Some(1));
+    let o = stdout(&out);
+    assert!(o.contains("app-healthy (http-check 0.1.0): FAILED") && o.contains("did not answer status 200"), "{o}");
+    assert!(o.contains("notify (webhook-notify 0.1.0): not run: an earlier step failed"), "{o}");
+    assert!(o.contains("resume with: veza-dr failover region-failover --from app-healthy --yes"), "{o}");
+
+    // The server comes up; resume at the failed step: the first step's facts come from the
+    // audit log, the check retries through two 503s, and the webhook body carries the facts.
+    std::fs::write(b.path("policies/runbooks.toml"), &text).unwrap();
+    let w = web(port);
+    let o = b.ok(&["failover", "region-failover", "--yes", "--from", "app-healthy"]);
+    assert!(o.contains("learn (fixture): skipped (--from app-healthy)"), "{o}");
+    assert!(o.contains("answered status 200 and a body containing \"ready\" after 3 attempt(s)"), "{o}");
+    assert!(o.contains("(objective 2m: met)"), "{o}");
+    assert_eq!(*w.health_calls.lock().unwrap(), 3);
+    let hooks = w.hooks.lock().unwrap().clone();
+    assert_eq!(hooks.len(), 1, "{hooks:?}");
+    let body: serde_json::Value = serde_json::from_str(&hooks[0]).unwrap();
+    assert_eq!(body, serde_json::json!({"text": "Failover region-failover done: timeline 7", "username": "veza-dr"}));
+
+    // A dry run with the server up still sends nothing.
+    let calls = *w.health_calls.lock().unwrap();
+    b.ok(&["failover", "region-failover", "--dry-run"]);
+    assert_eq!(w.hooks.lock().unwrap().len(), 1);
+    assert_eq!(*w.health_calls.lock().unwrap(), calls);
+
+    // A server that echoes the secret header does not hand the secret to the plugin.
+    let o = b.ok(&["failover", "leak", "--yes"]);
+    assert!(o.contains("status 200: token=[secret:token]"), "{o}");
+    let everything = format!("{o}{}", std::fs::read_to_string(b.path("state/runbooks/audit.log")).unwrap());
+    assert!(!everything.contains("tok-9f8e7d6c5b") && !everything.contains("/hook"), "a secret leaked: {everything}");
+    let _ = w.port;
+}
+
+#[test]
+fn pg_promote_promotes_a_real_streaming_standby() {
+    let primary = Pg::start("", vec![]);
+    pg::psql(&primary.dsn(), "CREATE TABLE t(id int); INSERT INTO t SELECT generate_series(1, 100)");
+    let standby = primary.standby();
+    let t = Instant::now();
+    while pg::psql(&standby.dsn(), "SELECT count(*) FROM t").trim() != "100" {
+        assert!(t.elapsed() < Duration::from_secs(60), "the standby did not catch up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(pg::psql(&standby.dsn(), "SELECT pg_is_in_recovery()").trim(), "t");
+    let mut b = Books::new(
+        r#"
+[[runbook]]
+name = "db-failover"
+objective = "5m"
+connections = { standby = "env:TEST_STANDBY_DSN" }
+[[runbook.step]]
+name = "promote"
+plugin = "pg-promote"
+with = { connection = "standby", wait = "60s" }
+grants = { connections = ["standby"] }
+timeout = "2m"
+"#,
+    );
+    b.env.push(("TEST_STANDBY_DSN".into(), standby.dsn()));
+
+    let plan = b.ok(&["failover", "db-failover", "--dry-run"]);
+    assert!(plan.contains("promote the standby on connection `standby` (timeline 1"), "{plan}");
+    assert_eq!(pg::psql(&standby.dsn(), "SELECT pg_is_in_recovery()").trim(), "t", "a dry run must not promote");
+
+    let out = b.ok(&["failover", "db-failover", "--yes"]);
+    assert!(out.contains("`standby` promoted: timeline 1 -> 2"), "{out}");
+    assert!(out.contains("verified: `standby` is a primary and accepts writes"), "{out}");
+    assert_eq!(pg::psql(&standby.dsn(), "SELECT pg_is_in_recovery()").trim(), "f");
+    pg::psql(&standby.dsn(), "INSERT INTO t VALUES (101)");
+    assert_eq!(pg::psql(&standby.dsn(), "SELECT count(*) FROM t").trim(), "101");
+    let audit = std::fs::read_to_string(b.path("state/runbooks/audit.log")).unwrap();
+    assert!(audit.contains("\"new-timeline\":\"2\""), "{audit}");
+    assert!(!audit.contains(pg::PASSWORD) && !out.contains(pg::PASSWORD), "the DSN's password leaked");
+
+    // Running it again is refused: the server is no longer a standby.
+    let out = b.run(&["failover", "db-failover", "--yes"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("is not a standby (not in recovery); refusing to promote"), "{}", stdout(&out));
+}
+
+/// A PowerDNS authoritative server with the sqlite backend and the HTTP API on 127.0.0.1.
+struct Pdns {
+    _dir: tempfile::TempDir,
+    child: std::process::Child,
+    dns_port: u16,
+    api_port: u16,
+}
+
+impl Drop for Pdns {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const PDNS_KEY: &str = "pdns-test-key-31337";
+
+fn pdns() -> Pdns {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let db = d.join("pdns.sqlite3");
+    let schema = std::fs::read_to_string("/usr/share/pdns-backend-sqlite3/schema/schema.sqlite3.sql")
+        .expect("pdns-backend-sqlite3 is not installed: run scripts/setup.sh");
+    let st = Command::new("sqlite3").arg(&db).stdin(std::process::Stdio::piped()).spawn().and_then(|mut c| {
+        use std::io::Write;
+        c.stdin.take().unwrap().write_all(schema.as_bytes())?;
+        c.wait()
+    });
+    assert!(st.unwrap().success());
+    let (dns_port, api_port) = (free_port(), free_port());
+    std::fs::write(
+        d.join("pdns.conf"),
+        format!(
+            "launch=gsqlite3\ngsqlite3-database={}\nlocal-address=127.0.0.1\nlocal-port={dns_port}\napi=yes\napi-key={PDNS_KEY}\nwebserver=yes\nwebserver-address=127.0.0.1\nwebserver-port={api_port}\nwebserver-allow-from=127.0.0.0/8\nsocket-dir={}\ndaemon=no\nguardian=no\ndisable-syslog=yes\n",
+            db.display(),
+            d.display()
+        ),
+    )
+    .unwrap();
+    let cfg = format!("--config-dir={}", d.display());
+    for args in [
+        vec!["create-zone", "example.org", "ns1.example.org"],
+        vec!["add-record", "example.org", "db", "A", "60", "10.0.0.1"],
+    ] {
+        let out = Command::new("pdnsutil").arg(&cfg).args(&args).output().unwrap();
+        assert!(out.status.success(), "pdnsutil {args:?}: {}", stderr(&out));
+    }
+    let log = std::fs::File::create(d.join("pdns.log")).unwrap();
+    let child = Command::new("pdns_server").arg(&cfg).stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap();
+    let p = Pdns { _dir: dir, child, dns_port, api_port };
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", api_port)).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(20), "pdns_server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    p
+}
+
+fn dig(port: u16, name: &str) -> String {
+    let out = Command::new("dig").args(["@127.0.0.1", "-p", &port.to_string(), name, "A", "+short"]).output().unwrap();
+    stdout(&out).trim().to_string()
+}
+
+#[test]
+fn dns_switch_changes_a_record_on_a_real_powerdns() {
+    let p = pdns();
+    assert_eq!(dig(p.dns_port, "db.example.org"), "10.0.0.1");
+    let text = format!(
+        r#"
+[[runbook]]
+name = "dns"
+secrets = {{ pdns = "env:TEST_PDNS_KEY" }}
+[[runbook.step]]
+name = "switch"
+plugin = "dns-switch"
+with = {{ api = "http://127.0.0.1:{}", zone = "example.org", name = "db.example.org", type = "A", content = "10.0.0.2", ttl = 30, api-key = "pdns" }}
+grants = {{ http = ["127.0.0.1:{}"], secrets = ["pdns"] }}
+"#,
+        p.api_port, p.api_port
+    );
+    let mut b = Books::new(&text);
+    b.env.push(("TEST_PDNS_KEY".into(), PDNS_KEY.into()));
+    let plan = b.ok(&["failover", "dns", "--dry-run"]);
+    assert!(
+        plan.contains("change db.example.org. A in zone example.org. from 10.0.0.1 to 10.0.0.2 (ttl 30)"),
+        "{plan}"
+    );
+    assert_eq!(dig(p.dns_port, "db.example.org"), "10.0.0.1", "a dry run must not change DNS");
+
+    let out = b.ok(&["failover", "dns", "--yes"]);
+    assert!(out.contains("db.example.org. A now points at 10.0.0.2 (was 10.0.0.1); verified"), "{out}");
+    assert_eq!(dig(p.dns_port, "db.example.org"), "10.0.0.2");
+
+    // A wrong API key is a clear failure that names the secret, never its value.
+    b.env[0].1 = "wrong-key".into();
+    let out = b.run(&["failover", "dns", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("PowerDNS refused the API key in secret `pdns` (401)"), "{}", stdout(&out));
+    assert!(!stdout(&out).contains("wrong-key"));
+    // Without the secret grant the step is refused before it runs.
+    std::fs::write(b.path("policies/runbooks.toml"), text.replace("secrets = [\"pdns\"]", "secrets = []")).unwrap();
+    let out = b.run(&["failover", "dns", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains(
+            "runbook `dns` step `switch` (plugin `dns-switch`): needs grants it was not given: secrets `pdns`"
+        ),
+        "{}",
+        stderr(&out)
+    );
+}
