@@ -17,6 +17,19 @@ fn every_shipped_policy_parses() {
     assert!(names.contains(&"db".to_string()) && names.contains(&"uploads".to_string()), "{names:?}");
     let o = std::process::Command::new(bin()).args(["policy", "check"]).arg(&dir).output().unwrap();
     assert!(o.status.success(), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains(
+            "ok    runbook db-failover: promote (pg-promote) -> app-healthy (http-check) -> notify (webhook-notify)"
+        ),
+        "{}",
+        stdout(&o)
+    );
+    let runbooks: Vec<String> = veza_dr::policy::load_documents(&dir)
+        .unwrap()
+        .into_iter()
+        .flat_map(|(_, d)| d.unwrap().runbooks.into_iter().map(|r| r.name))
+        .collect();
+    assert_eq!(runbooks, ["db-failover", "region-failover"]);
 }
 
 #[test]

@@ -481,6 +481,29 @@ mod tests {
     }
 
     #[test]
+    fn runbook_only_files_and_runbook_errors_with_position() {
+        let ok = "[[runbook]]\nname = \"rb\"\n[[runbook.step]]\nname = \"s\"\nplugin = \"fixture\"\n";
+        let doc = parse_document(Path::new("f.toml"), ok).unwrap();
+        assert!(doc.policy.is_none());
+        assert_eq!(doc.runbooks[0].steps[0].plugin, "fixture");
+        let err = Policy::parse(Path::new("f.toml"), ok).unwrap_err();
+        assert!(err.message.contains("declares only runbooks"), "{}", err.message);
+        let bad = "\n[[runbook]]\nname = \"rb\"\n[[runbook.step]]\nname = \"s\"\nplugin = \"p\"\ngrants = { connections = [\"db\"] }\n";
+        let err = parse_document(Path::new("f.toml"), bad).unwrap_err();
+        assert!(
+            err.message.starts_with(
+                "f.toml:2:1: runbook `rb`: step `s` is granted connection `db`, which the runbook does not declare"
+            ),
+            "{}",
+            err.message
+        );
+        let typo =
+            "[[runbook]]\nname = \"rb\"\n[[runbook.step]]\nname = \"s\"\nplugin = \"p\"\non-failure = \"ignore\"\n";
+        let err = parse_document(Path::new("f.toml"), typo).unwrap_err();
+        assert!(err.message.starts_with("f.toml:6:14: unknown variant `ignore`"), "{}", err.message);
+    }
+
+    #[test]
     fn literal_secret_is_refused() {
         let text = format!(
             "[source]\ntype = \"postgres\"\ndsn = \"postgres://u:pw@h/db\"\ndata-dir = \"/d\"\n[repository]\nurl = \"file:///tmp/r\"\n[encryption]\nrecipients = [\"{}\"]\n",
