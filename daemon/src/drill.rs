@@ -33,6 +33,7 @@ pub struct Phase {
 #[serde(rename_all = "kebab-case")]
 pub struct CheckResult {
     pub name: String,
+    /// The SQL, or the shell command of a command check.
     pub sql: String,
     pub expected: String,
     pub got: String,
@@ -63,6 +64,9 @@ pub struct Report {
     pub wal_from: Option<String>,
     pub recovered_lsn: Option<String>,
     pub last_transaction: Option<String>,
+    /// How the snapshot was chosen: `newest`, `random-older` or `named`.
+    #[serde(default)]
+    pub choice: String,
     pub phases: Vec<Phase>,
     pub checks: Vec<CheckResult>,
     pub rto: Objective,
@@ -82,7 +86,9 @@ pub struct Signature {
 pub struct Options {
     pub state_dir: PathBuf,
     pub report_dir: PathBuf,
-    pub identity_file: PathBuf,
+    /// The restore-side identity; `None` gives a failed report that says so.
+    pub identity_file: Option<PathBuf>,
+    /// A snapshot id or prefix; default the newest (and, by policy, a random older one).
     pub snapshot: Option<String>,
 }
 
@@ -97,118 +103,172 @@ pub fn judge(measured: Option<f64>, objective: Option<f64>) -> String {
     }
 }
 
-fn phase(report: &mut Report, name: &str, t: Instant, r: &Result<String>) {
+/// The drill's scratch space and the server running in it. Dropping it (also when the drill
+/// is stopped at its time limit) stops the server and removes the directory.
+struct Sandbox {
+    dir: tempfile::TempDir,
+    server: Option<Server>,
+    /// The phase in progress, named when the time limit stops the drill.
+    phase: &'static str,
+}
+
+impl Sandbox {
+    fn new() -> Result<Sandbox> {
+        let dir = tempfile::Builder::new()
+            .prefix("veza-drill-")
+            .tempdir()
+            .map_err(|e| Error::failed(format!("cannot create the drill sandbox: {e}")))?;
+        // Traversable by the database user that runs the throw-away server.
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755));
+        Ok(Sandbox { dir, server: None, phase: "setup" })
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            s.uid = owner_uid(&s.data);
+            if s.data.join("postmaster.pid").exists() {
+                s.stop();
+            }
+            let _ = std::fs::remove_dir_all(s.socket_dir());
+        }
+    }
+}
+
+/// Record a phase's outcome; the first failure becomes the report's failure.
+fn phase(report: &mut Report, name: &str, t: Instant, r: &Result<String>) -> bool {
     let (ok, detail) = match r {
         Ok(d) => (true, d.clone()),
         Err(e) => (false, e.message.clone()),
     };
-    report.phases.push(Phase { name: name.into(), seconds: t.elapsed().as_secs_f64(), ok, detail });
+    report.phases.push(Phase { name: name.into(), seconds: t.elapsed().as_secs_f64(), ok, detail: detail.clone() });
+    if !ok {
+        report.failure.get_or_insert(format!("{name}: {detail}"));
+    }
+    ok
 }
 
-/// Run a drill. A failing drill still returns its report (with verdict "fail").
-pub async fn run(repo: &Repo, policy: &Policy, opener: &Opener, o: &Options) -> Result<Report> {
-    let pg = match &policy.source {
-        Source::Postgres(pg) if pg.method == PgMethod::Physical => pg.clone(),
-        Source::Volume(_) => return run_volume(repo, policy, opener, o).await,
-        _ => {
-            return Err(Error::usage(format!(
-                "policy {} is not a physical PostgreSQL policy: drills of logical policies are not built yet",
-                policy.name
-            )))
+/// Drill a policy: the chosen (or newest) snapshot, and with `random-older` also a random
+/// older one. Each drill gives its own signed report; a failing drill still returns one.
+pub async fn run_all(repo: &Repo, policy: &Policy, o: &Options) -> Result<Vec<Report>> {
+    let choice = if o.snapshot.is_some() { "named" } else { "newest" };
+    let first = run(repo, policy, o, o.snapshot.clone(), choice).await?;
+    let newest = first.snapshot.clone();
+    let mut out = vec![first];
+    if policy.verify.random_older && o.snapshot.is_none() {
+        let snaps = repo.snapshots().await.unwrap_or_default();
+        let older: Vec<String> = snaps
+            .iter()
+            .filter(|s| Some(&s.id) != newest.as_ref() && kind_matches(policy, s))
+            .map(|s| s.id.clone())
+            .collect();
+        // The generator is not Send: pick before the next await.
+        let pick = { rand::seq::IndexedRandom::choose(&older[..], &mut rand::rng()).cloned() };
+        if let Some(id) = pick {
+            out.push(run(repo, policy, o, Some(id), "random-older").await?);
         }
-    };
+    }
+    Ok(out)
+}
+
+fn kind_matches(policy: &Policy, s: &crate::repository::format::Sidecar) -> bool {
+    match &policy.source {
+        Source::Postgres(pg) if pg.method == PgMethod::Physical => s.postgres.is_some(),
+        _ => true,
+    }
+}
+
+/// One drill of one snapshot (`None`: the newest). Every failure ends up in the report.
+pub async fn run(repo: &Repo, policy: &Policy, o: &Options, snapshot: Option<String>, choice: &str) -> Result<Report> {
     let t0 = Instant::now();
     let started = Utc::now();
     let mut rep = new_report(policy, started);
-    let sandbox = sandbox()?;
-    let target = sandbox.path().join("data");
-    let port = free_port()?;
-    let popts = PhysicalOptions {
-        snapshot: o.snapshot.clone(),
-        target_dir: target.clone(),
-        recovery: RecoveryTarget::default(),
-        start: true,
-        port,
-        identity_file: Some(o.identity_file.clone()),
-        bytes_done: Default::default(),
-        bytes_total: Default::default(),
-    };
-    let t = Instant::now();
-    let restored = crate::pgrestore::restore_physical(repo, opener, policy, &pg, &popts).await;
-    let server = Server {
-        bin_dir: pg.bin_dir.clone(),
-        data: target.clone(),
-        port,
-        uid: owner_uid(&target),
-        dsn: pg.dsn.resolve().ok(),
-    };
-    match &restored {
-        Ok(s) => {
+    rep.choice = choice.to_string();
+    if choice == "random-older" {
+        rep.id.push_str("-older");
+    }
+    let limit =
+        policy.verify.time_limit.map(|d| d.0).unwrap_or_else(|| {
+            policy.objectives.rto.map(|d| d.0 * 2).unwrap_or(std::time::Duration::from_secs(24 * 3600))
+        });
+    let mut sb = Sandbox::new()?;
+    let work = drill_kind(repo, policy, o, snapshot, &mut rep, &mut sb);
+    let recovered_at = match tokio::time::timeout(limit, work).await {
+        Ok(r) => r,
+        Err(_) => {
+            let during = sb.phase;
+            let limit = humantime::format_duration(limit);
             rep.phases.push(Phase {
-                name: "fetch, decrypt, write".into(),
-                seconds: s.seconds_restore,
-                ok: true,
-                detail: format!("{} files, {} bytes from snapshot {}", s.files, s.bytes, s.snapshot),
-            });
-            rep.phases.push(Phase {
-                name: "server start and WAL replay".into(),
-                seconds: s.seconds_recovery,
-                ok: true,
-                detail: format!(
-                    "recovered to {} on timeline {}",
-                    s.recovered_lsn.as_deref().unwrap_or("?"),
-                    s.timeline.unwrap_or(0)
-                ),
-            });
-            rep.snapshot = Some(s.snapshot.clone());
-            rep.recovered_lsn = s.recovered_lsn.clone();
-            rep.last_transaction = s.last_transaction.clone();
-        }
-        Err(e) => {
-            rep.phases.push(Phase {
-                name: "restore and recovery".into(),
-                seconds: t.elapsed().as_secs_f64(),
+                name: during.into(),
+                seconds: 0.0,
                 ok: false,
-                detail: e.message.clone(),
+                detail: format!("stopped: the drill exceeded its time limit of {limit}"),
             });
-            rep.failure = Some(format!("restore and recovery: {}", e.message));
+            rep.failure = Some(format!("time limit: the drill exceeded its limit of {limit} during {during}"));
+            None
         }
-    }
-    let mut backup_end: Option<DateTime<Utc>> = None;
-    if let Ok(snaps) = repo.snapshots().await {
-        let snap = rep.snapshot.as_ref().and_then(|id| snaps.iter().find(|s| &s.id == id));
-        let pg_info = snap.and_then(|s| s.postgres.as_ref());
-        rep.wal_from = pg_info.and_then(|p| p.get("start-wal")?.as_str().map(String::from));
-        backup_end = pg_info.and_then(|p| p.get("stop-time")?.as_str()?.parse().ok());
-    }
-
-    if restored.is_ok() {
-        let t = Instant::now();
-        let r = amcheck(&server, &pg).await;
-        phase(&mut rep, "pg_amcheck", t, &r);
-        if let Err(e) = &r {
-            rep.failure.get_or_insert(format!("pg_amcheck: {}", e.message));
-        }
-        let t = Instant::now();
-        let r = checks(&server, policy, &mut rep).await;
-        phase(&mut rep, "checks", t, &r);
-        if let Err(e) = &r {
-            rep.failure.get_or_insert(format!("checks: {}", e.message));
-        }
-    }
-    server.stop();
-    drop(sandbox);
-    // Measured RPO: start of the drill to the newest recovered transaction; without a
-    // replayed transaction the newest recovered point is the end of the backup.
-    let recovered_at =
-        rep.last_transaction.as_deref().and_then(parse_pg_time).or(backup_end.filter(|_| restored.is_ok()));
+    };
+    drop(sb);
     finish(repo, rep, t0, recovered_at, o).await
+}
+
+/// The kind-specific part; returns the newest recovered point (for the RPO).
+async fn drill_kind(
+    repo: &Repo,
+    policy: &Policy,
+    o: &Options,
+    snapshot: Option<String>,
+    rep: &mut Report,
+    sb: &mut Sandbox,
+) -> Option<DateTime<Utc>> {
+    sb.phase = "open identity";
+    let t = Instant::now();
+    let opened = match &o.identity_file {
+        None => Err(Error::crypto(format!("a drill of policy {} needs the private identity", policy.name))),
+        Some(f) => Opener::from_file(f),
+    };
+    let r = opened.as_ref().map(|_| "identity loaded".to_string()).map_err(|e| Error::new(e.kind, e.message.clone()));
+    if !phase(rep, "open identity", t, &r) {
+        return None;
+    }
+    let opener = opened.ok()?;
+    let identity = o.identity_file.clone()?;
+    sb.phase = "choose snapshot";
+    let t = Instant::now();
+    let snap = match snapshot.as_deref() {
+        Some(id) => repo.find_snapshot(id).await,
+        None => repo.snapshots().await.and_then(|all| {
+            all.into_iter()
+                .rev()
+                .find(|s| kind_matches(policy, s))
+                .ok_or_else(|| Error::not_found(format!("policy {} has no snapshot yet", policy.name)))
+        }),
+    };
+    let r = snap
+        .as_ref()
+        .map(|s| format!("snapshot {} of {}", s.id, s.started.format("%Y-%m-%d %H:%M:%S UTC")))
+        .map_err(|e| Error::new(e.kind, e.message.clone()));
+    if !phase(rep, "choose snapshot", t, &r) {
+        return None;
+    }
+    let snap = snap.ok()?;
+    rep.snapshot = Some(snap.id.clone());
+    match &policy.source {
+        Source::Volume(_) => volume(repo, policy, &opener, &snap, rep, sb).await,
+        Source::Postgres(pg) if pg.method == PgMethod::Physical => {
+            physical(repo, policy, pg, &opener, &identity, &snap, rep, sb).await
+        }
+        Source::Postgres(pg) => logical(repo, policy, pg, &opener, &snap, rep, sb).await,
+    }
 }
 
 fn new_report(policy: &Policy, started: DateTime<Utc>) -> Report {
     Report {
         format: 1,
-        id: started.format("%Y%m%dT%H%M%SZ").to_string(),
+        // Unique even for drills started in the same second (a report is never overwritten).
+        id: format!("{}-{}", started.format("%Y%m%dT%H%M%SZ"), hex::encode(rand::random::<[u8; 3]>())),
         policy: policy.name.clone(),
         host: crate::repository::lock::hostname(),
         started,
@@ -219,6 +279,7 @@ fn new_report(policy: &Policy, started: DateTime<Utc>) -> Report {
         wal_from: None,
         recovered_lsn: None,
         last_transaction: None,
+        choice: String::new(),
         phases: vec![],
         checks: vec![],
         rto: Objective {
@@ -267,15 +328,208 @@ async fn finish(
     Ok(rep)
 }
 
-/// A volume drill: restore into a sandbox and compare every file with the snapshot's record.
-async fn run_volume(repo: &Repo, policy: &Policy, opener: &Opener, o: &Options) -> Result<Report> {
-    let t0 = Instant::now();
-    let started = Utc::now();
-    let mut rep = new_report(policy, started);
-    let sandbox = sandbox()?;
-    let target = sandbox.path().join("tree");
-    let snap = repo.find_snapshot(o.snapshot.as_deref().unwrap_or("latest")).await?;
-    rep.snapshot = Some(snap.id.clone());
+fn drill_port(policy: &Policy) -> Result<u16> {
+    match policy.verify.port {
+        Some(p) => Ok(p),
+        None => std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .map_err(|e| Error::failed(format!("cannot find a free port for the drill server: {e}"))),
+    }
+}
+
+/// PostgreSQL physical: restore into the sandbox, start, replay WAL to the newest point,
+/// pg_amcheck, checks.
+#[allow(clippy::too_many_arguments)]
+async fn physical(
+    repo: &Repo,
+    policy: &Policy,
+    pg: &crate::policy::PgSource,
+    opener: &Opener,
+    identity: &Path,
+    snap: &crate::repository::format::Sidecar,
+    rep: &mut Report,
+    sb: &mut Sandbox,
+) -> Option<DateTime<Utc>> {
+    let pg_info = snap.postgres.as_ref();
+    rep.wal_from = pg_info.and_then(|p| p.get("start-wal")?.as_str().map(String::from));
+    let backup_end: Option<DateTime<Utc>> = pg_info.and_then(|p| p.get("stop-time")?.as_str()?.parse().ok());
+    let target = sb.dir.path().join("data");
+    sb.phase = "restore and recovery";
+    let t = Instant::now();
+    let port = match drill_port(policy) {
+        Ok(p) => p,
+        Err(e) => {
+            phase(rep, "restore and recovery", t, &Err(e));
+            return None;
+        }
+    };
+    sb.server =
+        Some(Server { bin_dir: pg.bin_dir.clone(), data: target.clone(), port, uid: 0, dsn: pg.dsn.resolve().ok() });
+    let popts = PhysicalOptions {
+        snapshot: Some(snap.id.clone()),
+        target_dir: target.clone(),
+        recovery: RecoveryTarget::default(),
+        start: true,
+        port,
+        identity_file: Some(identity.to_path_buf()),
+        bytes_done: Default::default(),
+        bytes_total: Default::default(),
+    };
+    let s = match crate::pgrestore::restore_physical(repo, opener, policy, pg, &popts).await {
+        Ok(s) => s,
+        Err(e) => {
+            phase(rep, "restore and recovery", t, &Err(e));
+            return None;
+        }
+    };
+    rep.phases.push(Phase {
+        name: "fetch, decrypt, write".into(),
+        seconds: s.seconds_restore,
+        ok: true,
+        detail: format!("{} files, {} bytes from snapshot {}", s.files, s.bytes, s.snapshot),
+    });
+    rep.phases.push(Phase {
+        name: "server start and WAL replay".into(),
+        seconds: s.seconds_recovery,
+        ok: true,
+        detail: format!(
+            "recovered to {} on timeline {}",
+            s.recovered_lsn.as_deref().unwrap_or("?"),
+            s.timeline.unwrap_or(0)
+        ),
+    });
+    rep.recovered_lsn = s.recovered_lsn.clone();
+    rep.last_transaction = s.last_transaction.clone();
+    if let Some(server) = sb.server.as_mut() {
+        server.uid = owner_uid(&target);
+    }
+    if !server_checks(policy, pg, rep, sb).await {
+        return None;
+    }
+    // The newest recovered transaction; without one replayed, the end of the backup.
+    rep.last_transaction.as_deref().and_then(parse_pg_time).or(backup_end)
+}
+
+/// pg_amcheck and the policy's checks on the sandbox's running server.
+async fn server_checks(policy: &Policy, pg: &crate::policy::PgSource, rep: &mut Report, sb: &mut Sandbox) -> bool {
+    let Some(server) = sb.server.as_ref() else { return false };
+    sb.phase = "pg_amcheck";
+    let t = Instant::now();
+    let r = amcheck(server, pg).await;
+    if !phase(rep, "pg_amcheck", t, &r) {
+        return false;
+    }
+    if policy.verify.check.is_empty() {
+        return true;
+    }
+    sb.phase = "checks";
+    let t = Instant::now();
+    let r = checks(server, policy, rep, sb.dir.path()).await;
+    phase(rep, "checks", t, &r)
+}
+
+/// PostgreSQL logical: a new throw-away cluster in the sandbox, the dumps loaded with
+/// pg_restore, then pg_amcheck and the checks.
+async fn logical(
+    repo: &Repo,
+    policy: &Policy,
+    pg: &crate::policy::PgSource,
+    opener: &Opener,
+    snap: &crate::repository::format::Sidecar,
+    rep: &mut Report,
+    sb: &mut Sandbox,
+) -> Option<DateTime<Utc>> {
+    sb.phase = "create and start a cluster";
+    let t = Instant::now();
+    let made = scratch_cluster(policy, pg, sb).await;
+    let r = made.as_ref().map(|_| "initdb and start".to_string()).map_err(|e| Error::new(e.kind, e.message.clone()));
+    if !phase(rep, "create and start a cluster", t, &r) {
+        return None;
+    }
+    let dsn = made.ok()?;
+    sb.phase = "fetch, decrypt, pg_restore";
+    let t = Instant::now();
+    let r = crate::pgrestore::restore_logical(repo, opener, pg, &snap.id, &dsn, 2)
+        .await
+        .map(|(id, dbs)| format!("databases {} from snapshot {id}", dbs.join(", ")));
+    if !phase(rep, "fetch, decrypt, pg_restore", t, &r) {
+        return None;
+    }
+    // A dump is consistent as of its start.
+    server_checks(policy, pg, rep, sb).await.then_some(snap.started)
+}
+
+/// initdb a new cluster in the sandbox as the database user (never root) and start it; returns
+/// its DSN. Local connections are trusted: the socket directory is private to the server's
+/// owner (and root), and restoring the globals may change the superuser's password. TCP on
+/// 127.0.0.1 needs a random password nobody is told.
+async fn scratch_cluster(policy: &Policy, pg: &crate::policy::PgSource, sb: &mut Sandbox) -> Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let data = sb.dir.path().join("data");
+    let me = nix::unistd::geteuid();
+    let uid = if me.is_root() {
+        nix::unistd::User::from_name("postgres").ok().flatten().map(|u| u.uid.as_raw()).ok_or_else(|| {
+            Error::failed("veza-dr runs as root and there is no `postgres` user to run the drill's server")
+        })?
+    } else {
+        me.as_raw()
+    };
+    let password = hex::encode(rand::random::<[u8; 16]>());
+    let pwfile = sb.dir.path().join("pw");
+    std::fs::write(&pwfile, &password).map_err(|e| Error::io("write", &pwfile, e))?;
+    std::fs::create_dir_all(&data).map_err(|e| Error::io("create", &data, e))?;
+    for p in [&data, &pwfile] {
+        let _ = std::os::unix::fs::chown(p, Some(uid), None);
+    }
+    let _ = std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700));
+    let _ = std::fs::set_permissions(&pwfile, std::fs::Permissions::from_mode(0o600));
+    let port = drill_port(policy)?;
+    let server = Server {
+        bin_dir: pg.bin_dir.clone(),
+        data: data.clone(),
+        port,
+        uid,
+        dsn: Some(format!("user=postgres password={password}")),
+    };
+    let out = server
+        .as_owner(&pg.bin_dir.join("initdb"))
+        .args(["--no-sync", "-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8"])
+        .arg("--locale=C.UTF-8")
+        .arg(format!("--pwfile={}", pwfile.display()))
+        .arg("-D")
+        .arg(&data)
+        .output()
+        .map_err(|e| Error::failed(format!("cannot run initdb: {e}")))?;
+    let _ = std::fs::remove_file(&pwfile);
+    if !out.status.success() {
+        return Err(Error::new(
+            crate::error::Kind::Database,
+            format!("initdb failed: {}", String::from_utf8_lossy(&out.stderr).trim().replace('\n', " ")),
+        ));
+    }
+    let work = data.join("veza-dr-restore");
+    std::fs::create_dir_all(&work).map_err(|e| Error::io("create", &work, e))?;
+    let _ = std::os::unix::fs::chown(&work, Some(uid), None);
+    let dsn =
+        format!("host={} port={port} user=postgres password={password} dbname=postgres", server.socket_dir().display());
+    let server = sb.server.insert(server);
+    server.start().await?;
+    Ok(dsn)
+}
+
+/// A volume drill: restore into the sandbox, compare every file with the snapshot's record,
+/// then run the policy's check commands in the restored tree.
+async fn volume(
+    repo: &Repo,
+    policy: &Policy,
+    opener: &Opener,
+    snap: &crate::repository::format::Sidecar,
+    rep: &mut Report,
+    sb: &mut Sandbox,
+) -> Option<DateTime<Utc>> {
+    let target = sb.dir.path().join("tree");
+    sb.phase = "fetch, decrypt, write";
     let t = Instant::now();
     let ropts = crate::restore::Options {
         snapshot: snap.id.clone(),
@@ -288,20 +542,25 @@ async fn run_volume(repo: &Repo, policy: &Policy, opener: &Opener, o: &Options) 
     let restored = crate::restore::run(repo, opener, &ropts)
         .await
         .map(|s| format!("{} files, {} bytes from snapshot {}", s.files, s.bytes, s.snapshot));
-    phase(&mut rep, "fetch, decrypt, write", t, &restored);
-    if let Err(e) = &restored {
-        rep.failure = Some(format!("fetch, decrypt, write: {}", e.message));
-    } else {
+    if !phase(rep, "fetch, decrypt, write", t, &restored) {
+        return None;
+    }
+    sb.phase = "compare with recorded hashes";
+    let t = Instant::now();
+    let compared = compare_tree(repo, opener, snap, &target).await;
+    if !phase(rep, "compare with recorded hashes", t, &compared) {
+        return None;
+    }
+    if !policy.verify.check.is_empty() {
+        sb.phase = "checks";
         let t = Instant::now();
-        let compared = compare_tree(repo, opener, &snap, &target).await;
-        phase(&mut rep, "compare with recorded hashes", t, &compared);
-        if let Err(e) = &compared {
-            rep.failure = Some(format!("compare with recorded hashes: {}", e.message));
+        let r = run_checks(policy, rep, &target, &[], None).await;
+        if !phase(rep, "checks", t, &r) {
+            return None;
         }
     }
-    drop(sandbox);
     // The data is as of the snapshot's start.
-    finish(repo, rep, t0, Some(snap.started), o).await
+    Some(snap.started)
 }
 
 async fn compare_tree(
@@ -345,25 +604,6 @@ async fn compare_tree(
     }
 }
 
-/// The drill's sandbox: removed when dropped, whatever happened; traversable by the database
-/// user that runs the throw-away server.
-fn sandbox() -> Result<tempfile::TempDir> {
-    let dir = tempfile::Builder::new()
-        .prefix("veza-drill-")
-        .tempdir()
-        .map_err(|e| Error::failed(format!("cannot create the drill sandbox: {e}")))?;
-    use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755));
-    Ok(dir)
-}
-
-fn free_port() -> Result<u16> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| Error::failed(format!("cannot find a free port for the drill server: {e}")))
-}
-
 fn owner_uid(p: &Path) -> u32 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(p).map(|m| m.uid()).unwrap_or(0)
@@ -390,7 +630,7 @@ async fn amcheck(server: &Server, pg: &crate::policy::PgSource) -> Result<String
     if let Some(p) = cfg.get_password() {
         c.env("PGPASSWORD", String::from_utf8_lossy(p).into_owned());
     }
-    let out = c.output().await.map_err(|e| Error::failed(format!("cannot run pg_amcheck: {e}")))?;
+    let out = c.kill_on_drop(true).output().await.map_err(|e| Error::failed(format!("cannot run pg_amcheck: {e}")))?;
     if out.status.success() {
         Ok("every database checked: no corruption".into())
     } else {
@@ -402,55 +642,124 @@ async fn amcheck(server: &Server, pg: &crate::policy::PgSource) -> Result<String
     }
 }
 
-async fn checks(server: &Server, policy: &Policy, rep: &mut Report) -> Result<String> {
-    let (client, conn) = server
-        .config()
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(|e| crate::source::postgres::db_error("drill server", "connect", e))?;
-    tokio::spawn(conn);
+/// The policy's checks against a drill server: SQL over a connection, commands with the
+/// server's PGHOST/PGPORT/PGUSER/PGPASSWORD, in `cwd`.
+async fn checks(server: &Server, policy: &Policy, rep: &mut Report, cwd: &Path) -> Result<String> {
+    let cfg = server.config();
+    let mut clients = std::collections::BTreeMap::new();
+    for db in
+        policy.verify.check.iter().filter(|c| c.sql.is_some()).map(|c| c.database.as_deref().unwrap_or("postgres"))
+    {
+        if clients.contains_key(db) {
+            continue;
+        }
+        let mut c = cfg.clone();
+        c.dbname(db);
+        let (client, conn) = c
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|e| crate::source::postgres::db_error(&format!("drill server, database {db}"), "connect", e))?;
+        tokio::spawn(conn);
+        clients.insert(db.to_string(), client);
+    }
+    let mut env = vec![
+        ("PGHOST".to_string(), server.socket_dir().display().to_string()),
+        ("PGPORT".to_string(), server.port.to_string()),
+        ("PGUSER".to_string(), cfg.get_user().unwrap_or("postgres").to_string()),
+        ("PGDATABASE".to_string(), "postgres".to_string()),
+    ];
+    if let Some(pw) = cfg.get_password() {
+        env.push(("PGPASSWORD".into(), String::from_utf8_lossy(pw).into_owned()));
+    }
+    run_checks(policy, rep, cwd, &env, Some(&clients)).await
+}
+
+/// Run every check: `sql` on `client`, `command` through `sh -c` in `cwd` with `env`.
+async fn run_checks(
+    policy: &Policy,
+    rep: &mut Report,
+    cwd: &Path,
+    env: &[(String, String)],
+    clients: Option<&std::collections::BTreeMap<String, tokio_postgres::Client>>,
+) -> Result<String> {
     let mut failed = Vec::new();
     for (i, c) in policy.verify.check.iter().enumerate() {
         let name = c.name.clone().unwrap_or_else(|| format!("check {}", i + 1));
-        let (expected, got, ok) = match client.simple_query(&c.sql).await {
-            Err(e) => (
-                "a result".to_string(),
-                format!("error: {}", e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string())),
-                false,
-            ),
-            Ok(msgs) => {
-                let rows: Vec<&tokio_postgres::SimpleQueryRow> = msgs
-                    .iter()
-                    .filter_map(|m| if let tokio_postgres::SimpleQueryMessage::Row(r) = m { Some(r) } else { None })
-                    .collect();
-                let first = rows.first().and_then(|r| r.get(0)).unwrap_or("").to_string();
-                match &c.expect {
-                    None => ("true".into(), first.clone(), first == "t" || first == "true"),
-                    Some(toml::Value::Table(t)) if t.contains_key("min-rows") => {
-                        let min = t.get("min-rows").and_then(|v| v.as_integer()).unwrap_or(1);
-                        (format!("at least {min} rows"), format!("{} rows", rows.len()), rows.len() as i64 >= min)
-                    }
-                    Some(v) => {
-                        let want = match v {
-                            toml::Value::String(s) => s.clone(),
-                            toml::Value::Boolean(true) => "t".into(),
-                            toml::Value::Boolean(false) => "f".into(),
-                            other => other.to_string(),
-                        };
-                        (want.clone(), first.clone(), first == want)
-                    }
-                }
-            }
+        let client = clients.and_then(|m| m.get(c.database.as_deref().unwrap_or("postgres")));
+        let (text, (expected, got, ok)) = match (&c.sql, &c.command, client) {
+            (Some(sql), _, Some(client)) => (sql.clone(), sql_check(client, sql, c.expect.as_ref()).await),
+            (Some(sql), _, None) => (sql.clone(), ("a result".into(), "no database in this drill".into(), false)),
+            (None, Some(cmd), _) => (cmd.clone(), command_check(cmd, cwd, env).await),
+            (None, None, _) => (String::new(), ("a check".into(), "neither sql nor command".into(), false)),
         };
         if !ok {
             failed.push(format!("{name} (expected {expected}, got {got})"));
         }
-        rep.checks.push(CheckResult { name, sql: c.sql.clone(), expected, got, ok });
+        rep.checks.push(CheckResult { name, sql: text, expected, got, ok });
     }
     if failed.is_empty() {
         Ok(format!("{} checks passed", rep.checks.len()))
     } else {
         Err(Error::failed(format!("{} of {} checks failed: {}", failed.len(), rep.checks.len(), failed.join("; "))))
+    }
+}
+
+/// (expected, got, ok) of one SQL check.
+async fn sql_check(client: &tokio_postgres::Client, sql: &str, expect: Option<&toml::Value>) -> (String, String, bool) {
+    let msgs = match client.simple_query(sql).await {
+        Err(e) => {
+            let msg = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string());
+            return ("a result".into(), format!("error: {msg}"), false);
+        }
+        Ok(m) => m,
+    };
+    let rows: Vec<&tokio_postgres::SimpleQueryRow> = msgs
+        .iter()
+        .filter_map(|m| if let tokio_postgres::SimpleQueryMessage::Row(r) = m { Some(r) } else { None })
+        .collect();
+    let first = rows.first().and_then(|r| r.get(0)).unwrap_or("").to_string();
+    match expect {
+        None => ("true".into(), first.clone(), first == "t" || first == "true"),
+        Some(toml::Value::Table(t)) if t.contains_key("min-rows") => {
+            let min = t.get("min-rows").and_then(|v| v.as_integer()).unwrap_or(1);
+            (format!("at least {min} rows"), format!("{} rows", rows.len()), rows.len() as i64 >= min)
+        }
+        Some(v) => {
+            let want = match v {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Boolean(true) => "t".into(),
+                toml::Value::Boolean(false) => "f".into(),
+                other => other.to_string(),
+            };
+            (want.clone(), first.clone(), first == want)
+        }
+    }
+}
+
+/// (expected, got, ok) of one command check: it passes by exiting 0.
+async fn command_check(cmd: &str, cwd: &Path, env: &[(String, String)]) -> (String, String, bool) {
+    let out = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .current_dir(cwd)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await;
+    match out {
+        Err(e) => ("exit 0".into(), format!("cannot run sh: {e}"), false),
+        Ok(o) if o.status.success() => ("exit 0".into(), "exit 0".into(), true),
+        Ok(o) => {
+            let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+            let last: String = text.trim().lines().last().unwrap_or("").chars().take(200).collect();
+            let code = o.status.code().map(|c| c.to_string()).unwrap_or_else(|| "a signal".into());
+            (
+                "exit 0".into(),
+                if last.is_empty() { format!("exit {code}") } else { format!("exit {code}: {last}") },
+                false,
+            )
+        }
     }
 }
 

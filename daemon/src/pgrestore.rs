@@ -305,18 +305,21 @@ impl Server {
         self.data.join("veza-dr-restore/server.log")
     }
 
+    /// A PostgreSQL program run as the owner of the data directory (PostgreSQL refuses root).
+    pub fn as_owner(&self, program: &Path) -> std::process::Command {
+        let me = nix::unistd::geteuid().as_raw();
+        if me == self.uid {
+            return std::process::Command::new(program);
+        }
+        let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(self.uid)).ok().flatten();
+        let mut c = std::process::Command::new("runuser");
+        c.arg("-u").arg(user.map(|u| u.name).unwrap_or_else(|| self.uid.to_string())).arg("--").arg(program);
+        c
+    }
+
     /// `pg_ctl` as the owner of the data directory.
     fn pg_ctl(&self, args: &[&str]) -> std::process::Command {
-        let ctl = self.bin_dir.join("pg_ctl");
-        let me = nix::unistd::geteuid().as_raw();
-        let mut c = if me == self.uid {
-            std::process::Command::new(&ctl)
-        } else {
-            let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(self.uid)).ok().flatten();
-            let mut c = std::process::Command::new("runuser");
-            c.arg("-u").arg(user.map(|u| u.name).unwrap_or_else(|| self.uid.to_string())).arg("--").arg(&ctl);
-            c
-        };
+        let mut c = self.as_owner(&self.bin_dir.join("pg_ctl"));
         c.args(args);
         c
     }
@@ -326,30 +329,42 @@ impl Server {
         let _ = std::fs::remove_dir_all(self.socket_dir());
     }
 
-    /// Start, wait for the end of recovery, report where it ended.
-    pub async fn start_and_wait(&self, repo: &Repo) -> Result<Recovered> {
+    /// Start the server on its port (127.0.0.1 and a socket in `socket_dir`) and wait until it
+    /// accepts connections. Cancelling the future kills `pg_ctl`; the caller stops the server.
+    pub async fn start(&self) -> Result<()> {
         let sock = self.socket_dir();
         std::fs::create_dir_all(&sock).map_err(|e| Error::io("create", &sock, e))?;
         let _ = std::os::unix::fs::chown(&sock, Some(self.uid), None);
-        let opts = format!("-p {} -k {} -c listen_addresses=''", self.port, sock.display());
-        let out = self
-            .pg_ctl(&[
-                "-D",
-                &self.data.display().to_string(),
-                "-l",
-                &self.log().display().to_string(),
-                "-o",
-                &opts,
-                "-w",
-                "-t",
-                "3600",
-                "start",
-            ])
+        // Restored data is production data: the socket is for the server's owner (and root).
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o700));
+        let opts = format!("-p {} -k {} -c listen_addresses='127.0.0.1'", self.port, sock.display());
+        let cmd = self.pg_ctl(&[
+            "-D",
+            &self.data.display().to_string(),
+            "-l",
+            &self.log().display().to_string(),
+            "-o",
+            &opts,
+            "-w",
+            "-t",
+            "3600",
+            "start",
+        ]);
+        let out = tokio::process::Command::from(cmd)
+            .kill_on_drop(true)
             .output()
+            .await
             .map_err(|e| Error::failed(format!("cannot run pg_ctl: {e}")))?;
         if !out.status.success() {
-            return Err(self.failure("the restored server did not start", repo).await);
+            return Err(self.failure("the server did not start"));
         }
+        Ok(())
+    }
+
+    /// Start, wait for the end of recovery, report where it ended.
+    pub async fn start_and_wait(&self, repo: &Repo) -> Result<Recovered> {
+        self.start().await?;
         let client = self.connect().await?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(3600);
         loop {
@@ -357,7 +372,7 @@ impl Server {
             match r {
                 Ok(row) if !row.get::<_, bool>(0) => break,
                 Ok(_) => {}
-                Err(_) => return Err(self.failure("the restored server stopped during recovery", repo).await),
+                Err(_) => return Err(self.failure("the restored server stopped during recovery")),
             }
             if tokio::time::Instant::now() > deadline {
                 return Err(Error::failed("recovery did not finish within an hour"));
@@ -429,12 +444,18 @@ impl Server {
         )
     }
 
-    async fn failure(&self, what: &str, repo: &Repo) -> Error {
+    fn failure(&self, what: &str) -> Error {
         let log = std::fs::read_to_string(self.log()).unwrap_or_default();
         let fatal = log.lines().rfind(|l| l.contains("FATAL") || l.contains("PANIC")).unwrap_or("").trim().to_string();
         let missing = std::fs::read_to_string(crate::wal::spool_dir(&self.data).join("missing")).unwrap_or_default();
         let redo = log.lines().filter_map(|l| l.split("redo done at ").nth(1)).next_back().map(|s| s.to_string());
-        let _ = repo;
+        if log.contains("could not bind") && log.contains("Address already in use") {
+            return Error::new(
+                Kind::Database,
+                format!("{what}: port {} on 127.0.0.1 is already in use ({fatal})", self.port),
+            )
+            .with_hint("choose another port (restore --port, or [verify] port for drills; unset picks a free one)");
+        }
         let mut msg = format!("{what}: {fatal}");
         if let Some(seg) = missing.lines().find(|n| n.len() == 24) {
             msg += &format!("; WAL segment {seg} is not in the repository");

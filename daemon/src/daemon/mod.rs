@@ -125,27 +125,26 @@ async fn run_once(p: &Policy, k: JobKind, state_dir: &std::path::Path) -> Result
             }
             JobKind::Verify => {
                 let repo = crate::repository::Repo::open(&p2).await?;
-                // With a restore-side identity and a physical PostgreSQL source: the drill.
-                if let (Some(crate::secret::SecretRef::File(id)), "postgres-physical") =
-                    (&p2.encryption.identity, p2.source_type())
-                {
-                    let opener = crate::crypto::Opener::from_file(id)?;
+                // With a restore-side identity on this host: the drill.
+                if let Some(crate::secret::SecretRef::File(id)) = &p2.encryption.identity {
                     let o = crate::drill::Options {
                         state_dir: sd.clone(),
                         report_dir: sd.join("drill-reports"),
-                        identity_file: id.clone(),
+                        identity_file: Some(id.clone()),
                         snapshot: None,
                     };
-                    let r = crate::drill::run(&repo, &p2, &opener, &o).await?;
-                    return if r.verdict == "fail" {
-                        Err(Error::failed(format!(
+                    let reports = crate::drill::run_all(&repo, &p2, &o).await?;
+                    if let Some(r) = reports.iter().find(|r| r.verdict == "fail") {
+                        return Err(Error::failed(format!(
                             "drill of policy {} failed: {}",
                             p2.name,
-                            r.failure.unwrap_or_default()
-                        )))
-                    } else {
-                        Ok(Done { snapshot: r.snapshot, ..Default::default() })
-                    };
+                            r.failure.clone().unwrap_or_default()
+                        )));
+                    }
+                    return Ok(Done {
+                        snapshot: reports.into_iter().next().and_then(|r| r.snapshot),
+                        ..Default::default()
+                    });
                 }
                 // Otherwise (no key on this host) the keyless structural verify.
                 let r = crate::verify::run(&repo, None, false, 100.0).await?;

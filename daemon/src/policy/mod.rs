@@ -181,13 +181,26 @@ pub struct Objectives {
 pub struct VerifyCfg {
     #[serde(default)]
     pub check: Vec<Check>,
+    /// Also drill a randomly chosen older snapshot (a second report).
+    #[serde(default)]
+    pub random_older: bool,
+    /// A drill that runs longer fails, naming the phase it was in (default: twice the RTO
+    /// objective, or 24h without one).
+    pub time_limit: Option<Dur>,
+    /// Port of the drill's throw-away server (default: a free one).
+    pub port: Option<u16>,
 }
 
+/// A drill check: `sql` on the restored server, or a shell `command` (run in the restored tree
+/// for volumes; with PGHOST/PGPORT/PGUSER/PGPASSWORD of the drill server for PostgreSQL).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Check {
     pub name: Option<String>,
-    pub sql: String,
+    pub sql: Option<String>,
+    /// The database `sql` runs in (default `postgres`).
+    pub database: Option<String>,
+    pub command: Option<String>,
     pub expect: Option<toml::Value>,
 }
 
@@ -351,6 +364,28 @@ impl Policy {
         }
         if !(1 << 20..=1 << 30).contains(&r.pack_size.0) {
             return Err(here("pack-size", "pack-size must be between 1MiB and 1GiB".into()));
+        }
+        for (i, c) in self.verify.check.iter().enumerate() {
+            let name = c.name.clone().unwrap_or_else(|| format!("check {}", i + 1));
+            match (&c.sql, &c.command) {
+                (Some(_), Some(_)) | (None, None) => {
+                    return Err(here("[[verify.check]]", format!("{name}: give either `sql` or `command`")))
+                }
+                (Some(_), None) if self.volume().is_some() => {
+                    return Err(here(
+                        "[[verify.check]]",
+                        format!("{name}: a volume drill has no database; use `command`"),
+                    )
+                    .with_hint("a command runs in the restored tree, e.g. command = \"test -s config/app.yaml\""))
+                }
+                (None, Some(_)) if c.expect.is_some() => {
+                    return Err(here(
+                        "[[verify.check]]",
+                        format!("{name}: `expect` applies to `sql`; a command passes by exiting 0"),
+                    ))
+                }
+                _ => {}
+            }
         }
         if r.upload_concurrency == 0 || r.upload_concurrency > 64 {
             return Err(here("upload-concurrency", "upload-concurrency must be between 1 and 64".into()));
