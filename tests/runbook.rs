@@ -560,3 +560,84 @@ grants = {{ http = ["127.0.0.1:{}"], secrets = ["pdns"] }}
         stderr(&out)
     );
 }
+
+/// A drill rehearses runbooks (their dry run). In the daemon, plugins that hang, hog memory or
+/// trap during the rehearsal fail the drill, are named in its report, and the daemon goes on.
+#[test]
+fn drills_rehearse_runbooks_and_the_daemon_survives_misbehaving_plugins() {
+    use common::{http, http_full, tree, Backend, Fixture, Kind};
+    let backend = Backend::start(Kind::File);
+    let fx = Fixture::new(&backend);
+    let src = fx.path("src");
+    tree::generate(&src, 2, 1);
+    let extra = format!(
+        "identity = \"file:{}\"\n\n[schedule]\nverify = \"*/3 * * * * *\"\n\n[verify]\nrehearse = [\"hang\", \"hog\", \"crash\", \"fine\"]\n",
+        fx.identity.display()
+    );
+    fx.volume_policy("vol", &backend, "vol", &src, &extra);
+    let books = [
+        one_step("hang", "spin", "with = { mode = \"loop\", in-plan = true }\ntimeout = \"1s\""),
+        one_step("hog", "grow", "with = { mode = \"alloc\", in-plan = true }\nmemory-limit = \"8MiB\""),
+        one_step("crash", "boom", "with = { mode = \"trap\", in-plan = true }"),
+        one_step("fine", "ok", "with = { mode = \"ok\" }"),
+    ]
+    .concat();
+    std::fs::write(fx.path("policies/failover.toml"), books).unwrap();
+    fx.ok(&["backup", "vol"]);
+
+    let port = free_port();
+    let mut daemon = fx
+        .cmd(&["daemon", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--plugins")
+        .arg(plugins_dir())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    let report = loop {
+        assert!(t.elapsed() < Duration::from_secs(120), "no drill report from the daemon");
+        if let Some(r) = fx.json(&["drills", "vol"]).as_array().and_then(|a| a.first().cloned()) {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(report["verdict"], "fail", "{report}");
+    let phase = |name: &str| {
+        report["phases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{name}: {report}"))
+    };
+    assert_eq!(phase("compare with recorded hashes")["ok"], true);
+    let hang = phase("rehearse runbook hang");
+    assert!(hang["detail"].as_str().unwrap().contains("spin: timed out"), "{hang}");
+    assert!(phase("rehearse runbook hog")["detail"].as_str().unwrap().contains("grow: ran out of memory"));
+    assert!(phase("rehearse runbook crash")["detail"].as_str().unwrap().contains("boom: trapped"));
+    let fine = phase("rehearse runbook fine");
+    assert_eq!(fine["ok"], true, "{fine}");
+    assert!(fine["detail"].as_str().unwrap().contains("fixture step would run mode `ok`"), "{fine}");
+    assert!(report["failure"].as_str().unwrap().starts_with("rehearse runbook hang: cannot be planned"), "{report}");
+    // The restore test itself passed, so its RTO was measured; only the verdict fails.
+    assert_eq!(phase("fetch, decrypt, write")["ok"], true);
+
+    // The daemon is still up and keeps scheduling.
+    assert_eq!(http(port, "GET", "/healthz"), 200);
+    let runs = |m: &str| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("veza_dr_job_runs_total{policy=\"vol\",kind=\"verify\"} "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let first = runs(&http_full(port, "GET", "/metrics").1);
+    let t = Instant::now();
+    while runs(&http_full(port, "GET", "/metrics").1) <= first {
+        assert!(t.elapsed() < Duration::from_secs(60), "the daemon stopped scheduling");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(daemon.try_wait().unwrap(), None, "the daemon died");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(daemon.wait().unwrap().success());
+}

@@ -27,7 +27,13 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
                 _ => None,
             });
             let repo = Repo::open(&p).await?;
-            let o = crate::drill::Options { state_dir: state_dir(&g), report_dir, identity_file, snapshot };
+            let o = crate::drill::Options {
+                state_dir: state_dir(&g),
+                report_dir,
+                identity_file,
+                snapshot,
+                plugins_dir: g.plugins.clone(),
+            };
             let reports = crate::drill::run_all(&repo, &p, &o).await?;
             for r in &reports {
                 if g.json {
@@ -170,6 +176,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             crate::daemon::run(crate::daemon::Options {
                 policies_dir: g.policies.clone(),
                 state_dir: state_dir(&g),
+                plugins_dir: g.plugins.clone(),
                 listen,
                 max_concurrent: max_jobs,
                 grace,

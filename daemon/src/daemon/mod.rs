@@ -18,6 +18,8 @@ use std::time::Duration;
 pub struct Options {
     pub policies_dir: PathBuf,
     pub state_dir: PathBuf,
+    /// Runbook-step plugins, for the runbook rehearsals of drills.
+    pub plugins_dir: PathBuf,
     pub listen: std::net::SocketAddr,
     pub max_concurrent: usize,
     pub grace: Duration,
@@ -26,6 +28,7 @@ pub struct Options {
 /// Runs jobs through the library, with retries for transient failures, and records them.
 pub struct JobRunner {
     state_dir: PathBuf,
+    plugins_dir: PathBuf,
     history: Arc<History>,
     metrics: Arc<metrics::Metrics>,
     retry_delays: Vec<Duration>,
@@ -35,13 +38,14 @@ impl Runner for JobRunner {
     fn run(&self, p: Policy, k: JobKind, reason: &'static str) -> futures::future::BoxFuture<'static, Result<()>> {
         let (state_dir, history, metrics, delays) =
             (self.state_dir.clone(), self.history.clone(), self.metrics.clone(), self.retry_delays.clone());
+        let plugins_dir = self.plugins_dir.clone();
         Box::pin(async move {
             let started = chrono::Utc::now();
             let t = std::time::Instant::now();
             let mut attempts = 0u32;
             let outcome = loop {
                 attempts += 1;
-                let r = run_once(&p, k, &state_dir).await;
+                let r = run_once(&p, k, &state_dir, &plugins_dir).await;
                 match r {
                     Err(e) if e.kind.is_transient() && (attempts as usize) <= delays.len() => {
                         let d = delays[attempts as usize - 1];
@@ -99,9 +103,9 @@ struct Done {
     bytes_stored: u64,
 }
 
-async fn run_once(p: &Policy, k: JobKind, state_dir: &std::path::Path) -> Result<Done> {
+async fn run_once(p: &Policy, k: JobKind, state_dir: &std::path::Path, plugins: &std::path::Path) -> Result<Done> {
     // A panic inside a job must not take the daemon down: run it as its own task.
-    let (p2, sd) = (p.clone(), state_dir.to_path_buf());
+    let (p2, sd, plugins_dir) = (p.clone(), state_dir.to_path_buf(), plugins.to_path_buf());
     let h = tokio::spawn(async move {
         match k {
             JobKind::Full | JobKind::Incremental => {
@@ -132,6 +136,7 @@ async fn run_once(p: &Policy, k: JobKind, state_dir: &std::path::Path) -> Result
                         report_dir: sd.join("drill-reports"),
                         identity_file: Some(id.clone()),
                         snapshot: None,
+                        plugins_dir,
                     };
                     let reports = crate::drill::run_all(&repo, &p2, &o).await?;
                     if let Some(r) = reports.iter().find(|r| r.verdict == "fail") {
@@ -185,6 +190,7 @@ pub async fn run(o: Options) -> Result<i32> {
     let last_seen = history.last_seen();
     let runner = JobRunner {
         state_dir: o.state_dir.clone(),
+        plugins_dir: o.plugins_dir.clone(),
         history: history.clone(),
         metrics: metrics.clone(),
         retry_delays: retry_delays(),

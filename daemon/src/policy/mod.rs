@@ -189,6 +189,9 @@ pub struct VerifyCfg {
     pub time_limit: Option<Dur>,
     /// Port of the drill's throw-away server (default: a free one).
     pub port: Option<u16>,
+    /// Runbooks whose dry run (`plan`) the drill rehearses, after the restore test.
+    #[serde(default)]
+    pub rehearse: Vec<String>,
 }
 
 /// A drill check: `sql` on the restored server, or a shell `command` (run in the restored tree
