@@ -304,13 +304,7 @@ fn drill_faults_are_named_and_leave_nothing_behind() {
     );
     nothing_left("no identity");
 
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let text = std::fs::read_to_string(fx.path("policies/db.toml"))
-        .unwrap()
-        .replace(&backend.repository_toml("db"), &backend.repository_toml_files("db", dir.path()));
-    let p = veza_dr::policy::Policy::parse(&dir.path().join("db.toml"), &text).unwrap();
-    let store = veza_dr::repository::Store::open(&p.repository).unwrap();
+    let (rt, store, _dir) = fx.raw_store(&backend, "db", "db");
 
     // A flipped bit in the biggest pack: named in the report.
     let packs = rt.block_on(store.list("data/")).unwrap();

@@ -304,13 +304,7 @@ fn a_missing_wal_segment_is_named_with_the_last_reachable_point() {
     assert!(gap > stop_wal, "the deleted segment must lie after the backup");
 
     // Delete the segment from the repository.
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let text = std::fs::read_to_string(fx.path("policies/db.toml"))
-        .unwrap()
-        .replace(&backend.repository_toml("db"), &backend.repository_toml_files("db", dir.path()));
-    let p = veza_dr::policy::Policy::parse(&dir.path().join("db.toml"), &text).unwrap();
-    let store = veza_dr::repository::Store::open(&p.repository).unwrap();
+    let (rt, store, _dir) = fx.raw_store(&backend, "db", "db");
     let objs = rt.block_on(store.list(&format!("wal/{}/{gap}/", &gap[..8]))).unwrap();
     assert_eq!(objs.len(), 1);
     rt.block_on(store.delete(&objs[0].0)).unwrap();

@@ -328,6 +328,24 @@ impl Fixture {
         String::from_utf8(out.stdout).unwrap()
     }
 
+    /// The repository of policy `policy` (stored under `prefix`) opened directly, to damage it
+    /// the way a real fault would.
+    pub fn raw_store(
+        &self,
+        backend: &Backend,
+        policy: &str,
+        prefix: &str,
+    ) -> (tokio::runtime::Runtime, veza_dr::repository::Store, tempfile::TempDir) {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let text = std::fs::read_to_string(self.path(&format!("policies/{policy}.toml")))
+            .unwrap()
+            .replace(&backend.repository_toml(prefix), &backend.repository_toml_files(prefix, dir.path()));
+        let p = veza_dr::policy::Policy::parse(&dir.path().join(format!("{policy}.toml")), &text).unwrap();
+        let store = veza_dr::repository::Store::open(&p.repository).unwrap();
+        (rt, store, dir)
+    }
+
     pub fn json<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(&self, args: &[S]) -> serde_json::Value {
         let mut a: Vec<&std::ffi::OsStr> = args.iter().map(|s| s.as_ref()).collect();
         a.push("--json".as_ref());

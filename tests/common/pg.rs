@@ -41,20 +41,36 @@ pub fn open_up(p: &Path) {
     }
 }
 
+/// A directory owned by the postgres user for a new cluster, a free port, and a socket
+/// directory for it.
+fn cluster_dirs() -> (tempfile::TempDir, PathBuf, u16, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    open_up(dir.path());
+    let data = dir.path().join("data");
+    let port = super::free_port();
+    let sock = PathBuf::from(format!("/tmp/vzpg-{port}"));
+    std::fs::create_dir_all(&sock).unwrap();
+    for p in [dir.path(), sock.as_path()] {
+        Command::new("chown").args(["-R", "postgres"]).arg(p).status().unwrap();
+    }
+    (dir, data, port, sock)
+}
+
+fn append_conf(data: &Path, conf: &str) {
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(data.join("postgresql.conf"))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, conf.as_bytes()))
+        .unwrap();
+}
+
 impl Pg {
     /// A new cluster; `archive_command` empty means archiving off.
     pub fn start(archive_command: &str, env: Vec<(String, String)>) -> Pg {
-        let dir = tempfile::tempdir().unwrap();
-        open_up(dir.path());
-        let data = dir.path().join("data");
-        let port = super::free_port();
-        let sock = PathBuf::from(format!("/tmp/vzpg-{port}"));
-        std::fs::create_dir_all(&sock).unwrap();
+        let (dir, data, port, sock) = cluster_dirs();
         let pw = dir.path().join("pw");
         std::fs::write(&pw, PASSWORD).unwrap();
-        for p in [dir.path(), sock.as_path()] {
-            Command::new("chown").args(["-R", "postgres"]).arg(p).status().unwrap();
-        }
+        Command::new("chown").arg("postgres").arg(&pw).status().unwrap();
         let out = as_postgres(
             &[
                 &format!("{BIN}/initdb"),
@@ -80,11 +96,7 @@ impl Pg {
             "port = {port}\nunix_socket_directories = '{}'\nlisten_addresses = ''\nwal_level = replica\nfsync = off\nmax_wal_size = 256MB\ntrack_commit_timestamp = on\n{archive}",
             sock.display()
         );
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(data.join("postgresql.conf"))
-            .and_then(|mut f| std::io::Write::write_all(&mut f, conf.as_bytes()))
-            .unwrap();
+        append_conf(&data, &conf);
         let pg = Pg { _dir: dir, data, port, sock, env };
         pg.ctl(&["start", "-w", "-l", pg.data.parent().unwrap().join("server.log").to_str().unwrap()]);
         pg
@@ -93,15 +105,7 @@ impl Pg {
     /// A streaming-replication standby of this cluster: `pg_basebackup -R`, started on its own
     /// port and socket directory.
     pub fn standby(&self) -> Pg {
-        let dir = tempfile::tempdir().unwrap();
-        open_up(dir.path());
-        let data = dir.path().join("data");
-        let port = super::free_port();
-        let sock = PathBuf::from(format!("/tmp/vzpg-{port}"));
-        std::fs::create_dir_all(&sock).unwrap();
-        for p in [dir.path(), sock.as_path()] {
-            Command::new("chown").args(["-R", "postgres"]).arg(p).status().unwrap();
-        }
+        let (dir, data, port, sock) = cluster_dirs();
         let out = as_postgres(
             &[
                 &format!("{BIN}/pg_basebackup"),
@@ -118,12 +122,10 @@ impl Pg {
             &[],
         );
         assert!(out.status.success(), "pg_basebackup: {}", String::from_utf8_lossy(&out.stderr));
-        let conf = format!("\nport = {port}\nunix_socket_directories = '{}'\narchive_mode = off\n", sock.display());
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(data.join("postgresql.conf"))
-            .and_then(|mut f| std::io::Write::write_all(&mut f, conf.as_bytes()))
-            .unwrap();
+        append_conf(
+            &data,
+            &format!("\nport = {port}\nunix_socket_directories = '{}'\narchive_mode = off\n", sock.display()),
+        );
         let pg = Pg { _dir: dir, data, port, sock, env: vec![] };
         pg.ctl(&["start", "-w", "-l", pg.data.parent().unwrap().join("server.log").to_str().unwrap()]);
         pg
