@@ -95,6 +95,16 @@ fn sandbox_stops_loops_hogs_traps_and_ungranted_requests_with_clear_errors() {
         }
     }
     std::fs::write(&future, &fut).unwrap();
+    // One that imports a WASI interface (a filesystem, a socket...) the host does not give.
+    let wasi = dir.path().join("wasi.wasm");
+    let mut w = bytes.clone();
+    let (from, to) = (&b"veza:dr/host@0.1.0"[..], &b"wasi:io/strm@0.1.0"[..]);
+    for i in 0..w.len().saturating_sub(from.len()) {
+        if &w[i..i + from.len()] == from {
+            w[i..i + from.len()].copy_from_slice(to);
+        }
+    }
+    std::fs::write(&wasi, &w).unwrap();
 
     let text = [
         one_step("spin", "forever", "with = { mode = \"loop\" }\ntimeout = \"1s\""),
@@ -106,6 +116,7 @@ fn sandbox_stops_loops_hogs_traps_and_ungranted_requests_with_clear_errors() {
         one_step("flaky", "f", "with = { mode = \"flaky\" }\nretries = 1\nretry-delay = \"100ms\""),
         format!("[[runbook]]\nname = \"core\"\n[[runbook.step]]\nname = \"c\"\nplugin = \"{}\"\n\n", core.display()),
         format!("[[runbook]]\nname = \"future\"\n[[runbook.step]]\nname = \"f\"\nplugin = \"{}\"\n\n", future.display()),
+        format!("[[runbook]]\nname = \"wasi\"\n[[runbook.step]]\nname = \"w\"\nplugin = \"{}\"\n\n", wasi.display()),
     ]
     .concat();
     let b = Books::new(&text);
@@ -165,6 +176,13 @@ fn sandbox_stops_loops_hogs_traps_and_ungranted_requests_with_clear_errors() {
         stderr(&out).contains("runbook `future` step `f`")
             && stderr(&out).contains("was built for another interface")
             && stderr(&out).contains("veza:dr@0.1.0"),
+        "{}",
+        stderr(&out)
+    );
+    let out = b.run(&["failover", "wasi", "--yes"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("imports `wasi:io/strm@0.1.0`, which this host does not provide"),
         "{}",
         stderr(&out)
     );
@@ -372,7 +390,9 @@ grants = {{ http = ["127.0.0.1"], secrets = ["token"] }}
     let o = stdout(&out);
     assert!(o.contains("app-healthy (http-check 0.1.0): FAILED") && o.contains("did not answer status 200"), "{o}");
     assert!(o.contains("notify (webhook-notify 0.1.0): not run: an earlier step failed"), "{o}");
-    assert!(o.contains("resume with: veza-dr failover region-failover --from app-healthy --yes"), "{o}");
+    let e = stderr(&out);
+    assert!(e.contains("error: runbook `region-failover` step `app-healthy` (plugin `http-check`): failed:"), "{e}");
+    assert!(e.contains("hint: resume with: veza-dr failover region-failover --from app-healthy --yes"), "{e}");
 
     // The server comes up; resume at the failed step: the first step's facts come from the
     // audit log, the check retries through two 503s, and the webhook body carries the facts.

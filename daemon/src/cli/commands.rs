@@ -31,7 +31,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
                 state_dir: state_dir(&g),
                 report_dir,
                 identity_file,
-                snapshot,
+                snapshot: snapshot.filter(|s| s != "latest"),
                 plugins_dir: g.plugins.clone(),
             };
             let reports = crate::drill::run_all(&repo, &p, &o).await?;

@@ -114,13 +114,24 @@ pub async fn failover(
             _ => String::new(),
         };
         crate::outln!("runbook {}: {verdict} in {:.1}s{objective}", report.runbook, report.seconds);
-        if let Some(f) = report.steps.iter().find(|s| s.status == Status::Failed) {
-            if !report.dry_run {
-                crate::outln!("  resume with: veza-dr failover {} --from {} --yes", report.runbook, f.name);
-            }
+    }
+    match report.steps.iter().find(|s| s.status == Status::Failed) {
+        None => Ok(0),
+        Some(f) => {
+            let err = Error::failed(format!(
+                "runbook `{}` step `{}` (plugin `{}`): {}",
+                report.runbook,
+                f.name,
+                f.plugin,
+                f.error.as_deref().unwrap_or("failed")
+            ));
+            Err(if report.dry_run {
+                err.with_hint("fix the step's configuration or its peer, then run the dry run again")
+            } else {
+                err.with_hint(format!("resume with: veza-dr failover {} --from {} --yes", report.runbook, f.name))
+            })
         }
     }
-    Ok(if report.ok { 0 } else { 1 })
 }
 
 /// Every plugin in the plugins directory: its description and load time (cold or cached).

@@ -124,6 +124,8 @@ impl Host {
         }
         let component =
             Component::new(engine, &bytes).map_err(|e| bad(format!("is not a valid component: {}", first_line(&e))))?;
+        check_world(engine, &component)
+            .map_err(|m| bad(m).with_hint("rebuild the plugin against wit/ of this veza-dr"))?;
         if let Some(f) = &cache_file {
             if let Err(e) = write_cached(&component, f) {
                 tracing::warn!(plugin, error = %e.message, "cannot cache the compiled plugin; the next load compiles again");
@@ -152,6 +154,33 @@ impl Host {
         })?;
         Ok(Instance { store, bindings })
     }
+}
+
+/// The component must import nothing but `veza:dr/*` of this version and export the step.
+fn check_world(engine: &Engine, component: &Component) -> std::result::Result<(), String> {
+    let version = WIT_PACKAGE.rsplit('@').next().unwrap_or("");
+    let ty = component.component_type();
+    for (name, _) in ty.imports(engine) {
+        if name.starts_with("veza:dr/") && !name.ends_with(&format!("@{version}")) {
+            return Err(format!(
+                "was built for another interface: it imports `{name}` (this host implements {WIT_PACKAGE})"
+            ));
+        }
+        if !name.starts_with("veza:dr/") {
+            return Err(format!(
+                "imports `{name}`, which this host does not provide: plugins get no filesystem, environment, clock or sockets of their own, only veza:dr/host"
+            ));
+        }
+    }
+    let step = format!("veza:dr/step@{version}");
+    let exports: Vec<String> = ty.exports(engine).map(|(n, _)| n.to_string()).collect();
+    if !exports.contains(&step) {
+        return Err(format!(
+            "was built for another interface: it does not export `{step}` (it exports: {})",
+            if exports.is_empty() { "nothing".to_string() } else { exports.join(", ") }
+        ));
+    }
+    Ok(())
 }
 
 /// Why a call did not return a value.
