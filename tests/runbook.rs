@@ -196,6 +196,16 @@ fn sandbox_stops_loops_hogs_traps_and_ungranted_requests_with_clear_errors() {
     let out = b.run(&["failover", "spin"]);
     assert_eq!(out.status.code(), Some(2), "no terminal and no --yes: refuse");
 
+    // Two runs of one runbook at once: the second is refused (a dry run is not).
+    std::fs::create_dir_all(b.path("state/runbooks")).unwrap();
+    let held = std::fs::File::create(b.path("state/runbooks/flaky.lock")).unwrap();
+    held.try_lock().unwrap();
+    let out = b.run(&["failover", "flaky", "--yes"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("runbook `flaky` is already running on this host"), "{}", stderr(&out));
+    b.ok(&["failover", "flaky", "--dry-run"]);
+    drop(held);
+
     let out = b.ok(&["failover", "flaky", "--yes"]);
     assert!(
         out.contains("f (fixture 0.1.0): ok")
@@ -211,7 +221,7 @@ fn sandbox_stops_loops_hogs_traps_and_ungranted_requests_with_clear_errors() {
     assert!(spin["error"].as_str().unwrap().contains("timed out"));
     assert_eq!(spin["config-hash"].as_str().unwrap().len(), 16);
     assert!(!spin["who"].as_str().unwrap().is_empty());
-    let flaky = audit.iter().find(|r| r["runbook"] == "flaky" && r["step"] == "f").unwrap();
+    let flaky = audit.iter().find(|r| r["runbook"] == "flaky" && r["step"] == "f" && r["mode"] == "run").unwrap();
     assert_eq!((flaky["outcome"].as_str(), flaky["attempts"].as_u64()), (Some("ok"), Some(2)));
     assert!(audit.iter().any(|r| r["runbook"] == "flaky" && r["step"] == "*" && r["outcome"] == "ok"));
 }

@@ -228,6 +228,8 @@ pub fn execute(
             ))
         })?,
     };
+    // One real run of a runbook at a time on this host (dry runs do not change anything).
+    let _lock = if opts.dry_run { None } else { Some(lock(rb, opts)?) };
     let host = Host::new(&opts.plugins_dir, opts.cache_dir.as_deref())?;
     let prepared = rb.steps[first..].iter().map(|st| prepare(&host, rb, st, opts, rt)).collect::<Result<Vec<_>>>()?;
 
@@ -331,6 +333,28 @@ pub fn execute(
     };
     audit.finish(&report);
     Ok(report)
+}
+
+/// An exclusive lock beside the audit log, held for the run; released when the process ends.
+fn lock(rb: &RunbookSpec, opts: &Options) -> Result<std::fs::File> {
+    let dir = opts.audit_log.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
+    let path = dir.join(format!("{}.lock", rb.name));
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io("open runbook lock", &path, e))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::new(
+            Kind::Locked,
+            format!("runbook `{}` is already running on this host (lock {})", rb.name, path.display()),
+        )
+        .with_hint("wait for it to finish; its steps are in the audit log")),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io("lock", &path, e)),
+    }
 }
 
 /// Run a step's attempts; `Ok` carries the summary and fills the report's facts.
