@@ -671,3 +671,41 @@ fn drills_rehearse_runbooks_and_the_daemon_survives_misbehaving_plugins() {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
     assert!(daemon.wait().unwrap().success());
 }
+
+/// Without --dry-run or --yes, on a terminal: the plan, then a question; only the runbook's
+/// name runs it. (`script` from util-linux gives the command a pseudo-terminal.)
+#[test]
+fn on_a_terminal_failover_asks_before_running() {
+    let b = Books::new(&one_step("fine", "ok", "with = { mode = \"ok\", answer = 42 }"));
+    let ask = |answer: &str| -> (Option<i32>, String) {
+        let cmd = format!(
+            "{} --policies {} --state-dir {} --plugins {} failover fine",
+            bin().display(),
+            b.path("policies").display(),
+            b.path("state").display(),
+            plugins_dir().display()
+        );
+        let mut child = Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("script (util-linux)");
+        // Answer once the question is on the terminal.
+        std::thread::sleep(Duration::from_millis(1500));
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(format!("{answer}\n").as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (out.status.code(), stdout(&out))
+    };
+    let (code, out) = ask("nope");
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("fixture step would run mode `ok`") && out.contains("Type the runbook name"), "{out}");
+    assert!(out.contains("not confirmed; nothing was run"), "{out}");
+    assert!(!b.audit().iter().any(|r| r["mode"] == "run"), "nothing may run without the answer");
+    let (code, out) = ask("fine");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("ok (fixture 0.1.0): ok in") && out.contains("runbook fine: done"), "{out}");
+    let ran = b.audit().into_iter().find(|r| r["mode"] == "run" && r["step"] == "ok").unwrap();
+    assert_eq!(ran["facts"]["answer"], "42");
+}
