@@ -176,17 +176,15 @@ fn prepare<'a>(
     inst.validate(&config).map_err(|e| call("validate", e))?;
     let needs = inst.needs_for(&config).map_err(|e| call("needs-for", e))?;
     let g = &st.grants;
+    // What the plugin always needs (`describe`) plus what this configuration needs.
     let missing = [
-        ("http", &needs.http, &g.http),
-        ("connections", &needs.connections, &g.connections),
-        ("secrets", &needs.secrets, &g.secrets),
+        ("http", &desc.needs.http, &needs.http, &g.http),
+        ("connections", &desc.needs.connections, &needs.connections, &g.connections),
+        ("secrets", &desc.needs.secrets, &needs.secrets, &g.secrets),
     ]
     .into_iter()
-    .flat_map(|(kind, need, have)| {
-        need.iter()
-            .chain(if kind == "http" { desc.needs.http.iter() } else { [].iter() })
-            .filter(|n| !have.contains(n))
-            .map(move |n| format!("{kind} `{n}`"))
+    .flat_map(|(kind, always, this, have)| {
+        always.iter().chain(this).filter(|n| !have.contains(n)).map(move |n| format!("{kind} `{n}`"))
     })
     .collect::<Vec<_>>();
     if !missing.is_empty() {
