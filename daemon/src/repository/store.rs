@@ -212,7 +212,8 @@ impl Store {
 pub fn storage_error(url: &str, op: &str, key: &str, text: &str) -> Error {
     let flat = text.replace('\n', " ");
     let lower = flat.to_lowercase();
-    let hint = if lower.contains("403")
+    // Not a bare "403": it also matches ports and key names (127.0.0.1:40339).
+    let hint = if lower.contains("status 403")
         || lower.contains("forbidden")
         || lower.contains("signature")
         || lower.contains("accessdenied")
@@ -249,4 +250,19 @@ fn retry() -> RetryConfig {
 
 fn client_options() -> ClientOptions {
     ClientOptions::new().with_connect_timeout(Duration::from_secs(5)).with_timeout(Duration::from_secs(300))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::storage_error;
+
+    #[test]
+    fn hints_follow_the_cause_not_digits_in_the_url() {
+        let down = "Error performing GET http://127.0.0.1:40339/veza?list-type=2 in 1.3s, after 4 retries - HTTP error: error sending request";
+        let e = storage_error("s3://veza/db", "list", "wal/", down);
+        assert!(e.hint.as_deref().unwrap().starts_with("the endpoint is unreachable"), "{:?}", e.hint);
+        let denied = "Client error with status 403 Forbidden: <Code>AccessDenied</Code>";
+        let e = storage_error("s3://veza/db", "put", "data/x", denied);
+        assert!(e.hint.as_deref().unwrap().starts_with("check the repository credentials"), "{:?}", e.hint);
+    }
 }
