@@ -413,6 +413,11 @@ grants = {{ http = ["127.0.0.1"], secrets = ["token"] }}
     assert!(o.contains("answered status 200 and a body containing \"ready\" after 3 attempt(s)"), "{o}");
     assert!(o.contains("(objective 2m: met)"), "{o}");
     assert_eq!(*w.health_calls.lock().unwrap(), 3);
+    // The plugin's own log lines are in the audit log, for the post-mortem.
+    let check = b.audit().into_iter().rfind(|r| r["step"] == "app-healthy" && r["mode"] == "run").unwrap();
+    let logs: Vec<&str> = check["logs"].as_array().unwrap().iter().map(|l| l.as_str().unwrap()).collect();
+    assert_eq!(logs.len(), 2, "{logs:?}");
+    assert!(logs[0].starts_with("info: attempt 1: status 503; want status 200"), "{logs:?}");
     let hooks = w.hooks.lock().unwrap().clone();
     assert_eq!(hooks.len(), 1, "{hooks:?}");
     let body: serde_json::Value = serde_json::from_str(&hooks[0]).unwrap();

@@ -64,6 +64,9 @@ pub struct StepReport {
     pub plan: Vec<String>,
     pub facts: BTreeMap<String, String>,
     pub on_failure: OnFailure,
+    /// What the plugin logged, `level: message`, at most 200 lines.
+    #[serde(default)]
+    pub logs: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -251,6 +254,7 @@ pub fn execute(
             plan: vec![],
             facts: earlier.clone(),
             on_failure: st.on_failure,
+            logs: vec![],
         };
         facts.extend(earlier);
         progress(&report);
@@ -271,6 +275,7 @@ pub fn execute(
             plan: vec![],
             facts: BTreeMap::new(),
             on_failure: st.on_failure,
+            logs: vec![],
         };
         if aborted {
             report.summary = "not run: an earlier step failed".into();
@@ -290,12 +295,11 @@ pub fn execute(
         };
         let result = if opts.dry_run {
             report.attempts = 1;
-            host.instantiate(&p.plugin, opts.state(rb, st, st.timeout(), true, rt))
-                .and_then(|mut i| i.plan(&ctx(1)))
-                .map(|plan| {
-                    report.plan = plan;
-                    String::new()
-                })
+            let state = opts.state(rb, st, st.timeout(), true, rt);
+            call(&host, &p.plugin, state, &mut report.logs, |i| i.plan(&ctx(1))).map(|plan| {
+                report.plan = plan;
+                String::new()
+            })
         } else {
             run_with_retries(&host, rb, p, opts, rt, &ctx, &mut report)
         };
@@ -355,6 +359,30 @@ fn lock(rb: &RunbookSpec, opts: &Options) -> Result<std::fs::File> {
     }
 }
 
+/// Instantiate, make one call, and keep what the plugin logged (bounded) for the report.
+fn call<T>(
+    host: &Host,
+    plugin: &Plugin,
+    state: StepState,
+    logs: &mut Vec<String>,
+    f: impl FnOnce(&mut host::Instance) -> Result<T, CallError>,
+) -> Result<T, CallError> {
+    let mut inst = host.instantiate(plugin, state)?;
+    let r = f(&mut inst);
+    for (level, msg) in inst.logs() {
+        if logs.len() < 200 {
+            let level = match level {
+                host::Level::Debug => "debug",
+                host::Level::Info => "info",
+                host::Level::Warn => "warn",
+                host::Level::Error => "error",
+            };
+            logs.push(format!("{level}: {msg}"));
+        }
+    }
+    r
+}
+
 /// Run a step's attempts; `Ok` carries the summary and fills the report's facts.
 fn run_with_retries(
     host: &Host,
@@ -369,9 +397,8 @@ fn run_with_retries(
     let attempts = st.retries + 1;
     for attempt in 1..=attempts {
         report.attempts = attempt;
-        let out = host
-            .instantiate(&p.plugin, opts.state(rb, st, st.timeout(), false, rt))
-            .and_then(|mut i| i.run(&ctx(attempt)));
+        let state = opts.state(rb, st, st.timeout(), false, rt);
+        let out = call(host, &p.plugin, state, &mut report.logs, |i| i.run(&ctx(attempt)));
         match out {
             Ok(outcome) => {
                 report.facts = outcome.facts.into_iter().collect();
@@ -380,9 +407,8 @@ fn run_with_retries(
                 }
                 let mut vctx = ctx(attempt);
                 vctx.facts.extend(report.facts.clone());
-                let v = host
-                    .instantiate(&p.plugin, opts.state(rb, st, st.timeout(), false, rt))
-                    .and_then(|mut i| i.verify(&vctx));
+                let state = opts.state(rb, st, st.timeout(), false, rt);
+                let v = call(host, &p.plugin, state, &mut report.logs, |i| i.verify(&vctx));
                 return match v {
                     Ok(v) => Ok(format!("{}; verified: {}", outcome.summary, v.summary)),
                     Err(e) => Err(CallError::Step(host::StepError::Failed(format!("ran, but verify {e}")))),
@@ -435,6 +461,9 @@ pub struct AuditRecord {
     pub facts: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub objective_seconds: Option<f64>,
+    /// What the plugin logged during the step.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logs: Vec<String>,
 }
 
 impl Audit<'_> {
@@ -456,6 +485,7 @@ impl Audit<'_> {
             error: None,
             facts: BTreeMap::new(),
             objective_seconds: None,
+            logs: vec![],
         }
     }
 
@@ -471,6 +501,7 @@ impl Audit<'_> {
         rec.summary = if r.plan.is_empty() { r.summary.clone() } else { r.plan.join("; ") };
         rec.error = r.error.clone();
         rec.facts = r.facts.clone();
+        rec.logs = r.logs.clone();
         self.write(&rec);
     }
 
