@@ -3,7 +3,8 @@
 #
 # Uses Debian's rustc-web/cargo-web (a Rust with a wasm32 std source) and builds std for
 # wasm32-unknown-unknown; rustup's wasm-component-ld turns the core module into a component.
-# On a machine with rustup's wasm32-wasip2 target, `cargo build --target wasm32-wasip2` works too.
+# With rustup's wasm32-unknown-unknown target the same line should work without -Zbuild-std (not
+# tried here). Not wasm32-wasip2: its std imports WASI, which the plugin host refuses.
 set -euo pipefail
 cd "$(dirname "$0")"
 RUSTC_WEB=${RUSTC_WEB:-/usr/bin/rustc}
