@@ -131,11 +131,8 @@ fn start_up_errors_are_clear() {
 
 #[test]
 fn wal_archive_time_is_exported_for_postgres_policies() {
-    use common::pg::{psql, switch_and_wait_archived, Pg};
-    let backend = Backend::start(Kind::Moto);
-    let mut fx = Fixture::new(&backend);
-    let pg = Pg::start(&fx.archive_command("db"), fx.env.clone());
-    fx.env.push(("VEZA_PG_DSN".into(), pg.dsn()));
+    use common::pg::{psql, switch_and_wait_archived};
+    let (backend, fx, pg) = archiving_cluster(Kind::Moto);
     fx.pg_policy(
         "db",
         &backend,

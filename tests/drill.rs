@@ -68,18 +68,15 @@ fn leftovers(fx: &Fixture) -> (usize, String) {
 }
 
 /// A moto repository, a fixture with its own TMPDIR, and a cluster archiving to policy `db`.
-fn archiving_cluster() -> (Backend, Fixture, Pg) {
-    let backend = Backend::start(Kind::Moto);
-    let mut fx = Fixture::new(&backend);
+fn drill_cluster() -> (Backend, Fixture, Pg) {
+    let (backend, mut fx, pg) = archiving_cluster(Kind::Moto);
     own_tmp(&mut fx);
-    let pg = Pg::start(&fx.archive_command("db"), fx.env.clone());
-    fx.env.push(("VEZA_PG_DSN".into(), pg.dsn()));
     (backend, fx, pg)
 }
 
 #[test]
 fn drills_pass_fail_and_sign_their_reports() {
-    let (backend, fx, pg) = archiving_cluster();
+    let (backend, fx, pg) = drill_cluster();
     fx.pg_policy(
         "db",
         &backend,
@@ -244,7 +241,7 @@ fn volume_drills_compare_every_file_and_name_damage() {
 /// report, and leaves no server running and no sandbox on disk.
 #[test]
 fn drill_faults_are_named_and_leave_nothing_behind() {
-    let (backend, fx, pg) = archiving_cluster();
+    let (backend, fx, pg) = drill_cluster();
     let policy = |extra: &str| {
         fx.pg_policy(
             "db",

@@ -249,10 +249,7 @@ fn archive_mode_off_is_refused() {
 
 #[test]
 fn wal_push_with_the_store_down_fails_and_loses_nothing() {
-    let mut backend = Backend::start(Kind::Garage);
-    let mut fx = Fixture::new(&backend);
-    let pg = Pg::start(&fx.archive_command("db"), fx.env.clone());
-    fx.env = env_with(&fx, &pg);
+    let (mut backend, fx, pg) = archiving_cluster(Kind::Garage);
     fx.pg_policy("db", &backend, "db", "physical", &pg.data, "");
     let dsn = pg.dsn();
     load(&dsn);
@@ -286,10 +283,7 @@ fn wal_push_with_the_store_down_fails_and_loses_nothing() {
 
 #[test]
 fn a_missing_wal_segment_is_named_with_the_last_reachable_point() {
-    let backend = Backend::start(Kind::Moto);
-    let mut fx = Fixture::new(&backend);
-    let pg = Pg::start(&fx.archive_command("db"), fx.env.clone());
-    fx.env = env_with(&fx, &pg);
+    let (backend, fx, pg) = archiving_cluster(Kind::Moto);
     fx.pg_policy("db", &backend, "db", "physical", &pg.data, "");
     let dsn = pg.dsn();
     load(&dsn);
@@ -337,10 +331,7 @@ fn a_missing_wal_segment_is_named_with_the_last_reachable_point() {
 
 #[test]
 fn wal_retention_follows_the_oldest_retained_backup() {
-    let backend = Backend::start(Kind::Moto);
-    let mut fx = Fixture::new(&backend);
-    let pg = Pg::start(&fx.archive_command("db"), fx.env.clone());
-    fx.env = env_with(&fx, &pg);
+    let (backend, fx, pg) = archiving_cluster(Kind::Moto);
     fx.pg_policy("db", &backend, "db", "physical", &pg.data, "[retention]\nkeep-last = 1\nprune-grace = \"0s\"\n");
     let dsn = pg.dsn();
     load(&dsn);
@@ -387,10 +378,7 @@ fn wal_retention_follows_the_oldest_retained_backup() {
 
 #[test]
 fn tablespaces_are_backed_up_and_restored_beside_the_copy() {
-    let backend = Backend::start(Kind::Moto);
-    let mut fx = Fixture::new(&backend);
-    let pg = Pg::start(&fx.archive_command("db"), fx.env.clone());
-    fx.env = env_with(&fx, &pg);
+    let (backend, fx, pg) = archiving_cluster(Kind::Moto);
     fx.pg_policy("db", &backend, "db", "physical", &pg.data, "");
     let ts = fx.path("tablespace-location");
     std::fs::create_dir_all(&ts).unwrap();
@@ -422,10 +410,7 @@ fn tablespaces_are_backed_up_and_restored_beside_the_copy() {
 
 #[test]
 fn restore_to_a_named_point_a_transaction_or_the_backup_end() {
-    let backend = Backend::start(Kind::Moto);
-    let mut fx = Fixture::new(&backend);
-    let pg = Pg::start(&fx.archive_command("db"), fx.env.clone());
-    fx.env = env_with(&fx, &pg);
+    let (backend, fx, pg) = archiving_cluster(Kind::Moto);
     fx.pg_policy("db", &backend, "db", "physical", &pg.data, "");
     let dsn = pg.dsn();
     psql(&dsn, "CREATE TABLE steps (n int)");

@@ -242,6 +242,16 @@ impl Backend {
     }
 }
 
+/// A repository on `kind`, a fixture, and a PostgreSQL cluster archiving to policy `db`, with
+/// `VEZA_PG_DSN` set for the fixture's commands.
+pub fn archiving_cluster(kind: Kind) -> (Backend, Fixture, pg::Pg) {
+    let backend = Backend::start(kind);
+    let mut fx = Fixture::new(&backend);
+    let pg = pg::Pg::start(&fx.archive_command("db"), fx.env.clone());
+    fx.env.push(("VEZA_PG_DSN".into(), pg.dsn()));
+    (backend, fx, pg)
+}
+
 /// A working directory with policies, state, an identity and a source tree.
 pub struct Fixture {
     pub dir: tempfile::TempDir,

@@ -22,10 +22,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
         Command::Drill { policy, identity, snapshot, report_dir } => {
             let p = load_policy(&g, &policy)?;
             // A missing identity still gives a (failed) report, so the month's drill is on record.
-            let identity_file = identity.clone().or_else(|| match &p.encryption.identity {
-                Some(crate::secret::SecretRef::File(f)) => Some(f.clone()),
-                _ => None,
-            });
+            let identity_file = identity.clone().or_else(|| p.encryption.identity_file().map(Path::to_path_buf));
             let repo = Repo::open(&p).await?;
             let o = crate::drill::Options {
                 state_dir: state_dir(&g),
@@ -109,10 +106,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             match &p.source {
                 crate::policy::Source::Postgres(pg) if pg.method == crate::policy::PgMethod::Physical => {
                     let target = target.ok_or_else(|| Error::usage("a physical restore needs --target DIR"))?;
-                    let identity_file = identity.or_else(|| match &p.encryption.identity {
-                        Some(crate::secret::SecretRef::File(f)) => Some(f.clone()),
-                        _ => None,
-                    });
+                    let identity_file = identity.or_else(|| p.encryption.identity_file().map(Path::to_path_buf));
                     let o = crate::pgrestore::PhysicalOptions {
                         snapshot,
                         target_dir: target,

@@ -130,11 +130,11 @@ async fn run_once(p: &Policy, k: JobKind, state_dir: &std::path::Path, plugins: 
             JobKind::Verify => {
                 let repo = crate::repository::Repo::open(&p2).await?;
                 // With a restore-side identity on this host: the drill.
-                if let Some(crate::secret::SecretRef::File(id)) = &p2.encryption.identity {
+                if let Some(id) = p2.encryption.identity_file() {
                     let o = crate::drill::Options {
                         state_dir: sd.clone(),
                         report_dir: sd.join("drill-reports"),
-                        identity_file: Some(id.clone()),
+                        identity_file: Some(id.to_path_buf()),
                         snapshot: None,
                         plugins_dir,
                     };

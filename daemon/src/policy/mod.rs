@@ -155,6 +155,16 @@ pub struct Encryption {
     pub identity: Option<SecretRef>,
 }
 
+impl Encryption {
+    /// The restore-side identity when it is a file (`identity = "file:/path"`).
+    pub fn identity_file(&self) -> Option<&Path> {
+        match &self.identity {
+            Some(SecretRef::File(f)) => Some(f),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Retention {
