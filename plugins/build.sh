@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Build every runbook-step plugin into a WebAssembly component: plugins/dist/<name>.wasm.
+# Build every runbook-step plugin into a WebAssembly component: plugins/dist/<name>.wasm, and the
+# test-only fixture (loops, hogs, traps on command) into plugins/test/fixture.wasm, outside what
+# is shipped.
 #
 # Uses Debian's rustc-web/cargo-web (a Rust with a wasm32 std source) and builds std for
 # wasm32-unknown-unknown; rustup's wasm-component-ld turns the core module into a component.
@@ -15,11 +17,14 @@ for f in "$RUSTC_WEB" "$CARGO_WEB" "$LINKER" "$WASM_LD"; do
   [ -x "$f" ] || { echo "plugins/build.sh: $f is missing (run scripts/setup.sh)" >&2; exit 1; }
 done
 PLUGINS=(pg-promote http-check webhook-notify dns-switch fixture)
-mkdir -p dist
+mkdir -p dist test
+rm -f dist/fixture.wasm
 for p in "${PLUGINS[@]}"; do
   RUSTC="$RUSTC_WEB" RUSTC_BOOTSTRAP=1 "$CARGO_WEB" rustc --quiet --release --locked -p "$p" \
     --target wasm32-unknown-unknown -Zbuild-std=std,panic_abort -- \
     -C linker="$LINKER" -C link-arg=--wasm-ld-path="$WASM_LD"
-  cp "target/wasm32-unknown-unknown/release/${p//-/_}.wasm" "dist/$p.wasm"
+  out=dist
+  [ "$p" = fixture ] && out=test
+  cp "target/wasm32-unknown-unknown/release/${p//-/_}.wasm" "$out/$p.wasm"
 done
-ls -l dist/*.wasm | awk '{print "plugins/build.sh: " $NF " " $5 " bytes"}' >&2
+ls -l dist/*.wasm test/*.wasm | awk '{print "plugins/build.sh: " $NF " " $5 " bytes"}' >&2

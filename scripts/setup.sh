@@ -7,7 +7,8 @@
 #                                                    (a cold build takes 15-40 min; kept across runs)
 #   Debian packages: PostgreSQL 15 server and client tools, prometheus (promtool), chromium,
 #                    the wasm32 Rust toolchain for plugins (rustc-web, cargo-web, rust-web-src,
-#                    lld-22), PowerDNS with sqlite (pdns-server, pdns-backend-sqlite3), dig, sqlite3
+#                    lld-22), PowerDNS with sqlite (pdns-server, pdns-backend-sqlite3), dig, sqlite3,
+#                    ssh-keygen (openssh-client: the SSH-recipient test)
 set -euo pipefail
 CI_HOME=${VEZA_CI_HOME:-/opt/veza-dr-ci}
 log() { echo "setup: $*" >&2; }
@@ -16,7 +17,8 @@ mkdir -p "$CI_HOME/bin"
 # Debian packages. Installed before any test cluster starts (an upgrade under a running server
 # breaks it).
 APT_PACKAGES=(postgresql-15 postgresql-client-15 util-linux prometheus chromium
-  rustc-web cargo-web rust-web-src lld-22 pdns-server pdns-backend-sqlite3 bind9-dnsutils sqlite3)
+  rustc-web cargo-web rust-web-src lld-22 pdns-server pdns-backend-sqlite3 bind9-dnsutils sqlite3
+  openssh-client)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

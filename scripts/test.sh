@@ -14,4 +14,4 @@ cargo fmt --all --check --manifest-path plugins/Cargo.toml
 cargo clippy --release --all-targets --quiet -- -D warnings
 cargo clippy --quiet --manifest-path plugins/Cargo.toml -p kit -- -D warnings
 cargo test --quiet --manifest-path plugins/Cargo.toml -p kit
-cargo test --release --workspace "$@"
+cargo test --release --workspace --no-fail-fast "$@"

@@ -1,5 +1,6 @@
 //! Plugin host figures: cold load (compile), warm load (compiled cache), and the cost of one
-//! step call (instantiate with limits + `describe`), per plugin in plugins/dist.
+//! step call (instantiate with limits + `describe`), per plugin in plugins/dist and the test
+//! fixture in plugins/test.
 //!
 //!     bash plugins/build.sh && cargo bench --bench plugins
 //!
@@ -15,18 +16,22 @@ fn median(mut v: Vec<Duration>) -> f64 {
 }
 
 fn main() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .expect("plugins/dist: run plugins/build.sh first")
-        .filter_map(|e| e.ok()?.path().file_stem().map(|s| s.to_string_lossy().into_owned()))
+    let mut plugins: Vec<(String, std::path::PathBuf)> = ["dist", "test"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(root.join(d)).expect("plugins/dist: run plugins/build.sh first"))
+        .filter_map(|e| {
+            let p = e.ok()?.path();
+            Some((p.file_stem()?.to_string_lossy().into_owned(), p.parent()?.to_path_buf()))
+        })
         .collect();
-    names.sort();
+    plugins.sort();
     println!(
         "{:<16} {:>9} {:>11} {:>11} {:>11} {:>14}",
         "plugin", "size", "cold ms", "warm ms", "call ms", "warm+call ms"
     );
-    for name in names {
+    for (name, dir) in plugins {
         let size = std::fs::metadata(dir.join(format!("{name}.wasm"))).map(|m| m.len()).unwrap_or(0);
         let cold: Vec<Duration> = (0..5)
             .map(|_| {

@@ -1,5 +1,5 @@
 //! Generate the benchmark/test tree: `gentree DIR MIB [SEED]`.
-#[path = "../../tests/common/tree.rs"]
+#[path = "../../tests/it/common/tree.rs"]
 #[allow(dead_code)]
 mod tree;
 

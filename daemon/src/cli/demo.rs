@@ -2,8 +2,8 @@
 //! policy for a local file:// repository; backs up, changes a file, backs up incrementally,
 //! lists, restores the latest snapshot and compares it with the source byte for byte.
 
-use super::commands;
 use super::Global;
+use super::{commands, data};
 use crate::error::{Error, Result};
 use std::path::Path;
 
@@ -25,7 +25,7 @@ pub async fn run(g: &Global, dir: &Path) -> Result<i32> {
             .ok_or_else(|| Error::crypto(format!("{} holds no identity", key.display())))?;
         id.to_public().to_string()
     } else {
-        let (text, public) = crate::crypto::generate_identity();
+        let (text, public) = crate::crypto::seal::generate_identity();
         write_private(&key, &text)?;
         public
     };
@@ -65,12 +65,12 @@ keep-daily = 30
 
     crate::outln!("== demo in {}", dir.display());
     crate::outln!("== 1. full backup of {}", src.display());
-    commands::backup(&g, &policy, crate::backup::Mode::Full).await?;
+    data::backup(&g, &policy, crate::jobs::backup::Mode::Full).await?;
     let changed = src.join("docs/notes.txt");
     std::fs::write(&changed, format!("changed at {}\n", chrono::Utc::now().to_rfc3339()))
         .map_err(|e| Error::io("write", &changed, e))?;
     crate::outln!("== 2. incremental backup after changing docs/notes.txt");
-    commands::backup(&g, &policy, crate::backup::Mode::Incremental).await?;
+    data::backup(&g, &policy, crate::jobs::backup::Mode::Incremental).await?;
     crate::outln!("== 3. snapshots");
     Box::pin(commands::dispatch(super::Cli {
         global: g.clone(),
@@ -78,8 +78,8 @@ keep-daily = 30
     }))
     .await?;
     crate::outln!("== 4. restore the latest snapshot with {}", key.display());
-    let opener = crate::crypto::Opener::from_file(&key)?;
-    commands::restore(&g, &policy, &opener, "latest".into(), restored.clone(), vec![], false).await?;
+    let req = crate::jobs::restore::RestoreRequest { target: Some(restored.clone()), ..Default::default() };
+    data::restore(&g, &policy, Some(&key), &req).await?;
     let diffs = compare(&src, &restored)?;
     if diffs.is_empty() {
         crate::outln!("== restored tree is identical to the source (content, modes, mtimes, links)");

@@ -1,7 +1,9 @@
 //! The command line: parsing, logging, and turning errors into one line, a hint and an exit
-//! code. Each subcommand is a thin call into the library.
+//! code. Each subcommand maps its flags to a job's request and prints the result; decisions
+//! live in the jobs.
 
 mod commands;
+mod data;
 mod demo;
 mod failover;
 mod output;
@@ -72,6 +74,8 @@ pub enum Command {
         #[arg(long, conflicts_with = "output")]
         signing: bool,
     },
+    /// Create a policy's repository (read-only commands never create one)
+    Init { policy: String },
     /// Back up a policy's source
     Backup {
         policy: String,
@@ -123,8 +127,8 @@ pub enum Command {
         /// Restore only these paths (relative to the source root); repeatable
         #[arg(long)]
         include: Vec<PathBuf>,
-        /// The private age identity file
-        #[arg(long, env = "VEZA_DR_IDENTITY")]
+        /// The private identity file (else VEZA_DR_IDENTITY, else the policy's `identity`)
+        #[arg(long)]
         identity: Option<PathBuf>,
         /// Allow restoring into a non-empty directory
         #[arg(long)]
@@ -138,7 +142,7 @@ pub enum Command {
         /// With --read-data: percentage of packs to read
         #[arg(long, default_value_t = 100.0)]
         sample: f64,
-        #[arg(long, env = "VEZA_DR_IDENTITY")]
+        #[arg(long)]
         identity: Option<PathBuf>,
     },
     /// Apply retention and delete unreferenced data (two-phase)
@@ -154,7 +158,7 @@ pub enum Command {
         policy: String,
         segment: String,
         dest: PathBuf,
-        #[arg(long, env = "VEZA_DR_IDENTITY")]
+        #[arg(long)]
         identity: Option<PathBuf>,
         /// Directory for prefetched segments
         #[arg(long)]
@@ -189,7 +193,7 @@ pub enum Command {
     /// Restore drill: restore into a sandbox, start, check, measure RTO/RPO, write a signed report
     Drill {
         policy: String,
-        #[arg(long, env = "VEZA_DR_IDENTITY")]
+        #[arg(long)]
         identity: Option<PathBuf>,
         /// Snapshot to drill (default: the newest)
         #[arg(long)]
@@ -295,7 +299,7 @@ pub fn main() -> i32 {
 }
 
 pub(crate) fn state_dir(g: &Global) -> PathBuf {
-    g.state_dir.clone().unwrap_or_else(crate::repository::cache::default_state_dir)
+    g.state_dir.clone().unwrap_or_else(crate::repository::state::default_state_dir)
 }
 
 pub(crate) fn load_policy(g: &Global, name: &str) -> Result<crate::policy::Policy> {

@@ -1,11 +1,44 @@
 //! Prometheus metrics of the daemon.
 
+use crate::jobs::drill::{Report, Verdict};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
+
+/// The newest drill report per policy, read again only when a newer one appears: each pass of
+/// the metrics loop costs one listing per policy, not a read of every report.
+#[derive(Default)]
+pub struct NewestDrills {
+    seen: HashMap<String, Report>,
+}
+
+impl NewestDrills {
+    pub async fn newest(
+        &mut self,
+        repo: &crate::repository::Repository,
+        policy: &str,
+    ) -> crate::Result<Option<Report>> {
+        let Some(id) = repo.report_ids(policy).await?.into_iter().next_back() else { return Ok(None) };
+        if let Some(r) = self.seen.get(policy).filter(|r| r.id == id) {
+            return Ok(Some(r.clone()));
+        }
+        let b = repo.report(policy, &id).await?;
+        match serde_json::from_slice::<Report>(&b) {
+            Ok(r) => {
+                self.seen.insert(policy.to_string(), r.clone());
+                Ok(Some(r))
+            }
+            Err(e) => {
+                tracing::warn!(policy, report = %id, "unreadable drill report: {e}");
+                Ok(self.seen.get(policy).cloned())
+            }
+        }
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct JobLabels {
@@ -90,10 +123,10 @@ impl Metrics {
     }
 
     /// Export the newest drill of a policy.
-    pub fn set_drill(&self, policy: &str, r: &crate::drill::Report) {
+    pub fn set_drill(&self, policy: &str, r: &Report) {
         let l = PolicyLabels { policy: policy.into() };
         self.drill_last.get_or_create(&l).set(r.finished.timestamp() as f64);
-        self.drill_passed.get_or_create(&l).set(if r.verdict == "fail" { 0.0 } else { 1.0 });
+        self.drill_passed.get_or_create(&l).set(if r.verdict == Verdict::Fail { 0.0 } else { 1.0 });
         if let Some(v) = r.rto.measured_seconds {
             self.drill_rto.get_or_create(&l).set(v);
         }

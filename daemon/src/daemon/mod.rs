@@ -109,37 +109,41 @@ async fn run_once(p: &Policy, k: JobKind, state_dir: &std::path::Path, plugins: 
     let h = tokio::spawn(async move {
         match k {
             JobKind::Full | JobKind::Incremental => {
-                let mode = if k == JobKind::Full { crate::backup::Mode::Full } else { crate::backup::Mode::Auto };
-                let opts = crate::backup::Options {
+                let mode =
+                    if k == JobKind::Full { crate::jobs::backup::Mode::Full } else { crate::jobs::backup::Mode::Auto };
+                let opts = crate::jobs::backup::Options {
                     mode,
                     state_dir: sd,
                     lock_wait: Duration::from_secs(600),
                     progress: Arc::default(),
                 };
-                let s = crate::backup::run(&p2, &opts).await?;
+                let s = crate::jobs::backup::run(&p2, &opts).await?;
                 for w in &s.warnings {
                     tracing::warn!(policy = %p2.name, snapshot = %s.id, "{w}");
                 }
-                Ok(Done { snapshot: Some(s.id), bytes_read: s.stats.bytes_read, bytes_stored: s.stats.bytes_uploaded })
+                Ok(Done {
+                    snapshot: Some(s.id.to_string()),
+                    bytes_read: s.stats.bytes_read,
+                    bytes_stored: s.stats.bytes_uploaded,
+                })
             }
             JobKind::Prune => {
-                let repo = crate::repository::Repo::open(&p2).await?;
-                let r = crate::prune::run(&repo, &p2, false, Duration::from_secs(600)).await?;
+                let r = crate::jobs::prune::run(&p2, false, Duration::from_secs(600)).await?;
                 Ok(Done { bytes_stored: r.bytes_deleted, ..Default::default() })
             }
             JobKind::Verify => {
-                let repo = crate::repository::Repo::open(&p2).await?;
-                // With a restore-side identity on this host: the drill.
-                if let Some(id) = p2.encryption.identity_file() {
-                    let o = crate::drill::Options {
+                // With a restore-side identity on this host (a file, an env variable, or
+                // VEZA_DR_IDENTITY): the drill.
+                if crate::crypto::identity::is_named(&p2.encryption) {
+                    let o = crate::jobs::drill::Options {
                         state_dir: sd.clone(),
                         report_dir: sd.join("drill-reports"),
-                        identity_file: Some(id.to_path_buf()),
+                        identity: None,
                         snapshot: None,
                         plugins_dir,
                     };
-                    let reports = crate::drill::run_all(&repo, &p2, &o).await?;
-                    if let Some(r) = reports.iter().find(|r| r.verdict == "fail") {
+                    let reports = crate::jobs::drill::run_all(&p2, &o).await?;
+                    if let Some(r) = reports.iter().find(|r| r.verdict == crate::jobs::drill::Verdict::Fail) {
                         return Err(Error::failed(format!(
                             "drill of policy {} failed: {}",
                             p2.name,
@@ -152,7 +156,8 @@ async fn run_once(p: &Policy, k: JobKind, state_dir: &std::path::Path, plugins: 
                     });
                 }
                 // Otherwise (no key on this host) the keyless structural verify.
-                let r = crate::verify::run(&repo, None, false, 100.0).await?;
+                let repo = crate::repository::Repository::open(&p2).await?;
+                let r = crate::jobs::verify::run(&repo, None, false, 100.0).await?;
                 if r.ok() {
                     Ok(Done::default())
                 } else {
@@ -229,19 +234,21 @@ pub async fn run(o: Options) -> Result<i32> {
     // the newest drill report per policy (from the repository, so drills run by hand count).
     {
         let (rx, metrics, stop) = (rx.clone(), metrics.clone(), stop.clone());
+        let mut newest_drills = metrics::NewestDrills::default();
         tokio::spawn(async move {
             loop {
                 let current = rx.borrow().clone();
                 for p in current.iter() {
-                    if let Ok(repo) = crate::repository::Repo::open(p).await {
-                        if let Ok(Some(r)) = crate::drill::history(&repo, &p.name).await.map(|h| h.into_iter().last()) {
+                    if let Ok(repo) = crate::repository::Repository::open(p).await {
+                        if let Ok(Some(r)) = newest_drills.newest(&repo, &p.name).await {
                             metrics.set_drill(&p.name, &r);
                         }
                     }
                 }
-                for p in current.iter().filter(|p| p.source_type() == "postgres-physical") {
-                    let newest = match crate::repository::Store::open(&p.repository) {
-                        Ok(store) => store.newest("wal/").await,
+                let physical = |p: &&Policy| crate::source::of(p).kind() == crate::policy::SourceKind::PostgresPhysical;
+                for p in current.iter().filter(physical) {
+                    let newest = match crate::repository::Repository::open(p).await {
+                        Ok(repo) => repo.newest_wal().await,
                         Err(e) => Err(e),
                     };
                     match newest {
@@ -368,7 +375,7 @@ fn http_app(
                                 );
                             }
                             serde_json::json!({
-                                "policy": p.name, "source": p.source_type(), "repository": p.repository.url,
+                                "policy": p.name, "source": crate::source::of(p).kind().as_str(), "repository": p.repository.url,
                                 "running": running.get(&p.name).map(|k| k.as_str()), "jobs": jobs,
                             })
                         })

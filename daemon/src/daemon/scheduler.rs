@@ -119,6 +119,10 @@ pub trait Runner: Send + Sync + 'static {
     ) -> futures::future::BoxFuture<'static, crate::Result<()>>;
 }
 
+/// How many events the scheduler keeps for /status: a daemon that runs for months must not
+/// grow without bound.
+pub const MAX_EVENTS: usize = 500;
+
 /// Something that happened, for logs, tests and /status.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
@@ -136,7 +140,8 @@ struct Inner<R: Runner> {
     /// Per policy: the job running now, behind a lock that serialises the policy's jobs.
     per_policy: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     running: std::sync::Mutex<HashMap<String, JobKind>>,
-    events: std::sync::Mutex<Vec<Event>>,
+    /// The newest [`MAX_EVENTS`] events (older ones are only in the log).
+    events: std::sync::Mutex<std::collections::VecDeque<Event>>,
     next_runs: std::sync::Mutex<HashMap<(String, JobKind), DateTime<Utc>>>,
 }
 
@@ -174,7 +179,7 @@ impl<R: Runner> Scheduler<R> {
     }
 
     pub fn events(&self) -> Vec<Event> {
-        self.inner.events.lock().expect("not poisoned").clone()
+        self.inner.events.lock().expect("not poisoned").iter().cloned().collect()
     }
 
     /// The next planned slot of every job.
@@ -190,7 +195,11 @@ impl<R: Runner> Scheduler<R> {
     fn note(&self, policy: &str, kind: JobKind, what: String) {
         tracing::info!(policy, job = kind.as_str(), "{what}");
         let at = self.inner.clock.now();
-        self.inner.events.lock().expect("not poisoned").push(Event { at, policy: policy.into(), kind, what });
+        let mut events = self.inner.events.lock().expect("not poisoned");
+        if events.len() >= MAX_EVENTS {
+            events.pop_front();
+        }
+        events.push_back(Event { at, policy: policy.into(), kind, what });
     }
 
     /// Run jobs until `stop` is cancelled. `last_seen` is when a previous daemon was last

@@ -3,10 +3,9 @@
 //! channel depths and the number of packs in flight (`upload-concurrency` × `pack-size`).
 
 use super::{chunk_id, seal_blob};
-use crate::crypto::Sealer;
 use crate::error::{Error, Result};
 use crate::repository::format::*;
-use crate::repository::Store;
+use crate::repository::Writer;
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
@@ -133,14 +132,14 @@ struct Sealed {
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     rt: tokio::runtime::Handle,
-    store: Store,
-    sealer: Sealer,
+    writer: Writer,
     cfg: EngineConfig,
     key: [u8; 32],
     known: HashSet<ChunkId>,
     jobs: Vec<ReadJob>,
     progress: Arc<Progress>,
 ) -> Result<EngineOutput> {
+    let sealer = writer.sealer().clone();
     let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(1);
     let (work_tx, work_rx) = crossbeam_channel::bounded::<Work>(workers * 2);
     let (sealed_tx, sealed_rx) = crossbeam_channel::bounded::<Sealed>(workers * 2);
@@ -189,7 +188,7 @@ pub fn run(
             let fail = fail.clone();
             let failed = failed.clone();
             let progress = progress.clone();
-            s.spawn(move || pack_and_upload(rt, store, sealer, cfg, sealed_rx, progress, failed, fail))
+            s.spawn(move || pack_and_upload(rt, writer, cfg, sealed_rx, progress, failed, fail))
         };
 
         let results = read_all(jobs, &key, known, cfg.chunker, cfg.fixed_chunks, &work_tx, &progress, &failed, &fail);
@@ -316,8 +315,7 @@ impl Default for EngineOutput {
 #[allow(clippy::too_many_arguments)]
 fn pack_and_upload(
     rt: tokio::runtime::Handle,
-    store: Store,
-    sealer: Sealer,
+    writer: Writer,
     cfg: EngineConfig,
     rx: crossbeam_channel::Receiver<Sealed>,
     progress: Arc<Progress>,
@@ -356,7 +354,7 @@ fn pack_and_upload(
         out.packs.push((pack, size));
         let index_blob = zstd::bulk::compress(&serde_json::to_vec(&index).expect("serialisable"), 3)
             .map_err(|e| Error::failed(format!("cannot compress pack index: {e}")))
-            .and_then(|z| sealer.seal(&z));
+            .and_then(|z| writer.sealer().seal(&z));
         let index_blob = match index_blob {
             Ok(b) => Bytes::from(b),
             Err(e) => return fail(e),
@@ -366,20 +364,14 @@ fn pack_and_upload(
             Ok(p) => p,
             Err(_) => return,
         };
-        let store = store.clone();
+        let writer = writer.clone();
         let fail = fail.clone();
         let progress = progress.clone();
-        let threshold = cfg.multipart_threshold;
+        let threshold = cfg.multipart_threshold as u64;
         tasks.push(rt.spawn(async move {
             let _permit = permit;
-            let key = pack_key(&pack);
-            let r = if size as usize > threshold {
-                store.put_multipart(&key, data, 8 << 20).await
-            } else {
-                store.put_parts(&key, data).await
-            };
-            let r = match r {
-                Ok(()) => store.put(&index_key(&pack), index_blob).await,
+            let r = match writer.put_pack(&pack, data, size, threshold).await {
+                Ok(()) => writer.put_index(&pack, index_blob).await,
                 Err(e) => Err(e),
             };
             match r {

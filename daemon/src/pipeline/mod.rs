@@ -3,8 +3,10 @@
 
 pub mod backup;
 pub mod restore;
+pub mod snapshot;
+pub mod tree;
 
-use crate::crypto::{Opener, Sealer};
+use crate::crypto::{Identity, Sealer};
 use crate::error::{Error, Result};
 use crate::repository::format::{ChunkId, BLOB_RAW, BLOB_ZSTD};
 
@@ -33,7 +35,7 @@ pub fn seal_blob(sealer: &Sealer, zc: &mut zstd::bulk::Compressor<'_>, data: &[u
 
 /// Decrypt, decompress and check one chunk against its id. `what` names it in errors.
 pub fn open_blob(
-    opener: &Opener,
+    opener: &Identity,
     dz: &mut zstd::bulk::Decompressor<'_>,
     key: &[u8; 32],
     id: &ChunkId,
@@ -65,9 +67,9 @@ mod tests {
     #[test]
     fn blob_round_trip_and_swap_detection() {
         let id = age::x25519::Identity::generate();
-        let r: crate::policy::Recipient = id.to_public().to_string().parse().unwrap();
+        let r: crate::crypto::Recipient = id.to_public().to_string().parse().unwrap();
         let sealer = Sealer::new(&[r]);
-        let opener = Opener::from_identity(id);
+        let opener = Identity::from_x25519(id);
         let key = [7u8; 32];
         let mut zc = zstd::bulk::Compressor::new(3).unwrap();
         let mut dz = zstd::bulk::Decompressor::new().unwrap();

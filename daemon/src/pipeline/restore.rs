@@ -4,10 +4,9 @@
 //! can be restored is, and the damaged chunks are reported with the files they affect.
 
 use super::open_blob;
-use crate::crypto::Opener;
 use crate::error::{Error, Kind, Result};
 use crate::repository::format::*;
-use crate::repository::Store;
+use crate::repository::Unlocked;
 use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
@@ -77,8 +76,7 @@ const MAX_GAP: u64 = 1 << 20;
 /// Fetch, check and write every wanted chunk. Returns the damage found; a local write failure
 /// (disk full, permission) aborts with an error instead.
 pub async fn fetch(
-    store: &Store,
-    opener: &Opener,
+    repo: &Unlocked,
     key: [u8; 32],
     wants: Vec<Want>,
     sink: Arc<dyn Sink>,
@@ -111,15 +109,14 @@ pub async fn fetch(
 
     let results: Vec<Result<Vec<Damage>>> = futures::stream::iter(ranges)
         .map(|(pack, ws)| {
-            let store = store.clone();
-            let opener = opener.clone();
+            let repo = repo.clone();
             let sink = sink.clone();
             let bytes_done = bytes_done.clone();
             async move {
-                let object = pack_key(&pack);
+                let object = crate::repository::keys::pack(&pack);
                 let start = ws[0].loc.offset;
                 let end = ws.iter().map(|w| w.loc.offset + w.loc.len as u64).max().unwrap_or(start);
-                let data = match store.get_range(&object, start..end).await {
+                let data = match repo.pack_range(&pack, start..end).await {
                     Ok(d) => d,
                     Err(e) if matches!(e.kind, Kind::NotFound | Kind::Damaged) => {
                         let reason = if e.kind == Kind::NotFound { "pack is missing".to_string() } else { e.message };
@@ -142,7 +139,7 @@ pub async fn fetch(
                         let a = (w.loc.offset - start) as usize;
                         let sealed = &data[a..a + w.loc.len as usize];
                         let what = format_args!("chunk {} in {object}", &hex::encode(w.id)[..16]).to_string();
-                        match open_blob(&opener, &mut dz, &key, &w.id, w.loc.raw_len, sealed, &what) {
+                        match open_blob(repo.identity(), &mut dz, &key, &w.id, w.loc.raw_len, sealed, &what) {
                             Ok(plain) => {
                                 for (file, off) in &w.targets {
                                     sink.write(*file, *off, &plain)?;

@@ -5,11 +5,12 @@
 
 pub mod types;
 
+pub use crate::crypto::Recipient;
 use crate::error::{Error, Result};
 use crate::secret::SecretRef;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
-pub use types::{CronExpr, Dur, Recipient, Size};
+pub use types::{CronExpr, Dur, Size};
 
 /// One validated policy.
 #[derive(Debug, Clone)]
@@ -75,6 +76,25 @@ struct SourceFile {
     #[serde(default)]
     databases: Vec<String>,
     bin_dir: Option<PathBuf>,
+}
+
+/// What kind of source a policy declares and a snapshot holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceKind {
+    Volume,
+    PostgresPhysical,
+    PostgresLogical,
+}
+
+impl SourceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceKind::Volume => "volume",
+            SourceKind::PostgresPhysical => "postgres-physical",
+            SourceKind::PostgresLogical => "postgres-logical",
+        }
+    }
 }
 
 /// What is backed up.
@@ -410,14 +430,6 @@ impl Policy {
         match &self.source {
             Source::Volume(v) => Some(v),
             _ => None,
-        }
-    }
-
-    pub fn source_type(&self) -> &'static str {
-        match &self.source {
-            Source::Volume(_) => "volume",
-            Source::Postgres(p) if p.method == PgMethod::Physical => "postgres-physical",
-            Source::Postgres(_) => "postgres-logical",
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The objects of the repository and their encodings (see docs/FORMAT.md).
 
+use crate::source::postgres::wal::WalName;
 use serde::{Deserialize, Serialize};
 
 pub const FORMAT_VERSION: u32 = 1;
@@ -51,28 +52,6 @@ pub struct BlobLoc {
 /// A pack id: unkeyed BLAKE3 of the pack's bytes, so anyone can check a pack without a key.
 pub type PackId = [u8; 32];
 
-pub fn pack_key(id: &PackId) -> String {
-    let h = hex::encode(id);
-    format!("data/{}/{h}", &h[..2])
-}
-
-/// The object key of a pack given as hex (as sidecars list them).
-pub fn pack_key_hex(id: &str) -> String {
-    format!("data/{}/{id}", id.get(..2).unwrap_or(id))
-}
-
-pub fn index_key(id: &PackId) -> String {
-    format!("index/{}", hex::encode(id))
-}
-
-pub fn sidecar_key(snap: &str) -> String {
-    format!("snapshots/{snap}.json")
-}
-
-pub fn manifest_key(snap: &str) -> String {
-    format!("snapshots/{snap}.manifest")
-}
-
 pub fn parse_hex32(s: &str) -> Option<[u8; 32]> {
     let v = hex::decode(s).ok()?;
     v.try_into().ok()
@@ -97,27 +76,144 @@ pub struct IndexEntry {
 #[serde(rename_all = "kebab-case")]
 pub struct Sidecar {
     pub format: u32,
-    pub id: String,
+    pub id: SnapshotId,
     pub policy: String,
-    pub kind: String,
-    pub source: String,
+    pub kind: SnapshotKind,
+    pub source: SourceKind,
     pub host: String,
     pub started: chrono::DateTime<chrono::Utc>,
     pub finished: chrono::DateTime<chrono::Utc>,
-    pub parent: Option<String>,
+    pub parent: Option<SnapshotId>,
     pub packs: Vec<PackRef>,
     pub manifest_size: u64,
     pub stats: Stats,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub postgres: Option<serde_json::Value>,
+    pub postgres: Option<PgMeta>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
 }
 
+impl Sidecar {
+    /// The PostgreSQL block of a physical snapshot.
+    pub fn pg(&self) -> Option<&PgInfo> {
+        match &self.postgres {
+            Some(PgMeta::Physical(p)) => Some(p),
+            _ => None,
+        }
+    }
+}
+
+/// The `postgres` block of a sidecar: a physical backup's positions, or a dump's databases.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PgMeta {
+    Physical(PgInfo),
+    Logical(DumpInfo),
+}
+
+/// A logical snapshot: the server version and the databases dumped.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DumpInfo {
+    pub version: String,
+    pub databases: Vec<String>,
+}
+
+/// Whether a snapshot re-read everything or only what changed since its parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SnapshotKind {
+    Full,
+    Incremental,
+}
+
+impl SnapshotKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotKind::Full => "full",
+            SnapshotKind::Incremental => "incremental",
+        }
+    }
+}
+
+pub use crate::policy::SourceKind;
+
+/// What a physical PostgreSQL snapshot needs to be restored and its WAL kept.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PgInfo {
+    pub version: i32,
+    pub system_identifier: String,
+    pub timeline: u32,
+    pub start_lsn: String,
+    pub stop_lsn: String,
+    pub start_wal: WalName,
+    pub stop_wal: WalName,
+    pub stop_time: chrono::DateTime<chrono::Utc>,
+    pub wal_segment_size: u64,
+    pub data_dir: std::path::PathBuf,
+}
+
+/// A snapshot id: `<UTC time>-<6 hex digits>`, sortable by time. Parsed from listings and the
+/// command line, so only letters, digits and `-` are allowed.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SnapshotId(String);
+
+impl SnapshotId {
+    pub fn parse(s: &str) -> Option<SnapshotId> {
+        let ok = !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        ok.then(|| SnapshotId(s.to_string()))
+    }
+
+    /// A new id: sortable by time, unique by a random suffix.
+    pub fn new(now: chrono::DateTime<chrono::Utc>) -> SnapshotId {
+        SnapshotId(format!("{}-{:06x}", now.format("%Y%m%dT%H%M%SZ"), rand::random::<u32>() & 0xff_ffff))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for SnapshotId {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        SnapshotId::parse(&s).ok_or_else(|| format!("`{s}` is not a snapshot id"))
+    }
+}
+
+impl From<SnapshotId> for String {
+    fn from(s: SnapshotId) -> String {
+        s.0
+    }
+}
+
+impl std::fmt::Display for SnapshotId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PackRef {
-    pub id: String,
+    #[serde(with = "hex32")]
+    pub id: PackId,
     pub size: u64,
+}
+
+/// A 32-byte id written as 64 hex digits.
+pub mod hex32 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(id: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(id))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let text = String::deserialize(d)?;
+        super::parse_hex32(&text).ok_or_else(|| serde::de::Error::custom(format!("`{text}` is not a 32-byte hex id")))
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -140,7 +236,7 @@ pub struct Stats {
 #[serde(rename_all = "kebab-case")]
 pub struct Manifest {
     pub format: u32,
-    pub snapshot: String,
+    pub snapshot: SnapshotId,
     pub policy: String,
     pub key_id: String,
     pub source_path: String,
@@ -148,8 +244,17 @@ pub struct Manifest {
     /// Chunk table: id, pack index, offset, encrypted length, plaintext length.
     pub chunks: Vec<(String, u32, u64, u32, u32)>,
     pub entries: Vec<Entry>,
+    /// A physical PostgreSQL backup's label and tablespace map (`null` for other sources).
     #[serde(default)]
-    pub extra: serde_json::Value,
+    pub extra: Option<PgLabel>,
+}
+
+/// What `pg_backup_stop` returned: restored beside the data, never stored in PGDATA.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PgLabel {
+    pub backup_label: String,
+    #[serde(default)]
+    pub tablespace_map: String,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -237,11 +342,6 @@ pub fn decode_os(s: &str) -> std::ffi::OsString {
         Some(b) => std::ffi::OsString::from_vec(b),
         None => s.into(),
     }
-}
-
-/// A new snapshot id: sortable by time, unique by a random suffix.
-pub fn new_snapshot_id(now: chrono::DateTime<chrono::Utc>) -> String {
-    format!("{}-{:06x}", now.format("%Y%m%dT%H%M%SZ"), rand::random::<u32>() & 0xff_ffff)
 }
 
 /// Blob plaintext framing: one flag byte (0 raw, 1 zstd) then the payload; then age.

@@ -6,6 +6,7 @@
 //! Leases expire, and a lease of a dead process on this host is stale at once, so a crash never
 //! needs a manual unlock. A holder refreshes its lease and checks it before committing.
 
+use super::keys;
 use super::store::Store;
 use crate::error::{Error, Result};
 use bytes::Bytes;
@@ -67,7 +68,7 @@ pub fn hostname() -> String {
 pub async fn acquire(store: &Store, kind: LockKind, command: &str, wait: Duration) -> Result<LockGuard> {
     let me = hostname();
     let id = hex::encode(rand::random::<[u8; 8]>());
-    let key = format!("locks/{id}.json");
+    let key = keys::lock(&id);
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let now = Utc::now();
@@ -116,7 +117,7 @@ pub async fn acquire(store: &Store, kind: LockKind, command: &str, wait: Duratio
 
 async fn conflict(store: &Store, mine: &str, kind: LockKind, me: &str) -> Result<Option<Lease>> {
     let now = Utc::now();
-    for (k, _) in store.list("locks/").await? {
+    for (k, _) in store.list(keys::LOCKS).await? {
         if k == mine {
             continue;
         }

@@ -1,86 +1,153 @@
 //! The repository: a versioned layout of objects in any object store (docs/FORMAT.md).
 //!
-//! Opening initialises an empty location. Writers need only the recipients; readers of
-//! encrypted objects (manifests, keys, chunks) need an identity.
+//! Three handles make the rules visible in types:
+//! - [`Repository`] opens an existing repository and only reads (and takes leases); it never
+//!   creates one, so a mistyped URL fails with the `veza-dr init` hint and leaves the store
+//!   untouched;
+//! - [`Writer`] holds the recipients and is the only way to put objects (writers may create
+//!   the repository on first use, and log it once);
+//! - [`Unlocked`] holds the restore-side identity and opens sealed objects.
+//!
+//! The store is private to this module and every object key is built in [`keys`].
 
-pub mod cache;
 pub mod format;
+pub mod keys;
 pub mod lock;
+pub mod state;
 pub mod store;
 
-use crate::crypto::{Opener, Sealer};
-use crate::error::{Error, Result};
-use crate::policy::Policy;
+use crate::crypto::{Identity, Sealer};
+use crate::error::{Error, Kind, Result};
+use crate::policy::{Policy, RepositoryCfg};
+use crate::source::postgres::wal::WalName;
 use bytes::Bytes;
 use format::*;
 use futures::StreamExt;
+use std::collections::{BTreeMap, HashMap};
 pub use store::Store;
 
-pub struct Repo {
-    pub store: Store,
-    pub config: RepoConfig,
-    pub sealer: Sealer,
-    pub policy_name: String,
+/// The error of a read-only command pointed at a location that holds no repository.
+pub fn no_repository(url: &str) -> Error {
+    Error::not_found(format!("there is no veza-dr repository at {url}"))
+        .with_hint("check the repository url in the policy; to create one there, run `veza-dr init <policy>`")
 }
 
-impl Repo {
-    /// Open the policy's repository, creating it on first use.
-    pub async fn open(policy: &Policy) -> Result<Repo> {
-        let store = Store::open(&policy.repository)?;
+/// A read handle on an existing repository, for one policy.
+#[derive(Clone)]
+pub struct Repository {
+    store: Store,
+    config: RepoConfig,
+    policy: String,
+}
+
+/// Objects marked for deletion by an earlier prune: object key → time marked.
+pub type Marks = BTreeMap<String, chrono::DateTime<chrono::Utc>>;
+
+impl Repository {
+    /// Open the policy's repository; fails (and writes nothing) when there is none.
+    pub async fn open(policy: &Policy) -> Result<Repository> {
+        Self::open_cfg(&policy.repository, &policy.name).await
+    }
+
+    pub async fn open_cfg(cfg: &RepositoryCfg, policy: &str) -> Result<Repository> {
+        let store = Store::open(cfg, false)?;
         Self::open_store(store, policy).await
     }
 
-    pub async fn open_store(store: Store, policy: &Policy) -> Result<Repo> {
-        let config = match store.get_opt("config").await? {
+    /// Open over any store (tests wrap a real one to inject faults).
+    pub async fn open_store(store: Store, policy: &str) -> Result<Repository> {
+        let config = match store.get_opt(keys::CONFIG).await? {
             Some(b) => parse_config(&store.url, &b)?,
-            None => {
-                let cfg = RepoConfig {
-                    format: FORMAT_VERSION,
-                    id: hex::encode(rand::random::<[u8; 16]>()),
-                    created: chrono::Utc::now().to_rfc3339(),
-                    chunker: ChunkerParams::default(),
-                };
-                let body = serde_json::to_vec_pretty(&cfg).expect("config serialises");
-                store.put_new("config", Bytes::from(body)).await?;
-                // Read back: on a store without conditional create, a concurrent initialiser may
-                // have won; everyone adopts what is stored.
-                let b = store.get("config").await?;
-                let stored = parse_config(&store.url, &b)?;
-                tracing::info!(repository = %store.url, id = %stored.id, "initialised repository");
-                stored
-            }
+            None => return Err(no_repository(&store.url)),
         };
-        Ok(Repo { store, config, sealer: Sealer::new(&policy.encryption.recipients), policy_name: policy.name.clone() })
+        Ok(Repository { store, config, policy: policy.to_string() })
     }
 
-    /// Encrypt and store a JSON value under `key` (zstd, then age).
-    pub async fn put_sealed_json<T: serde::Serialize>(&self, key: &str, v: &T) -> Result<u64> {
-        let json = serde_json::to_vec(v).expect("serialisable");
-        let z = zstd::bulk::compress(&json, 3).map_err(|e| Error::failed(format!("cannot compress {key}: {e}")))?;
-        let sealed = self.sealer.seal(&z)?;
-        let n = sealed.len() as u64;
-        self.store.put(key, Bytes::from(sealed)).await?;
-        Ok(n)
+    /// Open the repository, creating it when the location holds none. Returns whether it was
+    /// created. Only `init` and writers (backup, wal-push, the daemon) call this.
+    pub async fn open_or_init(policy: &Policy) -> Result<(Repository, bool)> {
+        let store = Store::open(&policy.repository, true)?;
+        if let Some(b) = store.get_opt(keys::CONFIG).await? {
+            let config = parse_config(&store.url, &b)?;
+            return Ok((Repository { store, config, policy: policy.name.clone() }, false));
+        }
+        let cfg = RepoConfig {
+            format: FORMAT_VERSION,
+            id: hex::encode(rand::random::<[u8; 16]>()),
+            created: chrono::Utc::now().to_rfc3339(),
+            chunker: ChunkerParams::default(),
+        };
+        let body = serde_json::to_vec_pretty(&cfg).expect("config serialises");
+        store.put_new(keys::CONFIG, Bytes::from(body)).await?;
+        // Read back: on a store without conditional create, a concurrent initialiser may have
+        // won; everyone adopts what is stored.
+        let b = store.get(keys::CONFIG).await?;
+        let config = parse_config(&store.url, &b)?;
+        let created = config.id == cfg.id;
+        if created {
+            tracing::info!(repository = %store.url, id = %config.id, "initialised repository");
+        }
+        Ok((Repository { store, config, policy: policy.name.clone() }, created))
     }
 
-    pub async fn get_sealed_json<T: serde::de::DeserializeOwned>(&self, key: &str, opener: &Opener) -> Result<T> {
-        let b = self.store.get(key).await.map_err(|e| missing_is_damage(e, key))?;
-        let z = opener.open(&b, &format_args!("object {key}"))?;
-        let json =
-            zstd::stream::decode_all(&z[..]).map_err(|e| Error::damaged(format!("object {key} is corrupted: {e}")))?;
-        serde_json::from_slice(&json).map_err(|e| Error::damaged(format!("object {key} is corrupted: {e}")))
+    pub fn url(&self) -> &str {
+        &self.store.url
     }
 
-    /// Every committed snapshot of this repository (all policies), oldest first.
+    /// The repository's id (names the host's local state for it).
+    pub fn id(&self) -> &str {
+        &self.config.id
+    }
+
+    pub fn chunker(&self) -> ChunkerParams {
+        self.config.chunker
+    }
+
+    pub fn policy(&self) -> &str {
+        &self.policy
+    }
+
+    /// A writer for this repository, sealing to `sealer`'s recipients.
+    pub fn writer(&self, sealer: Sealer) -> Writer {
+        Writer { repo: self.clone(), sealer }
+    }
+
+    /// Open the repository's sealed objects with `identity`.
+    pub fn unlock(&self, identity: Identity) -> Unlocked {
+        Unlocked { repo: self.clone(), identity }
+    }
+
+    /// Take a lease (shared for writers and readers, exclusive for prune).
+    pub async fn lock(
+        &self,
+        kind: lock::LockKind,
+        command: &str,
+        wait: std::time::Duration,
+    ) -> Result<lock::LockGuard> {
+        lock::acquire(&self.store, kind, command, wait).await
+    }
+
+    /// Every committed snapshot of this repository (all policies), oldest first. A sidecar
+    /// whose key or content does not parse is damage.
     pub async fn sidecars(&self) -> Result<Vec<Sidecar>> {
-        let keys: Vec<String> =
-            self.store.list("snapshots/").await?.into_iter().map(|(k, _)| k).filter(|k| k.ends_with(".json")).collect();
+        let keys: Vec<String> = self
+            .store
+            .list(keys::SNAPSHOTS)
+            .await?
+            .into_iter()
+            .map(|(k, _)| k)
+            .filter(|k| k.ends_with(".json"))
+            .collect();
         let store = &self.store;
         let mut out: Vec<Sidecar> = futures::stream::iter(keys)
             .map(|k| async move {
                 let b = store.get(&k).await?;
-                serde_json::from_slice::<Sidecar>(&b)
-                    .map_err(|e| Error::damaged(format!("snapshot sidecar {k} is corrupted: {e}")))
+                let s = serde_json::from_slice::<Sidecar>(&b)
+                    .map_err(|e| Error::damaged(format!("snapshot sidecar {k} is corrupted: {e}")))?;
+                if keys::sidecar(&s.id) != k {
+                    return Err(Error::damaged(format!("snapshot sidecar {k} names another snapshot ({})", s.id)));
+                }
+                Ok(s)
             })
             .buffer_unordered(16)
             .collect::<Vec<_>>()
@@ -91,10 +158,10 @@ impl Repo {
         Ok(out)
     }
 
-    /// Snapshots of this repository's policy, oldest first.
+    /// Snapshots of this handle's policy, oldest first.
     pub async fn snapshots(&self) -> Result<Vec<Sidecar>> {
         let mut v = self.sidecars().await?;
-        v.retain(|s| s.policy == self.policy_name);
+        v.retain(|s| s.policy == self.policy);
         Ok(v)
     }
 
@@ -103,55 +170,268 @@ impl Repo {
         let snaps = self.snapshots().await?;
         if spec == "latest" {
             return snaps.into_iter().last().ok_or_else(|| {
-                Error::not_found(format!("policy {} has no snapshot yet in {}", self.policy_name, self.store.url))
-                    .with_hint(format!("run `veza-dr backup {}` first", self.policy_name))
+                Error::not_found(format!("policy {} has no snapshot yet in {}", self.policy, self.store.url))
+                    .with_hint(format!("run `veza-dr backup {}` first", self.policy))
             });
         }
-        let matches: Vec<Sidecar> = snaps.into_iter().filter(|s| s.id.starts_with(spec)).collect();
+        let matches: Vec<Sidecar> = snaps.into_iter().filter(|s| s.id.as_str().starts_with(spec)).collect();
         match matches.len() {
             1 => Ok(matches.into_iter().next().expect("one match")),
-            0 => Err(Error::not_found(format!("snapshot {spec} not found for policy {}", self.policy_name))
-                .with_hint(format!("list them with `veza-dr snapshots {}`", self.policy_name))),
+            0 => Err(Error::not_found(format!("snapshot {spec} not found for policy {}", self.policy))
+                .with_hint(format!("list them with `veza-dr snapshots {}`", self.policy))),
             n => Err(Error::usage(format!("snapshot prefix {spec} matches {n} snapshots"))
                 .with_hint("give more characters of the id")),
         }
     }
 
-    pub async fn manifest(&self, snap: &Sidecar, opener: &Opener) -> Result<Manifest> {
-        self.get_sealed_json(&manifest_key(&snap.id), opener).await
+    /// Every pack in the store: pack id → size. Stray keys under `data/` are left out.
+    pub async fn packs(&self) -> Result<HashMap<PackId, u64>> {
+        Ok(self
+            .store
+            .list(keys::DATA)
+            .await?
+            .into_iter()
+            .filter_map(|(k, size)| keys::parse_pack(&k).map(|id| (id, size)))
+            .collect())
     }
 
-    /// The chunk-id key `key_id`, decrypted with the identity.
-    pub async fn chunk_key(&self, key_id: &str, opener: &Opener) -> Result<[u8; 32]> {
-        let k: KeyFile = self.get_sealed_json(&format!("keys/{key_id}"), opener).await?;
-        parse_hex32(&k.key).ok_or_else(|| Error::damaged(format!("object keys/{key_id} holds a malformed key")))
+    /// Every pack index in the store.
+    pub async fn indexes(&self) -> Result<Vec<PackId>> {
+        Ok(self.store.list(keys::INDEX).await?.into_iter().filter_map(|(k, _)| keys::parse_index(&k)).collect())
     }
 
-    /// Packs marked for deletion by an earlier prune: (object key → time marked).
-    pub async fn marks(&self) -> Result<std::collections::BTreeMap<String, chrono::DateTime<chrono::Utc>>> {
-        match self.store.get_opt("prune/marks.json").await? {
+    /// The ids of every manifest object (committed or left by an interrupted backup).
+    pub async fn manifests(&self) -> Result<Vec<SnapshotId>> {
+        Ok(self.store.list(keys::SNAPSHOTS).await?.into_iter().filter_map(|(k, _)| keys::parse_manifest(&k)).collect())
+    }
+
+    pub async fn has_chunk_key(&self, key_id: &str) -> Result<bool> {
+        Ok(self.store.head_size(&keys::chunk_key(key_id)).await?.is_some())
+    }
+
+    /// Bytes `range` of a pack; a short read is damage.
+    pub async fn pack_range(&self, id: &PackId, range: std::ops::Range<u64>) -> Result<Bytes> {
+        self.store.get_range(&keys::pack(id), range).await
+    }
+
+    /// A whole pack.
+    pub async fn pack(&self, id: &PackId) -> Result<Bytes> {
+        self.store.get(&keys::pack(id)).await
+    }
+
+    pub async fn marks(&self) -> Result<Marks> {
+        match self.store.get_opt(keys::MARKS).await? {
             None => Ok(Default::default()),
             Some(b) => serde_json::from_slice(&b)
-                .map_err(|e| Error::damaged(format!("object prune/marks.json is corrupted: {e}"))),
+                .map_err(|e| Error::damaged(format!("object {} is corrupted: {e}", keys::MARKS))),
         }
     }
 
-    pub async fn write_marks(
-        &self,
-        m: &std::collections::BTreeMap<String, chrono::DateTime<chrono::Utc>>,
-    ) -> Result<()> {
-        self.store.put("prune/marks.json", Bytes::from(serde_json::to_vec_pretty(m).expect("serialisable"))).await
-    }
-
-    /// Every pack in the store: pack id → size.
-    pub async fn packs(&self) -> Result<std::collections::HashMap<PackId, u64>> {
+    /// The fingerprints stored for one WAL file (normally zero or one).
+    pub async fn wal_fingerprints(&self, name: &WalName) -> Result<Vec<String>> {
         Ok(self
             .store
-            .list("data/")
+            .list(&keys::wal_dir(name))
             .await?
             .into_iter()
-            .filter_map(|(k, size)| k.rsplit('/').next().and_then(parse_hex32).map(|id| (id, size)))
+            .filter_map(|(k, _)| keys::parse_wal(&k).filter(|(n, _)| n == name).map(|(_, fp)| fp))
             .collect())
+    }
+
+    /// One sealed WAL object.
+    pub async fn wal_object(&self, name: &WalName, fingerprint: &str) -> Result<Bytes> {
+        self.store.get(&keys::wal_object(name, fingerprint)).await
+    }
+
+    /// Every archived WAL file, sorted by name; keys that are not WAL objects are left out.
+    pub async fn wal_files(&self) -> Result<Vec<(WalName, String)>> {
+        let mut v: Vec<(WalName, String)> =
+            self.store.list(keys::WAL).await?.into_iter().filter_map(|(k, _)| keys::parse_wal(&k)).collect();
+        v.sort();
+        Ok(v)
+    }
+
+    /// When the newest WAL object was stored, if any.
+    pub async fn newest_wal(&self) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
+        self.store.newest(keys::WAL).await
+    }
+
+    /// The JSON drill reports of `policy`, oldest first (by id).
+    pub async fn reports(&self, policy: &str) -> Result<Vec<(String, Bytes)>> {
+        let mut ks: Vec<String> = self
+            .store
+            .list(&keys::reports(policy))
+            .await?
+            .into_iter()
+            .map(|(k, _)| k)
+            .filter(|k| k.ends_with(".json"))
+            .collect();
+        ks.sort();
+        let mut out = Vec::new();
+        for k in ks {
+            let b = self.store.get(&k).await?;
+            out.push((k, b));
+        }
+        Ok(out)
+    }
+
+    /// The ids of `policy`'s drill reports, oldest first: a listing, no report read.
+    pub async fn report_ids(&self, policy: &str) -> Result<Vec<String>> {
+        let prefix = keys::reports(policy);
+        let mut ids: Vec<String> = self
+            .store
+            .list(&prefix)
+            .await?
+            .into_iter()
+            .filter_map(|(k, _)| k.strip_prefix(&prefix)?.strip_suffix(".json").map(str::to_string))
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    pub async fn report(&self, policy: &str, id: &str) -> Result<Bytes> {
+        self.store.get(&keys::report(policy, id, "json")).await
+    }
+}
+
+/// A handle that can put objects: holds the recipients everything is sealed to.
+#[derive(Clone)]
+pub struct Writer {
+    repo: Repository,
+    sealer: Sealer,
+}
+
+impl std::ops::Deref for Writer {
+    type Target = Repository;
+    fn deref(&self) -> &Repository {
+        &self.repo
+    }
+}
+
+impl Writer {
+    pub fn sealer(&self) -> &Sealer {
+        &self.sealer
+    }
+
+    /// Seal a JSON value (zstd, then age) and store it under `key`; returns its size.
+    async fn put_sealed_json<T: serde::Serialize>(&self, key: &str, v: &T) -> Result<u64> {
+        let json = serde_json::to_vec(v).expect("serialisable");
+        let z = zstd::bulk::compress(&json, 3).map_err(|e| Error::failed(format!("cannot compress {key}: {e}")))?;
+        let sealed = self.sealer.seal(&z)?;
+        let n = sealed.len() as u64;
+        self.store.put(key, Bytes::from(sealed)).await?;
+        Ok(n)
+    }
+
+    pub async fn put_chunk_key(&self, key_id: &str, kf: &KeyFile) -> Result<()> {
+        self.put_sealed_json(&keys::chunk_key(key_id), kf).await.map(|_| ())
+    }
+
+    /// Store a pack given as its blobs (multipart above `multipart_threshold`), then its index.
+    pub async fn put_pack(&self, id: &PackId, parts: Vec<Bytes>, size: u64, multipart_threshold: u64) -> Result<()> {
+        let key = keys::pack(id);
+        if size > multipart_threshold {
+            self.store.put_multipart(&key, parts, 8 << 20).await
+        } else {
+            self.store.put_parts(&key, parts).await
+        }
+    }
+
+    /// A pack's index, already sealed.
+    pub async fn put_index(&self, id: &PackId, sealed: Bytes) -> Result<()> {
+        self.store.put(&keys::index(id), sealed).await
+    }
+
+    /// Commit a snapshot: the manifest first, then the sidecar that makes it exist. `check`
+    /// runs before each write (the lease must still be held).
+    pub async fn commit(
+        &self,
+        manifest: &Manifest,
+        sidecar: &mut Sidecar,
+        check: impl Fn() -> Result<()>,
+    ) -> Result<()> {
+        check()?;
+        sidecar.manifest_size = self.put_sealed_json(&keys::manifest(&sidecar.id), manifest).await?;
+        sidecar.finished = chrono::Utc::now();
+        check()?;
+        let body = serde_json::to_vec_pretty(&*sidecar).expect("serialisable");
+        self.store.put(&keys::sidecar(&sidecar.id), Bytes::from(body)).await
+    }
+
+    /// Uncommit a snapshot: its sidecar first (then it no longer exists), then its manifest.
+    pub async fn forget(&self, id: &SnapshotId) -> Result<()> {
+        self.store.delete(&keys::sidecar(id)).await?;
+        self.store.delete(&keys::manifest(id)).await
+    }
+
+    pub async fn put_wal(&self, name: &WalName, fingerprint: &str, sealed: Bytes) -> Result<()> {
+        self.store.put(&keys::wal_object(name, fingerprint), sealed).await
+    }
+
+    pub async fn put_report(&self, policy: &str, id: &str, ext: &str, body: Bytes) -> Result<()> {
+        self.store.put(&keys::report(policy, id, ext), body).await
+    }
+
+    pub async fn write_marks(&self, m: &Marks) -> Result<()> {
+        self.store.put(keys::MARKS, Bytes::from(serde_json::to_vec_pretty(m).expect("serialisable"))).await
+    }
+
+    /// Delete one object that prune found unreferenced. Only keys of the shapes prune may
+    /// collect are accepted: packs (with their index), indexes, manifests and WAL objects.
+    pub async fn delete_garbage(&self, key: &str) -> Result<()> {
+        if let Some(id) = keys::parse_pack(key) {
+            self.store.delete(key).await?;
+            return self.store.delete(&keys::index(&id)).await;
+        }
+        if keys::parse_index(key).is_some() || keys::parse_manifest(key).is_some() || keys::parse_wal(key).is_some() {
+            return self.store.delete(key).await;
+        }
+        Err(Error::failed(format!("internal: prune refused to delete {key}, which is not a collectable object")))
+    }
+}
+
+/// A handle that can open sealed objects: the repository and the restore-side identity.
+#[derive(Clone)]
+pub struct Unlocked {
+    repo: Repository,
+    identity: Identity,
+}
+
+impl std::ops::Deref for Unlocked {
+    type Target = Repository;
+    fn deref(&self) -> &Repository {
+        &self.repo
+    }
+}
+
+impl Unlocked {
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    async fn get_sealed_json<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<T> {
+        let b = self.store.get(key).await.map_err(|e| missing_is_damage(e, key))?;
+        let z = self.identity.open(&b, &format_args!("object {key}"))?;
+        let json =
+            zstd::stream::decode_all(&z[..]).map_err(|e| Error::damaged(format!("object {key} is corrupted: {e}")))?;
+        serde_json::from_slice(&json).map_err(|e| Error::damaged(format!("object {key} is corrupted: {e}")))
+    }
+
+    /// A snapshot's manifest; one that names another snapshot is damage.
+    pub async fn manifest(&self, snap: &Sidecar) -> Result<Manifest> {
+        let key = keys::manifest(&snap.id);
+        let m: Manifest = self.get_sealed_json(&key).await?;
+        if m.snapshot != snap.id {
+            return Err(Error::damaged(format!("object {key} is the manifest of another snapshot ({})", m.snapshot)));
+        }
+        Ok(m)
+    }
+
+    /// The chunk-id key `key_id`, decrypted with the identity.
+    pub async fn chunk_key(&self, key_id: &str) -> Result<[u8; 32]> {
+        let key = keys::chunk_key(key_id);
+        let k: KeyFile = self.get_sealed_json(&key).await?;
+        parse_hex32(&k.key).ok_or_else(|| Error::damaged(format!("object {key} holds a malformed key")))
     }
 }
 
@@ -170,7 +450,7 @@ fn parse_config(url: &str, b: &[u8]) -> Result<RepoConfig> {
 
 /// A missing object that a snapshot needs is damage, not a user error.
 pub fn missing_is_damage(e: Error, key: &str) -> Error {
-    if e.kind == crate::error::Kind::NotFound {
+    if e.kind == Kind::NotFound {
         Error::damaged(format!("object {key} is missing")).with_hint("run `veza-dr verify` to see what is affected")
     } else {
         e

@@ -19,7 +19,9 @@ pub struct Store {
 }
 
 impl Store {
-    pub fn open(cfg: &RepositoryCfg) -> Result<Store> {
+    /// Open the store at a repository's URL. `create` lets a writer make the local directory
+    /// of a file:// repository; readers never create anything.
+    pub fn open(cfg: &RepositoryCfg, create: bool) -> Result<Store> {
         let url = url::Url::parse(&cfg.url)
             .map_err(|e| Error::policy(format!("repository url `{}` is invalid: {e}", cfg.url)))?;
         let inner: Arc<dyn ObjectStore> = match url.scheme() {
@@ -27,7 +29,11 @@ impl Store {
                 let path = url
                     .to_file_path()
                     .map_err(|_| Error::policy(format!("repository url `{}` is not a local path", cfg.url)))?;
-                std::fs::create_dir_all(&path).map_err(|e| Error::io("create repository directory", &path, e))?;
+                if create {
+                    std::fs::create_dir_all(&path).map_err(|e| Error::io("create repository directory", &path, e))?;
+                } else if !path.is_dir() {
+                    return Err(super::no_repository(&cfg.url));
+                }
                 Arc::new(
                     object_store::local::LocalFileSystem::new_with_prefix(&path)
                         .map_err(|e| Error::storage(format!("cannot open repository {}: {e}", cfg.url)))?,
@@ -201,39 +207,56 @@ impl Store {
     }
 
     fn err(&self, op: &str, key: &str, e: object_store::Error) -> Error {
-        if let object_store::Error::NotFound { .. } = e {
-            return Error::new(Kind::NotFound, format!("object {key} is missing from repository {}", self.url));
-        }
-        storage_error(&self.url, op, key, &e.to_string())
+        storage_error(&self.url, op, key, e)
     }
 }
 
-/// Turn a store failure into one line with a hint for the usual causes.
-pub fn storage_error(url: &str, op: &str, key: &str, text: &str) -> Error {
-    let flat = text.replace('\n', " ");
-    let lower = flat.to_lowercase();
-    // Not a bare "403": it also matches ports and key names (127.0.0.1:40339).
-    let hint = if lower.contains("status 403")
-        || lower.contains("forbidden")
-        || lower.contains("signature")
-        || lower.contains("accessdenied")
-        || lower.contains("invalidaccesskeyid")
-    {
-        "check the repository credentials (access-key-id / secret-access-key in the policy, or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
-    } else if lower.contains("nosuchbucket") {
-        "the bucket does not exist: create it, or fix the bucket in the repository url"
-    } else if ["connect", "error sending request", "connection reset", "broken pipe", "dns", "timed out", "timeout"]
-        .iter()
-        .any(|p| lower.contains(p))
-    {
-        "the endpoint is unreachable: check `endpoint` in the policy and that the object store is up"
-    } else if lower.contains("no space") {
-        "the repository disk is full"
-    } else {
-        "check the object store's logs; the operation is safe to retry"
+/// A store failure as one line, classified by the error's variant and causes (never its text).
+pub fn storage_error(url: &str, op: &str, key: &str, e: object_store::Error) -> Error {
+    use object_store::Error as E;
+    let (kind, hint) = match &e {
+        E::NotFound { .. } if op == "read" || op == "stat" => {
+            let msg = format!("object {key} is missing from repository {url}");
+            return Error::new(Kind::NotFound, msg).with_cause(e);
+        }
+        E::NotFound { .. } => (Kind::Storage, "the bucket does not exist: create it, or fix the bucket in the repository url"),
+        E::PermissionDenied { .. } | E::Unauthenticated { .. } => (
+            Kind::Storage,
+            "check the repository credentials (access-key-id / secret-access-key in the policy, or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)",
+        ),
+        _ => (Kind::Storage, cause_hint(&e)),
     };
+    let flat = e.to_string().replace('\n', " ");
     let short: String = flat.chars().take(300).collect();
-    Error::storage(format!("cannot {op} {key} in {url}: {short}")).with_hint(hint)
+    Error::new(kind, format!("cannot {op} {key} in {url}: {short}")).with_hint(hint).with_cause(e)
+}
+
+/// The hint for a failure whose variant says nothing: look at the errors underneath.
+fn cause_hint(e: &(dyn std::error::Error + 'static)) -> &'static str {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(r) = c.downcast_ref::<reqwest::Error>() {
+            if r.is_connect() || r.is_timeout() {
+                return "the endpoint is unreachable: check `endpoint` in the policy and that the object store is up";
+            }
+        }
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            match io.kind() {
+                std::io::ErrorKind::StorageFull => return "the repository disk is full",
+                std::io::ErrorKind::PermissionDenied => {
+                    return "veza-dr cannot write the repository directory: check its owner and mode"
+                }
+                std::io::ErrorKind::ConnectionRefused
+                | std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::TimedOut => {
+                    return "the endpoint is unreachable: check `endpoint` in the policy and that the object store is up"
+                }
+                _ => {}
+            }
+        }
+        cur = c.source();
+    }
+    "check the object store's logs; the operation is safe to retry"
 }
 
 fn retry() -> RetryConfig {
@@ -257,12 +280,19 @@ mod tests {
     use super::storage_error;
 
     #[test]
-    fn hints_follow_the_cause_not_digits_in_the_url() {
-        let down = "Error performing GET http://127.0.0.1:40339/veza?list-type=2 in 1.3s, after 4 retries - HTTP error: error sending request";
+    fn hints_follow_the_variant_not_digits_in_the_url() {
+        let denied = object_store::Error::PermissionDenied { path: "data/x".into(), source: "status 403".into() };
+        let e = storage_error("s3://veza/db", "write", "data/x", denied);
+        assert!(e.hint.as_deref().unwrap().starts_with("check the repository credentials"), "{:?}", e.hint);
+        let io = std::io::Error::new(std::io::ErrorKind::StorageFull, "no space");
+        let full = object_store::Error::Generic { store: "LocalFileSystem", source: Box::new(io) };
+        let e = storage_error("file:///r", "write", "data/x", full);
+        assert_eq!(e.hint.as_deref(), Some("the repository disk is full"));
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "127.0.0.1:40339");
+        let down = object_store::Error::Generic { store: "S3", source: Box::new(refused) };
         let e = storage_error("s3://veza/db", "list", "wal/", down);
         assert!(e.hint.as_deref().unwrap().starts_with("the endpoint is unreachable"), "{:?}", e.hint);
-        let denied = "Client error with status 403 Forbidden: <Code>AccessDenied</Code>";
-        let e = storage_error("s3://veza/db", "put", "data/x", denied);
-        assert!(e.hint.as_deref().unwrap().starts_with("check the repository credentials"), "{:?}", e.hint);
+        let missing = object_store::Error::NotFound { path: "config".into(), source: "404".into() };
+        assert_eq!(storage_error("s3://veza/db", "read", "config", missing).kind, crate::error::Kind::NotFound);
     }
 }

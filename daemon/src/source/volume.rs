@@ -1,11 +1,111 @@
 //! The volume source: a directory tree with its metadata (modes, owners, times, symlinks,
-//! hard links, empty directories), and its restore.
+//! hard links, empty directories): walked for a backup, restored through the pipeline's
+//! tree restore, drilled by restoring into the sandbox and comparing every file's hash.
 
+use super::{phase, DrillEnv, Drilled, RestoreRequest, Restored, Source};
 use crate::error::{Error, Result};
+use crate::pipeline::snapshot::{commit, prepare_tree, Options as BackupOptions};
+use crate::pipeline::tree;
+use crate::policy::{Policy, SourceKind, VolumeSource};
 use crate::repository::format::*;
+use crate::repository::lock::LockGuard;
+use crate::repository::{Unlocked, Writer};
 use std::collections::HashMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
+
+pub struct Volume {
+    pub policy: Policy,
+    pub cfg: VolumeSource,
+}
+
+#[async_trait::async_trait]
+impl Source for Volume {
+    fn kind(&self) -> SourceKind {
+        SourceKind::Volume
+    }
+
+    async fn backup(&self, repo: &Writer, opts: &BackupOptions, guard: &LockGuard) -> Result<Sidecar> {
+        let p = prepare_tree(&self.policy, repo, opts, self.kind(), &self.cfg.path, &self.cfg.exclude, &[]).await?;
+        commit(repo, guard, p).await
+    }
+
+    async fn restore(&self, repo: &Unlocked, req: &RestoreRequest) -> Result<Restored> {
+        let r = &req.recovery;
+        if r.time.is_some() || r.lsn.is_some() || r.xid.is_some() || r.name.is_some() || r.immediate || req.start {
+            return Err(Error::usage("--to-*, --immediate and --start apply to PostgreSQL physical restores only"));
+        }
+        if req.target_dsn.is_some() {
+            return Err(Error::usage("--target-dsn applies to logical PostgreSQL restores only"));
+        }
+        let target = req.target.clone().ok_or_else(|| Error::usage("restore needs --target DIR"))?;
+        let opts = tree::Options {
+            snapshot: req.snapshot.clone().unwrap_or_else(|| "latest".into()),
+            target,
+            includes: req.includes.clone(),
+            overwrite: req.overwrite,
+            bytes_done: req.progress.done.clone(),
+            bytes_total: req.progress.total.clone(),
+        };
+        tree::restore(repo, &opts).await.map(Restored::Tree)
+    }
+
+    async fn drill(&self, repo: &Unlocked, snap: &Sidecar, env: &mut dyn DrillEnv) -> Option<Drilled> {
+        let target = env.dir().join("tree");
+        let ropts = tree::Options {
+            snapshot: snap.id.to_string(),
+            target: target.clone(),
+            includes: vec![],
+            overwrite: false,
+            bytes_done: Default::default(),
+            bytes_total: Default::default(),
+        };
+        let restore = tree::restore(repo, &ropts);
+        phase(env, "fetch, decrypt, write", restore, |s| {
+            format!("{} files, {} bytes from snapshot {}", s.files, s.bytes, s.snapshot)
+        })
+        .await?;
+        phase(env, "compare with recorded hashes", compare_tree(repo, snap, &target), |d| d.clone()).await?;
+        // The data is as of the snapshot's start.
+        Some(Drilled { at: Some(snap.started), tree: Some(target) })
+    }
+}
+
+/// Hash every restored file as a backup does and compare with the snapshot's record.
+async fn compare_tree(repo: &Unlocked, snap: &Sidecar, target: &Path) -> Result<String> {
+    let m = repo.manifest(snap).await?;
+    let key = repo.chunk_key(&m.key_id).await?;
+    let chunker = repo.chunker();
+    let files: Vec<(PathBuf, u64, Option<String>, String)> = m
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File)
+        .map(|e| (target.join(e.rel_path()), e.size, e.hash.clone(), e.display()))
+        .collect();
+    let n = files.len();
+    let bad = tokio::task::spawn_blocking(move || {
+        let mut bad = Vec::new();
+        for (path, size, hash, name) in files {
+            match crate::pipeline::backup::hash_file(&path, &key, chunker, None) {
+                Ok((s, h)) if s == size && hash.as_deref() == Some(hex::encode(h).as_str()) => {}
+                Ok(_) => bad.push(format!("{name} differs")),
+                Err(e) => bad.push(format!("{name}: {e}")),
+            }
+        }
+        bad
+    })
+    .await
+    .map_err(|e| Error::failed(format!("compare failed: {e}")))?;
+    if bad.is_empty() {
+        Ok(format!("{n} files match the snapshot's hashes"))
+    } else {
+        Err(Error::damaged(format!(
+            "{} of {n} files differ from the snapshot: {}",
+            bad.len(),
+            bad.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+        )))
+    }
+}
 
 /// The tree as walked: entries in walk order (parents before children), and warnings.
 pub struct Walked {
@@ -116,97 +216,4 @@ pub fn walk(root: &Path, exclude: &[String]) -> Result<Walked> {
         out.entries.push(e);
     }
     Ok(out)
-}
-
-/// A restore-side path must stay inside the target.
-pub fn safe_rel(p: &Path) -> Result<&Path> {
-    if p.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir)) {
-        Ok(p)
-    } else {
-        Err(Error::damaged(format!("manifest holds an unsafe path {}", p.display())))
-    }
-}
-
-/// Whether `rel` is selected by `--include` prefixes (or is a parent directory of one).
-pub fn included(rel: &Path, includes: &[PathBuf]) -> bool {
-    includes.is_empty() || rel == Path::new(".") || includes.iter().any(|i| rel.starts_with(i) || i.starts_with(rel))
-}
-
-/// Create the skeleton: directories, empty files of the right length, symlinks.
-/// Returns the file paths in entry order (for chunk targets) and the entry index of each.
-pub fn prepare(target: &Path, entries: &[(usize, &Entry)]) -> Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    for (_, e) in entries {
-        let rel = e.rel_path();
-        let p = target.join(safe_rel(&rel)?);
-        match e.kind {
-            EntryKind::Dir => std::fs::create_dir_all(&p).map_err(|err| Error::io("create directory", &p, err))?,
-            EntryKind::File => {
-                // Parents come first in the manifest; create them only if they are missing.
-                let f = match std::fs::File::create(&p) {
-                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                        let parent = p.parent().unwrap_or(target);
-                        std::fs::create_dir_all(parent).map_err(|err| Error::io("create directory", parent, err))?;
-                        std::fs::File::create(&p)
-                    }
-                    r => r,
-                }
-                .map_err(|err| Error::io("create", &p, err))?;
-                f.set_len(e.size).map_err(|err| Error::io("allocate", &p, err))?;
-                files.push(p);
-            }
-            EntryKind::Symlink => {
-                let t = decode_os(e.target.as_deref().unwrap_or(""));
-                let _ = std::fs::remove_file(&p);
-                std::os::unix::fs::symlink(&t, &p).map_err(|err| Error::io("create symlink", &p, err))?;
-            }
-            EntryKind::Hardlink => {}
-        }
-    }
-    Ok(files)
-}
-
-/// After the data: hard links, then owners, modes and times (directories last, deepest first,
-/// so that writing into them does not move their mtime again).
-pub fn finish(target: &Path, entries: &[(usize, &Entry)], warnings: &mut Vec<String>) -> Result<()> {
-    let root = nix::unistd::geteuid().is_root();
-    for (_, e) in entries.iter().filter(|(_, e)| e.kind == EntryKind::Hardlink) {
-        let p = target.join(safe_rel(&e.rel_path())?);
-        let first = target.join(decode_os(e.target.as_deref().unwrap_or("")));
-        let _ = std::fs::remove_file(&p);
-        if let Err(err) = std::fs::hard_link(&first, &p) {
-            warnings.push(format!("cannot restore hard link {}: {err}", e.display()));
-        }
-    }
-    let mut owner_warned = false;
-    let mut apply = |e: &Entry| -> Result<()> {
-        let p = target.join(safe_rel(&e.rel_path())?);
-        if let Err(err) = std::os::unix::fs::lchown(&p, Some(e.uid), Some(e.gid)) {
-            if root {
-                return Err(Error::io("set owner of", &p, err));
-            }
-            if !owner_warned {
-                warnings.push("not running as root: file owners were not restored".into());
-                owner_warned = true;
-            }
-        }
-        let t = filetime::FileTime::from_unix_time(e.mtime, e.mtime_ns);
-        if e.kind == EntryKind::Symlink {
-            filetime::set_symlink_file_times(&p, t, t).map_err(|err| Error::io("set times of", &p, err))?;
-            return Ok(());
-        }
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(e.mode))
-            .map_err(|err| Error::io("set mode of", &p, err))?;
-        filetime::set_file_times(&p, t, t).map_err(|err| Error::io("set times of", &p, err))
-    };
-    for (_, e) in entries.iter().filter(|(_, e)| e.kind != EntryKind::Dir && e.kind != EntryKind::Hardlink) {
-        apply(e)?;
-    }
-    let mut dirs: Vec<&Entry> = entries.iter().filter(|(_, e)| e.kind == EntryKind::Dir).map(|(_, e)| *e).collect();
-    dirs.sort_by_key(|e| std::cmp::Reverse(e.rel_path().components().count()));
-    for e in dirs {
-        apply(e)?;
-    }
-    Ok(())
 }

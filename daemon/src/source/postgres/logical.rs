@@ -1,17 +1,152 @@
 //! Logical backups: `pg_dump -Fc` per database plus `pg_dumpall --globals-only`, each streamed
 //! through the pipeline as one file of the snapshot; restore with `pg_restore -j`.
 
+use super::server::Server;
 use super::{connect, db_error};
-use crate::backup::{commit, prepare_streams, Options};
 use crate::error::{Error, Kind, Result};
-use crate::policy::{PgSource, Policy};
-use crate::repository::format::Sidecar;
+use crate::pipeline::snapshot::{commit, prepare_streams, Options};
+use crate::pipeline::tree;
+use crate::policy::{PgSource, Policy, SourceKind};
+use crate::repository::format::{DumpInfo, PgMeta, Sidecar};
 use crate::repository::lock::LockGuard;
-use crate::repository::Repo;
+use crate::repository::{Unlocked, Writer};
+use crate::source::{phase, DrillEnv, Drilled, RestoreRequest, Restored, Source};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+
+pub struct Logical {
+    pub policy: Policy,
+    pub pg: PgSource,
+}
+
+#[async_trait::async_trait]
+impl Source for Logical {
+    fn kind(&self) -> SourceKind {
+        SourceKind::PostgresLogical
+    }
+
+    async fn backup(&self, repo: &Writer, opts: &Options, guard: &LockGuard) -> Result<Sidecar> {
+        backup(&self.policy, &self.pg, repo, opts, guard).await
+    }
+
+    async fn restore(&self, repo: &Unlocked, req: &RestoreRequest) -> Result<Restored> {
+        if req.recovery.is_set() || req.start || req.target.is_some() || !req.includes.is_empty() {
+            return Err(Error::usage(
+                "a logical restore loads the dumps into a server: give --target-dsn DSN (not --target, --include, --to-* or --start)",
+            ));
+        }
+        let dsn = req.target_dsn.clone().ok_or_else(|| Error::usage("a logical restore needs --target-dsn DSN"))?;
+        let dsn = match crate::secret::SecretRef::parse(&dsn) {
+            Ok(r) => r.resolve()?,
+            Err(_) => dsn,
+        };
+        let snap = req.snapshot.clone().unwrap_or_else(|| "latest".into());
+        let (snapshot, databases) = restore_dumps(repo, &self.pg, &snap, &dsn, req.jobs).await?;
+        Ok(Restored::Logical { snapshot, databases })
+    }
+
+    async fn drill(&self, repo: &Unlocked, snap: &Sidecar, env: &mut dyn DrillEnv) -> Option<Drilled> {
+        env.begin("create and start a cluster");
+        let t = std::time::Instant::now();
+        let started = match scratch_cluster(&self.pg, env).await {
+            Ok((server, dsn)) => server.start().await.map(|_| dsn),
+            Err(e) => Err(e),
+        };
+        let ok = started.as_ref().map(|_| "initdb and start".to_string()).map_err(Clone::clone);
+        if !env.record("create and start a cluster", t.elapsed().as_secs_f64(), &ok) {
+            return None;
+        }
+        let dsn = started.ok()?;
+        let load = restore_dumps(repo, &self.pg, snap.id.as_str(), &dsn, 2);
+        phase(env, "fetch, decrypt, pg_restore", load, |(id, dbs)| {
+            format!("databases {} from snapshot {id}", dbs.join(", "))
+        })
+        .await?;
+        // A dump is consistent as of its start.
+        Some(Drilled { at: Some(snap.started), tree: None })
+    }
+}
+
+/// Restore a snapshot's dumps into a scratch directory and load them into `target_dsn`.
+pub async fn restore_dumps(
+    repo: &Unlocked,
+    pg: &PgSource,
+    snapshot: &str,
+    target_dsn: &str,
+    jobs: usize,
+) -> Result<(String, Vec<String>)> {
+    let tmp = tempfile::tempdir().map_err(|e| Error::failed(format!("cannot create a temporary directory: {e}")))?;
+    let dir = tmp.path().join("dumps");
+    let opts = tree::Options {
+        snapshot: snapshot.to_string(),
+        target: dir.clone(),
+        includes: vec![],
+        overwrite: false,
+        bytes_done: Default::default(),
+        bytes_total: Default::default(),
+    };
+    let s = tree::restore(repo, &opts).await?;
+    let loaded = load(pg, &dir, target_dsn, jobs).await?;
+    Ok((s.snapshot, loaded))
+}
+
+/// initdb a new cluster in the sandbox as the database user (never root); returns the server
+/// (not yet started) and its DSN. Local connections are trusted: the socket directory is
+/// private to the server's owner (and root), and restoring the globals may change the
+/// superuser's password. TCP on 127.0.0.1 needs a random password nobody is told.
+async fn scratch_cluster(pg: &PgSource, env: &mut dyn DrillEnv) -> Result<(Server, String)> {
+    use std::os::unix::fs::PermissionsExt;
+    let data = env.dir().join("data");
+    let me = nix::unistd::geteuid();
+    let uid = if me.is_root() {
+        nix::unistd::User::from_name("postgres").ok().flatten().map(|u| u.uid.as_raw()).ok_or_else(|| {
+            Error::failed("veza-dr runs as root and there is no `postgres` user to run the drill's server")
+        })?
+    } else {
+        me.as_raw()
+    };
+    let password = hex::encode(rand::random::<[u8; 16]>());
+    let pwfile = env.dir().join("pw");
+    std::fs::write(&pwfile, &password).map_err(|e| Error::io("write", &pwfile, e))?;
+    std::fs::create_dir_all(&data).map_err(|e| Error::io("create", &data, e))?;
+    for p in [&data, &pwfile] {
+        let _ = std::os::unix::fs::chown(p, Some(uid), None);
+    }
+    let _ = std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700));
+    let _ = std::fs::set_permissions(&pwfile, std::fs::Permissions::from_mode(0o600));
+    let port = env.port()?;
+    let server = Server {
+        bin_dir: pg.bin_dir.clone(),
+        data: data.clone(),
+        port,
+        uid,
+        dsn: Some(format!("user=postgres password={password}")),
+    };
+    env.adopt(server.clone());
+    let out = server
+        .as_owner(&pg.bin_dir.join("initdb"))
+        .args(["--no-sync", "-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8"])
+        .arg("--locale=C.UTF-8")
+        .arg(format!("--pwfile={}", pwfile.display()))
+        .arg("-D")
+        .arg(&data)
+        .output()
+        .map_err(|e| Error::failed(format!("cannot run initdb: {e}")))?;
+    let _ = std::fs::remove_file(&pwfile);
+    if !out.status.success() {
+        return Err(Error::database(format!(
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim().replace('\n', " ")
+        )));
+    }
+    let work = data.join("veza-dr-restore");
+    std::fs::create_dir_all(&work).map_err(|e| Error::io("create", &work, e))?;
+    let _ = std::os::unix::fs::chown(&work, Some(uid), None);
+    let dsn =
+        format!("host={} port={port} user=postgres password={password} dbname=postgres", server.socket_dir().display());
+    Ok((server, dsn))
+}
 
 /// A libpq connection string without the password (which goes in PGPASSWORD, never argv).
 pub struct ConnInfo {
@@ -109,13 +244,7 @@ fn tool(pg: &PgSource, name: &str, ci: &ConnInfo) -> Command {
     c
 }
 
-pub async fn backup(
-    policy: &Policy,
-    pg: &PgSource,
-    repo: &Arc<Repo>,
-    opts: &Options,
-    guard: &LockGuard,
-) -> Result<Sidecar> {
+async fn backup(policy: &Policy, pg: &PgSource, repo: &Writer, opts: &Options, guard: &LockGuard) -> Result<Sidecar> {
     let dsn_ref = pg.dsn.to_string();
     let c = connect(pg).await?;
     let version: String = c
@@ -152,8 +281,9 @@ pub async fn backup(
             Box::new(Lazy { cmd: Some(d), what: format!("pg_dump of database {db}"), out: None }),
         ));
     }
-    let mut pending = prepare_streams(policy, repo, opts, "postgres-logical", streams).await?;
-    pending.sidecar.postgres = Some(serde_json::json!({ "version": version, "databases": databases }));
+    let mut pending =
+        prepare_streams(policy, repo, opts, SourceKind::PostgresLogical, "postgres-logical", streams).await?;
+    pending.sidecar.postgres = Some(PgMeta::Logical(DumpInfo { version, databases }));
     commit(repo, guard, pending).await
 }
 

@@ -3,12 +3,16 @@
 //! periods that have one. The newest snapshot is always kept.
 
 use crate::policy::Retention;
-use crate::repository::format::Sidecar;
+use crate::repository::format::{Sidecar, SnapshotId};
 use chrono::{DateTime, Utc};
 use std::collections::BTreeMap;
 
 /// For each kept snapshot id, the rules that keep it; everything else is forgotten.
-pub fn select(snaps: &[Sidecar], r: &Retention, now: DateTime<Utc>) -> (BTreeMap<String, Vec<String>>, Vec<String>) {
+pub fn select(
+    snaps: &[Sidecar],
+    r: &Retention,
+    now: DateTime<Utc>,
+) -> (BTreeMap<String, Vec<String>>, Vec<SnapshotId>) {
     let mut newest_first: Vec<&Sidecar> = snaps.iter().collect();
     newest_first.sort_by(|a, b| b.started.cmp(&a.started).then(b.id.cmp(&a.id)));
     let mut keep: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -21,14 +25,14 @@ pub fn select(snaps: &[Sidecar], r: &Retention, now: DateTime<Utc>) -> (BTreeMap
         && r.keep_within.is_none();
     for (i, s) in newest_first.iter().enumerate() {
         if no_rules {
-            keep.entry(s.id.clone()).or_default().push("no retention rules".into());
+            keep.entry(s.id.to_string()).or_default().push("no retention rules".into());
         } else if i == 0 {
-            keep.entry(s.id.clone()).or_default().push("newest".into());
+            keep.entry(s.id.to_string()).or_default().push("newest".into());
         }
     }
     if let Some(n) = r.keep_last {
         for s in newest_first.iter().take(n as usize) {
-            keep.entry(s.id.clone()).or_default().push("last".into());
+            keep.entry(s.id.to_string()).or_default().push("last".into());
         }
     }
     let buckets: [(&str, Option<u32>, &str); 5] = [
@@ -48,7 +52,7 @@ pub fn select(snaps: &[Sidecar], r: &Retention, now: DateTime<Utc>) -> (BTreeMap
             }
             let b = s.started.format(fmt).to_string();
             if last.as_ref() != Some(&b) {
-                keep.entry(s.id.clone()).or_default().push(name.into());
+                keep.entry(s.id.to_string()).or_default().push(name.into());
                 last = Some(b);
                 count += 1;
             }
@@ -57,10 +61,10 @@ pub fn select(snaps: &[Sidecar], r: &Retention, now: DateTime<Utc>) -> (BTreeMap
     if let Some(w) = r.keep_within {
         let cutoff = now - chrono::Duration::from_std(w.0).unwrap_or(chrono::Duration::MAX);
         for s in newest_first.iter().filter(|s| s.started >= cutoff) {
-            keep.entry(s.id.clone()).or_default().push("within".into());
+            keep.entry(s.id.to_string()).or_default().push("within".into());
         }
     }
-    let forget = newest_first.iter().filter(|s| !keep.contains_key(&s.id)).map(|s| s.id.clone()).collect();
+    let forget = newest_first.iter().filter(|s| !keep.contains_key(s.id.as_str())).map(|s| s.id.clone()).collect();
     (keep, forget)
 }
 
@@ -73,10 +77,10 @@ mod tests {
         let started: DateTime<Utc> = t.parse().unwrap();
         Sidecar {
             format: 1,
-            id: started.format("%Y%m%dT%H%M%SZ").to_string(),
+            id: SnapshotId::parse(&started.format("%Y%m%dT%H%M%SZ").to_string()).unwrap(),
             policy: "p".into(),
-            kind: "full".into(),
-            source: "volume".into(),
+            kind: SnapshotKind::Full,
+            source: SourceKind::Volume,
             host: "h".into(),
             started,
             finished: started,
@@ -107,7 +111,7 @@ mod tests {
         let weekly = keep.iter().filter(|(_, why)| why.contains(&"weekly".to_string())).count();
         assert_eq!(weekly, 9, "60 days starting on a Thursday span 9 ISO weeks");
         assert_eq!(keep.len() + forget.len(), snaps.len());
-        assert!(keep.contains_key(&snaps.last().unwrap().id));
+        assert!(keep.contains_key(snaps.last().unwrap().id.as_str()));
     }
 
     #[test]

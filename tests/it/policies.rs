@@ -1,7 +1,6 @@
 //! Every policy shipped in `policies/` parses, and the README's demo command works.
 
-mod common;
-use common::*;
+use crate::common::*;
 
 #[test]
 fn every_shipped_policy_parses() {

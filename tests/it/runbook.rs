@@ -1,24 +1,35 @@
 //! Runbooks and the WASM plugin host, with real peers: a PostgreSQL 15 streaming standby, a
 //! PowerDNS authoritative server, a local HTTP server, and the plugins built from `plugins/`.
 
-mod common;
-
-use common::pg::{self, Pg};
-use common::{bin, free_port, stderr, stdout};
+use crate::common::pg::{self, Pg};
+use crate::common::{bin, free_port, stderr, stdout};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-fn plugins_dir() -> PathBuf {
-    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist");
-    for p in ["fixture", "http-check", "webhook-notify", "pg-promote", "dns-switch"] {
-        assert!(
-            d.join(format!("{p}.wasm")).is_file(),
-            "{p}.wasm is missing: run plugins/build.sh (scripts/test.sh does)"
-        );
-    }
-    d.canonicalize().unwrap()
+/// The shipped plugins (plugins/dist) and the test fixture (plugins/test, never shipped) in one
+/// directory, as `--plugins` takes them.
+pub fn plugins_dir() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins").canonicalize().unwrap();
+        let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugins");
+        std::fs::create_dir_all(&d).unwrap();
+        for (p, from) in [
+            ("fixture", "test"),
+            ("http-check", "dist"),
+            ("webhook-notify", "dist"),
+            ("pg-promote", "dist"),
+            ("dns-switch", "dist"),
+        ] {
+            let src = root.join(from).join(format!("{p}.wasm"));
+            assert!(src.is_file(), "{} is missing: run plugins/build.sh (scripts/test.sh does)", src.display());
+            std::fs::copy(&src, d.join(format!("{p}.wasm"))).unwrap();
+        }
+        d
+    })
+    .clone()
 }
 
 /// A policies directory with one runbook file, a state directory, and the real binary.
@@ -600,7 +611,7 @@ grants = {{ http = ["127.0.0.1:{}"], secrets = ["pdns"] }}
 /// trap during the rehearsal fail the drill, are named in its report, and the daemon goes on.
 #[test]
 fn drills_rehearse_runbooks_and_the_daemon_survives_misbehaving_plugins() {
-    use common::{http, http_full, tree, Backend, Fixture, Kind};
+    use crate::common::{http, http_full, tree, Backend, Fixture, Kind};
     let backend = Backend::start(Kind::File);
     let fx = Fixture::new(&backend);
     let src = fx.path("src");

@@ -1,7 +1,6 @@
 //! Volume backups end to end with the real binary against file://, moto and Garage.
 
-mod common;
-use common::*;
+use crate::common::*;
 
 fn tree_mb() -> usize {
     std::env::var("VEZA_TEST_TREE_MB").ok().and_then(|s| s.parse().ok()).unwrap_or(1024)

@@ -1,13 +1,14 @@
-//! Restoring a volume snapshot into a directory.
+//! Restoring a snapshot's tree into a directory: the skeleton (directories, files of their
+//! length, links), the chunks fetched into place, then owners, modes and times. Every source
+//! restores through this: volumes into their target, PostgreSQL into a data directory,
+//! logical dumps into a scratch directory.
 
-use crate::crypto::Opener;
+use super::restore::{self as fetcher, Damage, FileSink, Want};
 use crate::error::{Error, Result};
-use crate::pipeline::restore::{self as fetcher, Damage, FileSink, Want};
 use crate::repository::format::*;
-use crate::repository::Repo;
-use crate::source::volume;
+use crate::repository::Unlocked;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
@@ -29,9 +30,9 @@ pub struct Summary {
     pub dirs: u64,
     pub bytes: u64,
     pub warnings: Vec<String>,
-    /// Source-specific data from the manifest (a PostgreSQL backup label).
+    /// A physical PostgreSQL backup's label, from the manifest.
     #[serde(skip)]
-    pub extra: serde_json::Value,
+    pub label: Option<PgLabel>,
     /// Owner of the source root, for restores that must hand the tree to a service user.
     #[serde(skip)]
     pub owner: (u32, u32),
@@ -104,7 +105,7 @@ fn detach_hardlinks(entries: &[Entry], includes: &[PathBuf]) -> Vec<Entry> {
         .map(|e| {
             let target = e.target.as_deref().unwrap_or("");
             match (e.kind, by_path.get(target)) {
-                (EntryKind::Hardlink, Some(first)) if !volume::included(&first.rel_path(), includes) => {
+                (EntryKind::Hardlink, Some(first)) if !included(&first.rel_path(), includes) => {
                     let mut copy = (*first).clone();
                     copy.path = e.path.clone();
                     copy.path_hex = e.path_hex.clone();
@@ -116,10 +117,11 @@ fn detach_hardlinks(entries: &[Entry], includes: &[PathBuf]) -> Vec<Entry> {
         .collect()
 }
 
-pub async fn run(repo: &Repo, opener: &Opener, opts: &Options) -> Result<Summary> {
+/// Restore snapshot `opts.snapshot` (an id, a prefix or `latest`) into `opts.target`.
+pub async fn restore(repo: &Unlocked, opts: &Options) -> Result<Summary> {
     let snap = repo.find_snapshot(&opts.snapshot).await?;
-    let manifest = repo.manifest(&snap, opener).await?;
-    let key = repo.chunk_key(&manifest.key_id, opener).await?;
+    let manifest = repo.manifest(&snap).await?;
+    let key = repo.chunk_key(&manifest.key_id).await?;
 
     let target = &opts.target;
     if target.exists() && !opts.overwrite {
@@ -133,31 +135,124 @@ pub async fn run(repo: &Repo, opener: &Opener, opts: &Options) -> Result<Summary
 
     let entries = detach_hardlinks(&manifest.entries, &opts.includes);
     let selected: Vec<(usize, &Entry)> =
-        entries.iter().enumerate().filter(|(_, e)| volume::included(&e.rel_path(), &opts.includes)).collect();
+        entries.iter().enumerate().filter(|(_, e)| included(&e.rel_path(), &opts.includes)).collect();
     if !opts.includes.is_empty() && selected.iter().all(|(_, e)| e.rel_path() == Path::new(".")) {
         return Err(Error::not_found(format!("no path in snapshot {} matches --include", snap.id)));
     }
-    let paths = volume::prepare(target, &selected)?;
+    let paths = prepare(target, &selected)?;
     let files: Vec<&Entry> = selected.iter().filter(|(_, e)| e.kind == EntryKind::File).map(|(_, e)| *e).collect();
     let wants = plan(&manifest, &files)?;
     let total: u64 = files.iter().map(|e| e.size).sum();
     opts.bytes_total.store(total, std::sync::atomic::Ordering::Relaxed);
     let sink = Arc::new(FileSink::new(paths));
-    let damage = fetcher::fetch(&repo.store, opener, key, wants, sink, 4, opts.bytes_done.clone()).await?;
+    let damage = fetcher::fetch(repo, key, wants, sink, 4, opts.bytes_done.clone()).await?;
 
     let mut warnings = Vec::new();
-    volume::finish(target, &selected, &mut warnings)?;
+    finish(target, &selected, &mut warnings)?;
     if !damage.is_empty() {
-        return Err(damage_error(&snap.id, &damage, &|f| files[f].display()));
+        return Err(damage_error(snap.id.as_str(), &damage, &|f| files[f].display()));
     }
     Ok(Summary {
-        snapshot: snap.id.clone(),
+        snapshot: snap.id.to_string(),
         target: target.display().to_string(),
         files: files.len() as u64,
         dirs: selected.iter().filter(|(_, e)| e.kind == EntryKind::Dir).count() as u64,
         bytes: total,
         warnings,
         owner: manifest.entries.iter().find(|e| e.path == ".").map(|e| (e.uid, e.gid)).unwrap_or((0, 0)),
-        extra: manifest.extra.clone(),
+        label: manifest.extra.clone(),
     })
+}
+
+/// A restore-side path must stay inside the target.
+pub fn safe_rel(p: &Path) -> Result<&Path> {
+    if p.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir)) {
+        Ok(p)
+    } else {
+        Err(Error::damaged(format!("manifest holds an unsafe path {}", p.display())))
+    }
+}
+
+/// Whether `rel` is selected by `--include` prefixes (or is a parent directory of one).
+pub fn included(rel: &Path, includes: &[PathBuf]) -> bool {
+    includes.is_empty() || rel == Path::new(".") || includes.iter().any(|i| rel.starts_with(i) || i.starts_with(rel))
+}
+
+/// Create the skeleton: directories, empty files of the right length, symlinks.
+/// Returns the file paths in entry order (for chunk targets) and the entry index of each.
+pub fn prepare(target: &Path, entries: &[(usize, &Entry)]) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for (_, e) in entries {
+        let rel = e.rel_path();
+        let p = target.join(safe_rel(&rel)?);
+        match e.kind {
+            EntryKind::Dir => std::fs::create_dir_all(&p).map_err(|err| Error::io("create directory", &p, err))?,
+            EntryKind::File => {
+                // Parents come first in the manifest; create them only if they are missing.
+                let f = match std::fs::File::create(&p) {
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                        let parent = p.parent().unwrap_or(target);
+                        std::fs::create_dir_all(parent).map_err(|err| Error::io("create directory", parent, err))?;
+                        std::fs::File::create(&p)
+                    }
+                    r => r,
+                }
+                .map_err(|err| Error::io("create", &p, err))?;
+                f.set_len(e.size).map_err(|err| Error::io("allocate", &p, err))?;
+                files.push(p);
+            }
+            EntryKind::Symlink => {
+                let t = decode_os(e.target.as_deref().unwrap_or(""));
+                let _ = std::fs::remove_file(&p);
+                std::os::unix::fs::symlink(&t, &p).map_err(|err| Error::io("create symlink", &p, err))?;
+            }
+            EntryKind::Hardlink => {}
+        }
+    }
+    Ok(files)
+}
+
+/// After the data: hard links, then owners, modes and times (directories last, deepest first,
+/// so that writing into them does not move their mtime again).
+pub fn finish(target: &Path, entries: &[(usize, &Entry)], warnings: &mut Vec<String>) -> Result<()> {
+    let root = nix::unistd::geteuid().is_root();
+    for (_, e) in entries.iter().filter(|(_, e)| e.kind == EntryKind::Hardlink) {
+        let p = target.join(safe_rel(&e.rel_path())?);
+        let first = target.join(decode_os(e.target.as_deref().unwrap_or("")));
+        let _ = std::fs::remove_file(&p);
+        if let Err(err) = std::fs::hard_link(&first, &p) {
+            warnings.push(format!("cannot restore hard link {}: {err}", e.display()));
+        }
+    }
+    let mut owner_warned = false;
+    let mut apply = |e: &Entry| -> Result<()> {
+        let p = target.join(safe_rel(&e.rel_path())?);
+        if let Err(err) = std::os::unix::fs::lchown(&p, Some(e.uid), Some(e.gid)) {
+            if root {
+                return Err(Error::io("set owner of", &p, err));
+            }
+            if !owner_warned {
+                warnings.push("not running as root: file owners were not restored".into());
+                owner_warned = true;
+            }
+        }
+        let t = filetime::FileTime::from_unix_time(e.mtime, e.mtime_ns);
+        if e.kind == EntryKind::Symlink {
+            filetime::set_symlink_file_times(&p, t, t).map_err(|err| Error::io("set times of", &p, err))?;
+            return Ok(());
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(e.mode))
+            .map_err(|err| Error::io("set mode of", &p, err))?;
+        filetime::set_file_times(&p, t, t).map_err(|err| Error::io("set times of", &p, err))
+    };
+    for (_, e) in entries.iter().filter(|(_, e)| e.kind != EntryKind::Dir && e.kind != EntryKind::Hardlink) {
+        apply(e)?;
+    }
+    let mut dirs: Vec<&Entry> = entries.iter().filter(|(_, e)| e.kind == EntryKind::Dir).map(|(_, e)| *e).collect();
+    dirs.sort_by_key(|e| std::cmp::Reverse(e.rel_path().components().count()));
+    for e in dirs {
+        apply(e)?;
+    }
+    Ok(())
 }

@@ -1,9 +1,8 @@
 //! Restore drills on a real PostgreSQL 15 backup in a real S3 server: a passing drill with WAL
 //! replay and user checks, a failing check named in the report, signatures that catch tampering.
 
-mod common;
-use common::pg::{psql, switch_and_wait_archived, Pg};
-use common::*;
+use crate::common::pg::{psql, switch_and_wait_archived, Pg};
+use crate::common::*;
 
 fn drill_policy_extra(check_sql: &str, expect: &str) -> String {
     format!(
@@ -51,7 +50,7 @@ fn drill(fx: &Fixture, policy: &str, reports: &std::path::Path) -> std::process:
 fn own_tmp(fx: &mut Fixture) {
     let tmp = fx.path("tmp");
     std::fs::create_dir_all(&tmp).unwrap();
-    common::pg::open_up(&tmp);
+    crate::common::pg::open_up(&tmp);
     fx.env.push(("TMPDIR".into(), tmp.display().to_string()));
 }
 
@@ -345,6 +344,8 @@ fn logical_drills_use_a_throwaway_cluster() {
     let extra = "[objectives]\nrpo = \"1h\"\nrto = \"4h\"\n[verify]\nrandom-older = true\n[[verify.check]]\nname = \"rows\"\ndatabase = \"app\"\nsql = \"select id from items where id > 495\"\nexpect = { min-rows = 5 }\n[[verify.check]]\nname = \"psql sees the data\"\ncommand = \"/usr/lib/postgresql/15/bin/psql -XAt -d app -c 'select count(*) from items' | grep -qx 500\"\n";
     fx.pg_policy("lg", &backend, "lg", "logical", &pg.data, extra);
     let reports = fx.path("reports");
+    // A drill never creates a repository (it would fail with the init hint): create it first.
+    fx.ok(&["init", "lg"]);
     let o = drill(&fx, "lg", &reports);
     assert_eq!(o.status.code(), Some(1));
     let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();

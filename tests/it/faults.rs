@@ -1,8 +1,7 @@
 //! Bad input and faults: damaged objects, kill -9, the encrypt-only host, dead endpoints,
 //! wrong credentials, a full disk. Each ends in a one-line error, a hint and an exit code.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::path::{Path, PathBuf};
 
 fn packs(backend: &Backend) -> Vec<PathBuf> {

@@ -4,9 +4,8 @@
 //! All of it can be lost: then the next backup re-reads and re-uploads, nothing else.
 
 use super::format::*;
-use super::Repo;
+use super::Writer;
 use crate::error::{Error, Result};
-use bytes::Bytes;
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -54,14 +53,14 @@ impl HostState {
     }
 
     /// The chunk-id key of this host for this repository, creating and uploading it if needed.
-    pub async fn chunk_key(&self, repo: &Repo) -> Result<(String, [u8; 32])> {
+    pub async fn chunk_key(&self, repo: &Writer) -> Result<(String, [u8; 32])> {
         let path = self.dir.join("chunk-key");
         if let Ok(text) = std::fs::read_to_string(&path) {
             if let Some((id, key)) =
                 text.trim().split_once(':').and_then(|(i, k)| parse_hex32(k).map(|k| (i.to_string(), k)))
             {
                 // The repository may have been recreated under us: make sure the key is there.
-                if repo.store.head_size(&format!("keys/{id}")).await?.is_some() {
+                if repo.has_chunk_key(&id).await? {
                     return Ok((id, key));
                 }
                 upload_key(repo, &id, &key).await?;
@@ -110,19 +109,19 @@ impl HostState {
         self.write_atomic(&format!("manifests/{}.json.zst", m.snapshot), &z)
     }
 
-    pub fn load_manifest(&self, snap: &str) -> Option<Manifest> {
+    pub fn load_manifest(&self, snap: &SnapshotId) -> Option<Manifest> {
         let z = std::fs::read(self.dir.join(format!("manifests/{snap}.json.zst"))).ok()?;
         let json = zstd::stream::decode_all(&z[..]).ok()?;
         serde_json::from_slice(&json).ok()
     }
 
     /// Forget local manifests of snapshots that no longer exist.
-    pub fn retain_manifests(&self, keep: &std::collections::HashSet<String>) {
+    pub fn retain_manifests(&self, keep: &std::collections::HashSet<SnapshotId>) {
         if let Ok(rd) = std::fs::read_dir(self.dir.join("manifests")) {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if let Some(id) = name.strip_suffix(".json.zst") {
-                    if !keep.contains(id) {
+                    if SnapshotId::parse(id).is_none_or(|id| !keep.contains(&id)) {
                         let _ = std::fs::remove_file(e.path());
                     }
                 }
@@ -131,10 +130,7 @@ impl HostState {
     }
 }
 
-async fn upload_key(repo: &Repo, id: &str, key: &[u8; 32]) -> Result<()> {
+async fn upload_key(repo: &Writer, id: &str, key: &[u8; 32]) -> Result<()> {
     let kf = KeyFile { key: hex::encode(key), created: chrono::Utc::now().to_rfc3339(), host: super::lock::hostname() };
-    let z = zstd::bulk::compress(&serde_json::to_vec(&kf).expect("serialisable"), 3)
-        .map_err(|e| Error::failed(format!("cannot compress key: {e}")))?;
-    let sealed = repo.sealer.seal(&z)?;
-    repo.store.put(&format!("keys/{id}"), Bytes::from(sealed)).await
+    repo.put_chunk_key(id, &kf).await
 }

@@ -2,11 +2,12 @@
 //! unreferenced objects: mark now, delete on a later run once the grace period has passed
 //! and the object is still unreferenced. Needs no private key: it reads only sidecars.
 
+use crate::crypto::Sealer;
 use crate::error::Result;
-use crate::policy::Policy;
+use crate::policy::{Policy, SourceKind};
 use crate::repository::format::*;
 use crate::repository::lock::{self, LockKind};
-use crate::repository::Repo;
+use crate::repository::{keys, Repository, Writer};
 use chrono::{DateTime, Utc};
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -26,69 +27,66 @@ pub struct Report {
 
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
 
-pub async fn run(repo: &Repo, policy: &Policy, dry_run: bool, lock_wait: Duration) -> Result<Report> {
+pub async fn run(policy: &Policy, dry_run: bool, lock_wait: Duration) -> Result<Report> {
+    let repo = Repository::open(policy).await?;
     let guard = if dry_run {
         None
     } else {
-        Some(lock::acquire(&repo.store, LockKind::Exclusive, &format!("prune {}", policy.name), lock_wait).await?)
+        Some(repo.lock(LockKind::Exclusive, &format!("prune {}", policy.name), lock_wait).await?)
     };
-    let r = run_locked(repo, policy, dry_run, guard.as_ref()).await;
+    let writer = repo.writer(Sealer::new(&policy.encryption.recipients));
+    let r = run_locked(&writer, policy, dry_run, guard.as_ref()).await;
     if let Some(g) = guard {
         let _ = g.release().await;
     }
     r
 }
 
-async fn run_locked(repo: &Repo, policy: &Policy, dry_run: bool, guard: Option<&lock::LockGuard>) -> Result<Report> {
+async fn run_locked(repo: &Writer, policy: &Policy, dry_run: bool, guard: Option<&lock::LockGuard>) -> Result<Report> {
     let now = Utc::now();
     let grace = policy.retention.prune_grace.map(|d| d.0).unwrap_or(DEFAULT_GRACE);
     let all = repo.sidecars().await?;
     let mine: Vec<Sidecar> = all.iter().filter(|s| s.policy == policy.name).cloned().collect();
-    let (kept, forgotten) = crate::retention::select(&mine, &policy.retention, now);
-    let mut rep = Report { dry_run, kept, forgotten: forgotten.clone(), ..Default::default() };
+    let (kept, forgotten) = super::retention::select(&mine, &policy.retention, now);
+    let mut rep =
+        Report { dry_run, kept, forgotten: forgotten.iter().map(|id| id.to_string()).collect(), ..Default::default() };
 
     if !dry_run {
         for id in &forgotten {
             // Uncommit first: once the sidecar is gone the snapshot no longer exists.
-            repo.store.delete(&sidecar_key(id)).await?;
-            repo.store.delete(&manifest_key(id)).await?;
+            repo.forget(id).await?;
         }
     }
-    let forgotten: HashSet<&String> = forgotten.iter().collect();
+    let forgotten: HashSet<&SnapshotId> = forgotten.iter().collect();
     let live: Vec<&Sidecar> = all.iter().filter(|s| !forgotten.contains(&s.id)).collect();
-    let live_ids: HashSet<&str> = live.iter().map(|s| s.id.as_str()).collect();
-    let referenced: HashSet<String> = live.iter().flat_map(|s| s.packs.iter().map(|p| pack_key_hex(&p.id))).collect();
+    let live_ids: HashSet<&SnapshotId> = live.iter().map(|s| &s.id).collect();
+    let referenced: HashSet<PackId> = live.iter().flat_map(|s| s.packs.iter().map(|p| p.id)).collect();
 
     // Everything that could be garbage: packs, indexes, manifests.
-    let packs = repo.store.list("data/").await?;
-    let pack_ids: HashSet<String> =
-        packs.iter().filter_map(|(k, _)| k.rsplit('/').next().map(str::to_string)).collect();
-    let sizes: BTreeMap<String, u64> = packs.iter().cloned().collect();
-    let mut candidates: Vec<String> =
-        packs.iter().filter(|(k, _)| !referenced.contains(k)).map(|(k, _)| k.clone()).collect();
-    for (k, _) in repo.store.list("index/").await? {
-        if !pack_ids.contains(k.trim_start_matches("index/")) {
-            candidates.push(k);
+    let packs = repo.packs().await?;
+    let sizes: BTreeMap<String, u64> = packs.iter().map(|(id, n)| (keys::pack(id), *n)).collect();
+    let mut candidates: Vec<String> = packs.keys().filter(|id| !referenced.contains(*id)).map(keys::pack).collect();
+    for id in repo.indexes().await? {
+        if !packs.contains_key(&id) {
+            candidates.push(keys::index(&id));
         }
     }
-    for (k, _) in repo.store.list("snapshots/").await? {
-        if let Some(id) = k.strip_prefix("snapshots/").and_then(|r| r.strip_suffix(".manifest")) {
-            if !live_ids.contains(id) && !forgotten.contains(&id.to_string()) {
-                candidates.push(k);
-            }
+    for id in repo.manifests().await? {
+        if !live_ids.contains(&id) && !forgotten.contains(&id) {
+            candidates.push(keys::manifest(&id));
         }
     }
     // WAL older than the oldest retained physical backup of this policy can no longer be
     // replayed from any backup: it becomes garbage like an unreferenced pack.
     let oldest_start = live
         .iter()
-        .filter(|s| s.policy == policy.name && s.source == "postgres-physical")
-        .filter_map(|s| s.postgres.as_ref()?.get("start-wal")?.as_str().map(str::to_string))
-        .min_by(|a, b| a.get(8..).cmp(&b.get(8..)));
-    if let Some(oldest) = oldest_start.filter(|o| o.len() == 24) {
-        for (name, key) in crate::wal::list_names(&repo.store).await? {
-            if name.len() >= 24 && !name.ends_with(".history") && name[8..24] < oldest[8..24] {
-                candidates.push(key);
+        .filter(|s| s.policy == policy.name && s.source == SourceKind::PostgresPhysical)
+        .filter_map(|s| s.pg().map(|p| p.start_wal.clone()))
+        .min_by(|a, b| a.position().cmp(&b.position()));
+    if let Some(oldest) = oldest_start.as_ref().and_then(|o| o.position()) {
+        for (name, fp) in repo.wal_files().await? {
+            if name.position().is_some_and(|p| p < oldest) {
+                candidates.push(keys::wal_object(&name, &fp));
             }
         }
     }
@@ -113,10 +111,7 @@ async fn run_locked(repo: &Repo, policy: &Policy, dry_run: bool, guard: Option<&
             if let Some(g) = guard {
                 g.check()?;
             }
-            repo.store.delete(k).await?;
-            if let Some(id) = k.strip_prefix("data/").and_then(|r| r.split('/').nth(1)) {
-                repo.store.delete(&format!("index/{id}")).await?;
-            }
+            repo.delete_garbage(k).await?;
         }
         rep.bytes_deleted += sizes.get(k).copied().unwrap_or(0);
         rep.deleted.push(k.clone());

@@ -2,8 +2,7 @@
 //! and /status reflect them, SIGHUP picks up changed policies (keeping the previous version of
 //! a broken one), SIGTERM mid-job exits cleanly with the repository consistent.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::time::{Duration, Instant};
 
 fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
@@ -131,7 +130,7 @@ fn start_up_errors_are_clear() {
 
 #[test]
 fn wal_archive_time_is_exported_for_postgres_policies() {
-    use common::pg::{psql, switch_and_wait_archived};
+    use crate::common::pg::{psql, switch_and_wait_archived};
     let (backend, fx, pg) = archiving_cluster(Kind::Moto);
     fx.pg_policy(
         "db",

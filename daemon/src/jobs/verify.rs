@@ -2,11 +2,11 @@
 //! size), manifests and chunk tables with an identity, and with `--read-data` the data itself
 //! (pack hashes without a key; every chunk decrypted and checked against its id with one).
 
-use crate::crypto::Opener;
+use crate::crypto::Identity;
 use crate::error::Result;
 use crate::pipeline::restore::{self as fetcher, NullSink, Want};
 use crate::repository::format::*;
-use crate::repository::Repo;
+use crate::repository::{keys, Repository};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -31,22 +31,23 @@ impl Report {
     }
 }
 
-pub async fn run(repo: &Repo, opener: Option<&Opener>, read_data: bool, sample_pct: f64) -> Result<Report> {
+pub async fn run(repo: &Repository, identity: Option<Identity>, read_data: bool, sample_pct: f64) -> Result<Report> {
     let mut rep = Report::default();
     let all = repo.sidecars().await?;
-    let mine: Vec<&Sidecar> = all.iter().filter(|s| s.policy == repo.policy_name).collect();
+    let mine: Vec<&Sidecar> = all.iter().filter(|s| s.policy == repo.policy()).collect();
     rep.snapshots = mine.len();
-    let packs: HashMap<String, u64> = repo.store.list("data/").await?.into_iter().collect();
-    let objects: HashSet<String> = repo.store.list("snapshots/").await?.into_iter().map(|(k, _)| k).collect();
+    let packs: HashMap<String, u64> =
+        repo.packs().await?.into_iter().map(|(id, size)| (keys::pack(&id), size)).collect();
+    let objects: HashSet<String> = repo.manifests().await?.iter().map(keys::manifest).collect();
 
     // Structure, keyless.
     let mut needed: HashMap<String, Vec<String>> = HashMap::new();
     for s in &mine {
-        if !objects.contains(&manifest_key(&s.id)) {
-            rep.damage.push(format!("snapshot {}: object {} is missing", s.id, manifest_key(&s.id)));
+        if !objects.contains(&keys::manifest(&s.id)) {
+            rep.damage.push(format!("snapshot {}: object {} is missing", s.id, keys::manifest(&s.id)));
         }
         for p in &s.packs {
-            let key = pack_key_hex(&p.id);
+            let key = keys::pack(&p.id);
             match packs.get(&key) {
                 None => rep.damage.push(format!("snapshot {}: pack {key} is missing", s.id)),
                 Some(&size) if size != p.size => rep.damage.push(format!(
@@ -55,24 +56,22 @@ pub async fn run(repo: &Repo, opener: Option<&Opener>, read_data: bool, sample_p
                 )),
                 _ => {}
             }
-            needed.entry(key).or_default().push(s.id.clone());
+            needed.entry(key).or_default().push(s.id.to_string());
         }
     }
     rep.packs_referenced = needed.len();
     let referenced_anywhere: HashSet<String> =
-        all.iter().flat_map(|s| s.packs.iter().map(|p| pack_key_hex(&p.id))).collect();
+        all.iter().flat_map(|s| s.packs.iter().map(|p| keys::pack(&p.id))).collect();
     for (k, size) in &packs {
         if !referenced_anywhere.contains(k) {
             rep.garbage.push(k.clone());
             rep.garbage_bytes += size;
         }
     }
-    let live: HashSet<&str> = all.iter().map(|s| s.id.as_str()).collect();
+    let live: HashSet<&SnapshotId> = all.iter().map(|s| &s.id).collect();
     for k in &objects {
-        if let Some(id) = k.strip_prefix("snapshots/").and_then(|r| r.strip_suffix(".manifest")) {
-            if !live.contains(id) {
-                rep.garbage.push(k.clone());
-            }
+        if keys::parse_manifest(k).is_some_and(|id| !live.contains(&id)) {
+            rep.garbage.push(k.clone());
         }
     }
     rep.garbage.sort();
@@ -89,14 +88,14 @@ pub async fn run(repo: &Repo, opener: Option<&Opener>, read_data: bool, sample_p
     }
     let read_set: HashSet<String> = to_read.iter().cloned().collect();
 
-    let Some(opener) = opener else {
+    let Some(identity) = identity else {
         rep.notes.push("no identity given: manifests and chunks were not decrypted".into());
         if read_data {
             for k in &to_read {
-                let b = repo.store.get(k).await?;
+                let Some(id) = keys::parse_pack(k) else { continue };
+                let b = repo.pack(&id).await?;
                 rep.packs_read += 1;
-                let id = k.rsplit('/').next().unwrap_or("");
-                if blake3::hash(&b).to_hex().as_str() != id {
+                if blake3::hash(&b).as_bytes() != &id {
                     rep.damage
                         .push(format!("pack {k} does not match its id (corrupted); used by {}", needed[k].join(", ")));
                 }
@@ -107,12 +106,13 @@ pub async fn run(repo: &Repo, opener: Option<&Opener>, read_data: bool, sample_p
 
     // With an identity: every manifest decrypts, every chunk lies inside its pack, and with
     // --read-data every chunk of the selected packs decrypts and matches its id.
-    let mut keys: HashMap<String, [u8; 32]> = HashMap::new();
+    let repo = repo.unlock(identity);
+    let mut chunk_keys: HashMap<String, [u8; 32]> = HashMap::new();
     for s in &mine {
-        if !objects.contains(&manifest_key(&s.id)) {
+        if !objects.contains(&keys::manifest(&s.id)) {
             continue;
         }
-        let m = match repo.manifest(s, opener).await {
+        let m = match repo.manifest(s).await {
             Ok(m) => m,
             Err(e) if e.kind == crate::error::Kind::Crypto => return Err(e),
             Err(e) => {
@@ -120,10 +120,10 @@ pub async fn run(repo: &Repo, opener: Option<&Opener>, read_data: bool, sample_p
                 continue;
             }
         };
-        if !keys.contains_key(&m.key_id) {
-            match repo.chunk_key(&m.key_id, opener).await {
+        if !chunk_keys.contains_key(&m.key_id) {
+            match repo.chunk_key(&m.key_id).await {
                 Ok(k) => {
-                    keys.insert(m.key_id.clone(), k);
+                    chunk_keys.insert(m.key_id.clone(), k);
                 }
                 Err(e) => {
                     rep.damage.push(format!("snapshot {}: {}", s.id, e.message));
@@ -132,7 +132,7 @@ pub async fn run(repo: &Repo, opener: Option<&Opener>, read_data: bool, sample_p
             }
         }
         let files: Vec<&Entry> = m.entries.iter().filter(|e| e.kind == EntryKind::File).collect();
-        let wants = match crate::restore::plan(&m, &files) {
+        let wants = match crate::pipeline::tree::plan(&m, &files) {
             Ok(w) => w,
             Err(e) => {
                 rep.damage.push(format!("snapshot {}: {}", s.id, e.message));
@@ -141,7 +141,7 @@ pub async fn run(repo: &Repo, opener: Option<&Opener>, read_data: bool, sample_p
         };
         let mut sel: Vec<Want> = Vec::new();
         for w in wants {
-            let key = pack_key(&w.loc.pack);
+            let key = keys::pack(&w.loc.pack);
             let size = packs.get(&key).copied().unwrap_or(0);
             if w.loc.offset + w.loc.len as u64 > size && packs.contains_key(&key) {
                 rep.damage.push(format!(
@@ -161,10 +161,9 @@ pub async fn run(repo: &Repo, opener: Option<&Opener>, read_data: bool, sample_p
         }
         rep.chunks_checked += sel.len() as u64;
         let damage =
-            fetcher::fetch(&repo.store, opener, keys[&m.key_id], sel, Arc::new(NullSink), 4, Default::default())
-                .await?;
+            fetcher::fetch(&repo, chunk_keys[&m.key_id], sel, Arc::new(NullSink), 4, Default::default()).await?;
         if !damage.is_empty() {
-            let e = crate::restore::damage_error(&s.id, &damage, &|f| files[f].display());
+            let e = crate::pipeline::tree::damage_error(s.id.as_str(), &damage, &|f| files[f].display());
             rep.damage.push(e.message);
         }
     }

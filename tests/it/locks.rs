@@ -1,8 +1,7 @@
 //! Repository leases on real stores: moto (atomic conditional writes) and Garage (which
 //! ignores them). The protocol must exclude conflicts on both.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +15,7 @@ fn store_for(backend: &Backend, dir: &std::path::Path) -> Store {
         backend.repository_toml_files("locktest", dir)
     );
     let p = veza_dr::policy::Policy::parse(&dir.join("l.toml"), &text).unwrap();
-    Store::open(&p.repository).unwrap()
+    Store::open(&p.repository, true).unwrap()
 }
 
 async fn exclusion(kind: Kind) {
@@ -84,7 +83,7 @@ fn prune_during_backup(kind: Kind) {
             .unwrap()
             .replace(&backend.repository_toml("repo"), &backend.repository_toml_files("repo", dir.path()));
         let p = veza_dr::policy::Policy::parse(&dir.path().join("vol.toml"), &text).unwrap();
-        Store::open(&p.repository).unwrap()
+        Store::open(&p.repository, true).unwrap()
     };
 
     let mut backup = fx.cmd(&["backup", "vol"]).stdout(std::process::Stdio::null()).spawn().unwrap();

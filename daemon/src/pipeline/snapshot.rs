@@ -1,17 +1,17 @@
-//! A backup job: lock, decide what to read, run the engine, commit the snapshot last.
+//! Making a snapshot from a tree or from streams: decide what to read, run the engine, build
+//! the manifest, commit last.
 //!
-//! Every source goes through the same two steps: `prepare` uploads all data and builds the
+//! Every source goes through the same two steps: `prepare_*` uploads all data and builds the
 //! manifest; `commit` writes the manifest and then the sidecar that makes the snapshot exist.
 //! A physical PostgreSQL backup waits between the two for its WAL to be archived.
 
+use super::backup::{self as engine, EngineConfig, Input, Progress, ReadJob};
 use crate::error::{Error, Result};
-use crate::pipeline::backup::{self as engine, EngineConfig, Input, Progress, ReadJob};
-use crate::policy::{PgMethod, Policy, Source};
-use crate::repository::cache::HostState;
+use crate::policy::{Policy, SourceKind};
 use crate::repository::format::*;
-use crate::repository::lock::{self, LockGuard, LockKind};
-use crate::repository::Repo;
-use bytes::Bytes;
+use crate::repository::lock::{self, LockGuard};
+use crate::repository::state::HostState;
+use crate::repository::Writer;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,41 +32,16 @@ pub struct Options {
     pub progress: Arc<Progress>,
 }
 
-pub fn engine_config(policy: &Policy, repo: &Repo) -> EngineConfig {
+pub fn engine_config(policy: &Policy, kind: SourceKind, repo: &Writer) -> EngineConfig {
     EngineConfig {
-        chunker: repo.config.chunker,
+        chunker: repo.chunker(),
         pack_size: policy.repository.pack_size.0 as usize,
         level: policy.repository.compression_level,
         uploads: policy.repository.upload_concurrency,
         multipart_threshold: 32 << 20,
-        fixed_chunks: match &policy.source {
-            Source::Postgres(pg) if pg.method == PgMethod::Physical => Some(1 << 20),
-            _ => None,
-        },
+        // Page-structured relation files never shift: fixed chunks, no CDC cost.
+        fixed_chunks: (kind == SourceKind::PostgresPhysical).then_some(1 << 20),
     }
-}
-
-/// Back up the policy's source and return the committed snapshot's sidecar.
-pub async fn run(policy: &Policy, opts: &Options) -> Result<Sidecar> {
-    let repo = Arc::new(Repo::open(policy).await?);
-    let guard =
-        lock::acquire(&repo.store, LockKind::Shared, &format!("backup {}", policy.name), opts.lock_wait).await?;
-    let r = match &policy.source {
-        Source::Volume(v) => match prepare_tree(policy, &repo, opts, &v.path, &v.exclude, &[]).await {
-            Ok(p) => commit(&repo, &guard, p).await,
-            Err(e) => Err(e),
-        },
-        Source::Postgres(pg) if pg.method == PgMethod::Physical => {
-            crate::source::postgres::backup_physical(policy, pg, &repo, opts, &guard).await
-        }
-        Source::Postgres(pg) => crate::source::postgres::logical::backup(policy, pg, &repo, opts, &guard).await,
-    };
-    let released = guard.release().await;
-    let sidecar = r?;
-    if let Err(e) = released {
-        tracing::warn!(error = %e, "could not remove the lock object; it will expire");
-    }
-    Ok(sidecar)
 }
 
 /// Everything of a snapshot but the two commit writes.
@@ -75,7 +50,7 @@ pub struct Pending {
     pub manifest: Manifest,
     pub sidecar: Sidecar,
     locs: HashMap<ChunkId, BlobLoc>,
-    live: HashSet<String>,
+    live: HashSet<SnapshotId>,
 }
 
 /// The host's view of the repository at the start of a backup.
@@ -86,17 +61,17 @@ struct Context {
     cache: HashMap<ChunkId, BlobLoc>,
     packs: HashMap<PackId, u64>,
     parent: Option<Manifest>,
-    live: HashSet<String>,
+    live: HashSet<SnapshotId>,
     started: chrono::DateTime<chrono::Utc>,
 }
 
-async fn context(policy: &Policy, repo: &Repo, opts: &Options) -> Result<Context> {
+async fn context(policy: &Policy, repo: &Writer, opts: &Options) -> Result<Context> {
     let started = chrono::Utc::now();
-    let state = HostState::open(&opts.state_dir, &repo.config.id)?;
+    let state = HostState::open(&opts.state_dir, repo.id())?;
     let (key_id, key) = state.chunk_key(repo).await?;
     let packs = repo.packs().await?;
     let marked: HashSet<PackId> =
-        repo.marks().await?.keys().filter_map(|k| k.rsplit('/').next().and_then(parse_hex32)).collect();
+        repo.marks().await?.keys().filter_map(|k| crate::repository::keys::parse_pack(k)).collect();
     let cache = engine::reusable(state.load_chunks(), &packs, &marked);
     let all = repo.sidecars().await?;
     let parent = match opts.mode {
@@ -113,8 +88,9 @@ async fn context(policy: &Policy, repo: &Repo, opts: &Options) -> Result<Context
 /// Walk `root` and upload what changed since the parent.
 pub async fn prepare_tree(
     policy: &Policy,
-    repo: &Arc<Repo>,
+    repo: &Writer,
     opts: &Options,
+    kind: SourceKind,
     root: &Path,
     exclude: &[String],
     extra_roots: &[(String, PathBuf)],
@@ -181,15 +157,16 @@ pub async fn prepare_tree(
         let mtime_ns = e.mtime as i128 * 1_000_000_000 + e.mtime_ns as i128;
         jobs.push(ReadJob { idx: i, input: Input::Path(sources[i].clone()), size: e.size, mtime_ns });
     }
-    let extra = Tree { root: root.display().to_string(), warnings: walked.warnings, skipped: walked.skipped };
+    let extra = Tree { kind, root: root.display().to_string(), warnings: walked.warnings, skipped: walked.skipped };
     build(policy, repo, opts, ctx, entries, jobs, reused, extra).await
 }
 
 /// Upload named streams (e.g. pg_dump output) as the files of a snapshot.
 pub async fn prepare_streams(
     policy: &Policy,
-    repo: &Arc<Repo>,
+    repo: &Writer,
     opts: &Options,
+    kind: SourceKind,
     label: &str,
     streams: Vec<(String, Box<dyn std::io::Read + Send>)>,
 ) -> Result<Pending> {
@@ -204,7 +181,7 @@ pub async fn prepare_streams(
         jobs.push(ReadJob { idx: entries.len(), input: Input::Stream(r), size: 0, mtime_ns: 0 });
         entries.push(e);
     }
-    let extra = Tree { root: label.to_string(), warnings: vec![], skipped: 0 };
+    let extra = Tree { kind, root: label.to_string(), warnings: vec![], skipped: 0 };
     build(policy, repo, opts, ctx, entries, jobs, HashMap::new(), extra).await
 }
 
@@ -229,6 +206,7 @@ fn dir_entry(path: &str, mtime: i64) -> Entry {
 }
 
 struct Tree {
+    kind: SourceKind,
     root: String,
     warnings: Vec<String>,
     skipped: u64,
@@ -237,7 +215,7 @@ struct Tree {
 #[allow(clippy::too_many_arguments)]
 async fn build(
     policy: &Policy,
-    repo: &Arc<Repo>,
+    repo: &Writer,
     opts: &Options,
     ctx: Context,
     mut entries: Vec<Entry>,
@@ -247,12 +225,12 @@ async fn build(
 ) -> Result<Pending> {
     let total: u64 = jobs.iter().map(|j| j.size).sum();
     opts.progress.bytes_total.store(total, std::sync::atomic::Ordering::Relaxed);
-    let cfg = engine_config(policy, repo);
+    let cfg = engine_config(policy, tree.kind, repo);
     let known: HashSet<ChunkId> = ctx.cache.keys().copied().collect();
     let out = {
-        let (store, sealer, progress, key) = (repo.store.clone(), repo.sealer.clone(), opts.progress.clone(), ctx.key);
+        let (writer, progress, key) = (repo.clone(), opts.progress.clone(), ctx.key);
         let rt = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || engine::run(rt, store, sealer, cfg, key, known, jobs, progress))
+        tokio::task::spawn_blocking(move || engine::run(rt, writer, cfg, key, known, jobs, progress))
             .await
             .map_err(|e| Error::failed(format!("backup engine failed: {e}")))??
     };
@@ -325,7 +303,7 @@ async fn build(
         }
         kept.push(e);
     }
-    let snap_id = new_snapshot_id(ctx.started);
+    let snap_id = SnapshotId::new(ctx.started);
     let pack_sizes: HashMap<PackId, u64> = ctx.packs.into_iter().chain(out.packs.iter().copied()).collect();
     let manifest = Manifest {
         format: FORMAT_VERSION,
@@ -336,22 +314,19 @@ async fn build(
         packs: pack_list.iter().map(hex::encode).collect(),
         chunks: table,
         entries: kept,
-        extra: serde_json::Value::Null,
+        extra: None,
     };
     let sidecar = Sidecar {
         format: FORMAT_VERSION,
         id: snap_id,
         policy: policy.name.clone(),
-        kind: if ctx.parent.is_some() { "incremental" } else { "full" }.into(),
-        source: policy.source_type().into(),
+        kind: if ctx.parent.is_some() { SnapshotKind::Incremental } else { SnapshotKind::Full },
+        source: tree.kind,
         host: lock::hostname(),
         started: ctx.started,
         finished: ctx.started,
         parent: ctx.parent.as_ref().map(|m| m.snapshot.clone()),
-        packs: pack_list
-            .iter()
-            .map(|p| PackRef { id: hex::encode(p), size: pack_sizes.get(p).copied().unwrap_or(0) })
-            .collect(),
+        packs: pack_list.iter().map(|p| PackRef { id: *p, size: pack_sizes.get(p).copied().unwrap_or(0) }).collect(),
         manifest_size: 0,
         stats,
         postgres: None,
@@ -362,21 +337,13 @@ async fn build(
 
 /// Commit last: every pack and index is durable (the engine waited for them); now the
 /// manifest, then the sidecar that makes the snapshot exist.
-pub async fn commit(repo: &Repo, guard: &LockGuard, mut p: Pending) -> Result<Sidecar> {
-    guard.check()?;
-    let id = p.sidecar.id.clone();
-    p.sidecar.manifest_size = repo.put_sealed_json(&manifest_key(&id), &p.manifest).await?;
-    p.sidecar.finished = chrono::Utc::now();
-    guard.check()?;
-    repo.store
-        .put(&sidecar_key(&id), Bytes::from(serde_json::to_vec_pretty(&p.sidecar).expect("serialisable")))
-        .await?;
-
+pub async fn commit(repo: &Writer, guard: &LockGuard, mut p: Pending) -> Result<Sidecar> {
+    repo.commit(&p.manifest, &mut p.sidecar, || guard.check()).await?;
     // Local state after the commit: losing it costs dedup only.
     if let Err(e) = p.state.save_chunks(&p.locs).and_then(|_| p.state.save_manifest(&p.manifest)) {
         tracing::warn!(error = %e, "could not update the local state; the next backup reads everything again");
     }
-    p.live.insert(id);
+    p.live.insert(p.sidecar.id.clone());
     p.state.retain_manifests(&p.live);
     Ok(p.sidecar)
 }

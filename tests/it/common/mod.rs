@@ -1,6 +1,5 @@
 //! Test harness: real S3-compatible servers on 127.0.0.1 (moto, Garage), fixtures that write
 //! policies and run the real `veza-dr` binary, and tree generation and comparison.
-#![allow(dead_code)]
 
 pub mod pg;
 pub mod tree;
@@ -352,7 +351,7 @@ impl Fixture {
             .unwrap()
             .replace(&backend.repository_toml(prefix), &backend.repository_toml_files(prefix, dir.path()));
         let p = veza_dr::policy::Policy::parse(&dir.path().join(format!("{policy}.toml")), &text).unwrap();
-        let store = veza_dr::repository::Store::open(&p.repository).unwrap();
+        let store = veza_dr::repository::Store::open(&p.repository, true).unwrap();
         (rt, store, dir)
     }
 

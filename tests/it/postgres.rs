@@ -1,9 +1,8 @@
 //! PostgreSQL 15 end to end: physical backups with WAL archiving and point-in-time restore,
 //! logical round trip, and the faults an operator meets. Real clusters, real S3 servers.
 
-mod common;
-use common::pg::{psql, switch_and_wait_archived, table_hashes, Pg, Restored};
-use common::*;
+use crate::common::pg::{psql, switch_and_wait_archived, table_hashes, Pg, Restored};
+use crate::common::*;
 
 const TABLES: &[&str] = &["accounts", "events"];
 
@@ -119,7 +118,7 @@ fn restore_args<'a>(fx: &'a Fixture, target: &'a std::path::Path, port: u16, ext
 
 /// The fixture's files must be readable by the postgres user (archive_command, restore).
 fn pg_open(fx: &Fixture) {
-    common::pg::open_up(&fx.path("policies"));
+    crate::common::pg::open_up(&fx.path("policies"));
 }
 
 #[test]
@@ -211,13 +210,13 @@ fn bad_dsn_password_privileges_and_data_dir_are_clear_errors() {
     let e = one_line_error(&o);
     assert!(e.contains("cannot connect to PostgreSQL (env:VEZA_PG_DSN)") && e.contains("check the host/port"), "{e}");
     // Wrong password: named as such, and the password never printed.
-    let o = try_dsn(pg.dsn().replace(common::pg::PASSWORD, "not-the-password"));
+    let o = try_dsn(pg.dsn().replace(crate::common::pg::PASSWORD, "not-the-password"));
     let e = one_line_error(&o);
     assert!(e.contains("password authentication failed") && e.contains("check the user and password"), "{e}");
-    assert!(!e.contains("not-the-password") && !e.contains(common::pg::PASSWORD), "a password leaked: {e}");
+    assert!(!e.contains("not-the-password") && !e.contains(crate::common::pg::PASSWORD), "a password leaked: {e}");
     // A user without backup privileges.
     psql(&pg.dsn(), "CREATE ROLE plain LOGIN PASSWORD 'plainpw'");
-    let o = try_dsn(pg.dsn().replace("user=postgres", "user=plain").replace(common::pg::PASSWORD, "plainpw"));
+    let o = try_dsn(pg.dsn().replace("user=postgres", "user=plain").replace(crate::common::pg::PASSWORD, "plainpw"));
     let e = one_line_error(&o);
     assert!(
         e.contains("permission denied for function pg_backup_start") && e.contains("superuser or REPLICATION"),
@@ -382,7 +381,7 @@ fn tablespaces_are_backed_up_and_restored_beside_the_copy() {
     fx.pg_policy("db", &backend, "db", "physical", &pg.data, "");
     let ts = fx.path("tablespace-location");
     std::fs::create_dir_all(&ts).unwrap();
-    common::pg::open_up(&ts);
+    crate::common::pg::open_up(&ts);
     std::process::Command::new("chown").arg("postgres").arg(&ts).status().unwrap();
     let dsn = pg.dsn();
     psql(&dsn, &format!("CREATE TABLESPACE fast LOCATION '{}'", ts.display()));

@@ -1,0 +1,100 @@
+//! The WAL jobs PostgreSQL runs: `wal-push` as archive_command (exit 0 only once the file is
+//! stored) and `wal-fetch` as restore_command (exit codes in [`restore_command_exit`]), with a detached
+//! prefetcher that fills the spool.
+
+use crate::crypto::{Identity, Sealer};
+use crate::error::Result;
+use crate::policy::Policy;
+use crate::repository::Repository;
+use crate::source::postgres::archive::{self, Pushed};
+use crate::source::postgres::wal::{WalKind, WalName};
+use std::path::Path;
+
+/// archive_command: store one WAL file.
+pub async fn push(policy: &Policy, path: &Path) -> Result<Pushed> {
+    // Validate the name before touching the repository.
+    archive::name_of_path(path)?;
+    let (repo, _) = Repository::open_or_init(policy).await?;
+    archive::push(&repo.writer(Sealer::new(&policy.encryption.recipients)), path).await
+}
+
+/// What restore_command asked for.
+pub struct FetchRequest<'a> {
+    pub segment: &'a str,
+    pub dest: &'a Path,
+    pub identity: Option<&'a Path>,
+    pub spool: Option<&'a Path>,
+    pub prefetch: usize,
+}
+
+/// restore_command: `Ok(true)` when the file was written to `dest`, `Ok(false)` when the
+/// repository does not have it. Starts a prefetcher of the following segments.
+pub async fn fetch(policy: &Policy, req: &FetchRequest<'_>) -> Result<bool> {
+    let name = archive::parse_requested(req.segment)?;
+    let identity = Identity::require(req.identity, &policy.encryption, &policy.name)?;
+    let repo = Repository::open(policy).await?.unlock(identity);
+    let found = archive::fetch_with_spool(&repo, &name, req.dest, req.spool).await?;
+    if found && name.kind() == WalKind::Segment && req.prefetch > 0 {
+        if let (Some(spool), Some(id)) = (req.spool, req.identity) {
+            spawn_prefetch(policy, &name, spool, id, req.prefetch);
+        }
+    }
+    Ok(found)
+}
+
+/// The exit code PostgreSQL needs from restore_command: 0 found, 1 not in the repository,
+/// 2 a name or command line that cannot be right (no such file can exist), 255 anything else
+/// (PostgreSQL stops rather than ending recovery early on a failure that may pass).
+pub fn restore_command_exit(r: &Result<bool>) -> i32 {
+    match r {
+        Ok(true) => 0,
+        Ok(false) => 1,
+        Err(e) if e.kind == crate::error::Kind::Usage => 2,
+        Err(_) => 255,
+    }
+}
+
+/// The hidden `wal-prefetch`: fill the spool with the `count` segments after `after`.
+pub async fn prefetch(policy: &Policy, after: &str, spool: &Path, identity: &Path, count: usize) -> Result<()> {
+    let lock = spool.join(".prefetch");
+    let r = async {
+        let name = archive::parse_requested(after)?;
+        let repo = Repository::open(policy).await?.unlock(Identity::from_file(identity)?);
+        archive::prefetch(&repo, &name, count, spool, 16 << 20).await
+    }
+    .await;
+    let _ = std::fs::remove_file(lock);
+    r
+}
+
+/// Start a detached prefetcher unless one is already running for this spool.
+fn spawn_prefetch(p: &Policy, after: &WalName, spool: &Path, identity: &Path, count: usize) {
+    let lock = spool.join(".prefetch");
+    if std::fs::OpenOptions::new().write(true).create_new(true).open(&lock).is_err() {
+        let stale = lock
+            .metadata()
+            .and_then(|m| m.modified())
+            .map(|t| t.elapsed().unwrap_or_default().as_secs() > 60)
+            .unwrap_or(true);
+        if !stale {
+            return;
+        }
+    }
+    let Ok(exe) = std::env::current_exe() else { return };
+    use std::os::unix::process::CommandExt;
+    let _ = std::process::Command::new(exe)
+        .arg("wal-prefetch")
+        .arg(&p.path)
+        .arg(after.as_str())
+        .arg("--spool")
+        .arg(spool)
+        .arg("--identity")
+        .arg(identity)
+        .arg("--count")
+        .arg(count.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn();
+}

@@ -1,0 +1,450 @@
+//! PostgreSQL physical: `pg_backup_start` … read PGDATA through the engine … `pg_backup_stop`
+//! on one session, wait until the WAL up to the stop LSN is in the repository, then commit.
+//! The backup label goes into the encrypted manifest, never PGDATA. Restore writes PGDATA,
+//! `backup_label`, `recovery.signal` and the recovery settings (restore_command is
+//! `veza-dr wal-fetch`, archiving off in the copy), hands the tree to the data directory's
+//! owner and, with `--start`, runs the server until recovery has finished.
+
+use super::archive;
+use super::recovery::RecoveryTarget;
+use super::server::{Recovered, Server};
+use super::wal::{parse_lsn, WalName};
+use super::{connect, db_error, one_text, wal_timeout};
+use crate::crypto::Identity;
+use crate::error::{Error, Kind, Result};
+use crate::pipeline::snapshot::{commit, prepare_tree, Options as BackupOptions};
+use crate::pipeline::tree;
+use crate::policy::{PgSource, Policy, SourceKind};
+use crate::repository::format::{PgInfo, PgLabel, PgMeta, Sidecar};
+use crate::repository::lock::LockGuard;
+use crate::repository::{Unlocked, Writer};
+use crate::source::{DrillEnv, Drilled, RestoreProgress, RestoreRequest, Restored, Source};
+use std::path::{Path, PathBuf};
+
+pub struct Physical {
+    pub policy: Policy,
+    pub pg: PgSource,
+}
+
+#[async_trait::async_trait]
+impl Source for Physical {
+    fn kind(&self) -> SourceKind {
+        SourceKind::PostgresPhysical
+    }
+
+    async fn backup(&self, repo: &Writer, opts: &BackupOptions, guard: &LockGuard) -> Result<Sidecar> {
+        backup_physical(&self.policy, &self.pg, repo, opts, guard).await
+    }
+
+    async fn restore(&self, repo: &Unlocked, req: &RestoreRequest) -> Result<Restored> {
+        if req.target_dsn.is_some() {
+            return Err(Error::usage("--target-dsn applies to logical PostgreSQL restores only"));
+        }
+        if !req.includes.is_empty() || req.overwrite {
+            return Err(Error::usage("--include and --overwrite apply to volume restores only"));
+        }
+        let target = req.target.clone().ok_or_else(|| Error::usage("a physical restore needs --target DIR"))?;
+        let snap = match &req.snapshot {
+            Some(id) => repo.find_snapshot(id).await?,
+            None => req.recovery.choose(&repo.snapshots().await?)?,
+        };
+        let t0 = std::time::Instant::now();
+        let prepared = prepare(&self.policy, repo, &snap, &target, &req.recovery, &req.progress).await?;
+        let mut out = prepared.summary(&snap, &target, &req.recovery, t0);
+        if !req.start {
+            out.warnings.push(format!(
+                "start the server as the data directory's owner; once recovery has finished, delete {} (it holds a copy of the identity)",
+                prepared.identity.dir.display()
+            ));
+            prepared.identity.keep();
+            return Ok(Restored::Physical(out));
+        }
+        let server = self.server(&target, req.port, prepared.uid);
+        let t1 = std::time::Instant::now();
+        let rec = server.start_and_wait(repo).await;
+        out.seconds_recovery = t1.elapsed().as_secs_f64();
+        let rec = rec?;
+        drop(prepared.identity);
+        let _ = std::fs::remove_dir_all(archive::spool_dir(&target));
+        out.started = true;
+        out.port = Some(req.port);
+        out.recovered_lsn = Some(rec.lsn);
+        out.timeline = Some(rec.timeline);
+        out.last_transaction = rec.last_transaction;
+        match rec.gap {
+            Some(gap) => Err(gap),
+            None => Ok(Restored::Physical(out)),
+        }
+    }
+
+    async fn drill(&self, repo: &Unlocked, snap: &Sidecar, env: &mut dyn DrillEnv) -> Option<Drilled> {
+        // One phase while it runs (a failure names "restore and recovery"), two in the report.
+        const PHASE: &str = "restore and recovery";
+        let pg_info = snap.pg();
+        let target = env.dir().join("data");
+        env.begin(PHASE);
+        let t0 = std::time::Instant::now();
+        let fail = |env: &mut dyn DrillEnv, e: Error| {
+            env.record(PHASE, t0.elapsed().as_secs_f64(), &Err(e));
+            None
+        };
+        let port = match env.port() {
+            Ok(p) => p,
+            Err(e) => return fail(env, e),
+        };
+        let recovery = RecoveryTarget::default();
+        let prepared = match prepare(&self.policy, repo, snap, &target, &recovery, &RestoreProgress::default()).await {
+            Ok(p) => p,
+            Err(e) => return fail(env, e),
+        };
+        let restored = t0.elapsed().as_secs_f64();
+        let server = self.server(&target, port, prepared.uid);
+        env.adopt(server.clone());
+        let t1 = std::time::Instant::now();
+        let rec = match server.start_and_wait(repo).await {
+            Ok(Recovered { gap: Some(gap), .. }) | Err(gap) => return fail(env, gap),
+            Ok(r) => r,
+        };
+        drop(prepared.identity);
+        let detail = format!("{} files, {} bytes from snapshot {}", prepared.files, prepared.bytes, snap.id);
+        env.record("fetch, decrypt, write", restored, &Ok(detail));
+        let detail = format!("recovered to {} on timeline {}", rec.lsn, rec.timeline);
+        env.record("server start and WAL replay", t1.elapsed().as_secs_f64(), &Ok(detail));
+        env.note_recovery(
+            pg_info.map(|p| p.start_wal.to_string()),
+            Some(rec.lsn.clone()),
+            rec.last_transaction.clone(),
+        );
+        // The newest recovered transaction; without one replayed, the end of the backup.
+        let at = rec.last_transaction.as_deref().and_then(super::recovery::parse_time).or(pg_info.map(|p| p.stop_time));
+        Some(Drilled { at, tree: None })
+    }
+}
+
+impl Physical {
+    fn server(&self, data: &Path, port: u16, uid: u32) -> Server {
+        Server {
+            bin_dir: self.pg.bin_dir.clone(),
+            data: data.to_path_buf(),
+            port,
+            uid,
+            dsn: self.pg.dsn.resolve().ok(),
+        }
+    }
+}
+
+/// What PostgreSQL's documentation says not to copy (contents only: the directories stay).
+pub const EXCLUDES: &[&str] = &[
+    "pg_wal/*",
+    "pg_replslot/*",
+    "pg_dynshmem/*",
+    "pg_notify/*",
+    "pg_serial/*",
+    "pg_snapshots/*",
+    "pg_stat_tmp/*",
+    "pg_subtrans/*",
+    "pgsql_tmp*",
+    "postmaster.pid",
+    "postmaster.opts",
+    "backup_label",
+    "backup_label.old",
+    "tablespace_map",
+    "backup_manifest",
+    "veza-dr-restore",
+];
+
+async fn backup_physical(
+    policy: &Policy,
+    pg: &PgSource,
+    repo: &Writer,
+    opts: &BackupOptions,
+    guard: &LockGuard,
+) -> Result<Sidecar> {
+    let dsn = pg.dsn.to_string();
+    let data_dir = pg.data_dir.clone().expect("validated: physical needs data-dir");
+    let meta = std::fs::metadata(&data_dir).map_err(|e| {
+        Error::io("read data directory", &data_dir, e)
+            .with_hint("veza-dr must run on the database host, as root or the postgres user")
+    })?;
+    if !meta.is_dir() {
+        return Err(Error::policy(format!("data-dir {} is not a directory", data_dir.display())));
+    }
+    std::fs::read_dir(&data_dir).map_err(|e| {
+        Error::io("read data directory", &data_dir, e)
+            .with_hint("run the backup as root or as the data directory's owner")
+    })?;
+    // Tablespaces live outside PGDATA behind pg_tblspc/<oid> symlinks: read each location too,
+    // and store it under pg_tblspc/<oid>/ in the snapshot.
+    let mut tablespaces: Vec<(String, std::path::PathBuf)> = Vec::new();
+    for e in
+        std::fs::read_dir(data_dir.join("pg_tblspc")).map(|rd| rd.flatten().collect::<Vec<_>>()).unwrap_or_default()
+    {
+        if let Ok(loc) = std::fs::read_link(e.path()) {
+            let loc = if loc.is_absolute() { loc } else { data_dir.join("pg_tblspc").join(loc) };
+            tablespaces.push((format!("pg_tblspc/{}", e.file_name().to_string_lossy()), loc));
+        }
+    }
+    let c = connect(pg).await?;
+    let version: i32 = one_text(&c, &dsn, "SELECT current_setting('server_version_num')").await?.parse().unwrap_or(0);
+    let archive_mode = one_text(&c, &dsn, "SELECT current_setting('archive_mode')").await?;
+    if archive_mode == "off" {
+        return Err(Error::new(Kind::Database, format!("archive_mode is off on the server of policy {}", policy.name))
+            .with_hint(format!(
+                "set archive_mode = on and archive_command = 'veza-dr wal-push {} %p', then restart PostgreSQL",
+                policy.name
+            )));
+    }
+    if one_text(&c, &dsn, "SELECT current_setting('wal_level')").await? == "minimal" {
+        return Err(Error::new(Kind::Database, "wal_level is minimal: WAL cannot be archived for recovery")
+            .with_hint("set wal_level = replica and restart PostgreSQL"));
+    }
+    let seg_size: u64 = one_text(&c, &dsn, "SELECT setting FROM pg_settings WHERE name = 'wal_segment_size'")
+        .await?
+        .parse::<u64>()
+        .map(|n| if n < 1 << 20 { n * 8192 } else { n })
+        .unwrap_or(16 << 20);
+    let sysid = one_text(&c, &dsn, "SELECT system_identifier::text FROM pg_control_system()").await?;
+    let label = format!("veza-dr {} {}", policy.name, chrono::Utc::now().format("%Y%m%dT%H%M%SZ"));
+    let start_sql = if version >= 150000 {
+        "SELECT pg_backup_start($1, true)::text"
+    } else {
+        "SELECT pg_start_backup($1, true, false)::text"
+    };
+    let start_lsn: String =
+        c.query_one(start_sql, &[&label]).await.map_err(|e| db_error(&dsn, "start the backup", e))?.get(0);
+    let tli: i32 = c
+        .query_one("SELECT timeline_id FROM pg_control_checkpoint()", &[])
+        .await
+        .map_err(|e| db_error(&dsn, "read the timeline", e))?
+        .get(0);
+
+    let excludes: Vec<String> = EXCLUDES.iter().map(|s| s.to_string()).collect();
+    let kind = SourceKind::PostgresPhysical;
+    let mut pending = prepare_tree(policy, repo, opts, kind, &data_dir, &excludes, &tablespaces).await?;
+
+    // pg_backup_stop waits for the last segment to be archived; bound it.
+    let stop_sql = if version >= 150000 {
+        "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(true)"
+    } else {
+        "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, true)"
+    };
+    let timeout = wal_timeout();
+    let row = tokio::time::timeout(timeout, c.query_one(stop_sql, &[]))
+        .await
+        .map_err(|_| {
+            Error::new(
+                Kind::Database,
+                format!("pg_backup_stop did not return within {}s: WAL archiving is not working", timeout.as_secs()),
+            )
+            .with_hint(format!("check archive_command (veza-dr wal-push {} %p) and the server log", policy.name))
+        })?
+        .map_err(|e| db_error(&dsn, "stop the backup", e))?;
+    let stop_lsn: String = row.get(0);
+    let labelfile: String = row.get(1);
+    let spcmap: Option<String> = row.get(2);
+    let stop_time = chrono::Utc::now();
+
+    let (start, stop) = (parse_lsn(&start_lsn).unwrap_or(0), parse_lsn(&stop_lsn).unwrap_or(0));
+    let first = WalName::for_lsn(tli as u32, start, seg_size);
+    let last = WalName::for_lsn(tli as u32, stop, seg_size);
+    archive::wait_archived(repo, &first, &last, seg_size, timeout).await?;
+
+    pending.manifest.extra = Some(PgLabel { backup_label: labelfile, tablespace_map: spcmap.unwrap_or_default() });
+    pending.sidecar.postgres = Some(PgMeta::Physical(PgInfo {
+        version,
+        system_identifier: sysid,
+        timeline: tli as u32,
+        start_lsn,
+        stop_lsn,
+        start_wal: first,
+        stop_wal: last,
+        stop_time,
+        wal_segment_size: seg_size,
+        data_dir,
+    }));
+    commit(repo, guard, pending).await
+}
+
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct PhysicalSummary {
+    pub snapshot: String,
+    pub target: String,
+    pub recovery_target: String,
+    pub files: u64,
+    pub bytes: u64,
+    pub started: bool,
+    pub port: Option<u16>,
+    pub recovered_lsn: Option<String>,
+    pub timeline: Option<i32>,
+    pub last_transaction: Option<String>,
+    pub seconds_restore: f64,
+    pub seconds_recovery: f64,
+    pub warnings: Vec<String>,
+}
+
+/// A private copy of the identity for the restored server's restore_command: outside the
+/// data directory, in a 0700 directory of the server's user, removed when dropped (unless
+/// kept for a server the operator starts later).
+pub struct IdentityCopy {
+    pub dir: PathBuf,
+    pub file: PathBuf,
+    keep: bool,
+}
+
+impl IdentityCopy {
+    fn create(identity: &Identity, target: &Path, uid: u32, gid: u32) -> Result<IdentityCopy> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "data".into());
+        let parent = target.parent().unwrap_or(Path::new("/"));
+        let dir = parent.join(format!(".{name}.veza-dr-{}", hex::encode(rand::random::<[u8; 4]>())));
+        std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| Error::io("create", &dir, e))?;
+        let mut copy = IdentityCopy { file: dir.join("identity"), dir, keep: false };
+        identity.write_copy(&copy.file)?;
+        for p in [&copy.dir, &copy.file] {
+            let _ = std::os::unix::fs::chown(p, Some(uid), Some(gid));
+        }
+        let _ = std::fs::set_permissions(&copy.dir, std::fs::Permissions::from_mode(0o700));
+        copy.keep = false;
+        Ok(copy)
+    }
+
+    /// Leave the copy for a server the operator starts (they are told to delete it).
+    fn keep(mut self) {
+        self.keep = true;
+    }
+}
+
+impl Drop for IdentityCopy {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// A restored data directory, ready for the server to start and recover.
+struct Prepared {
+    files: u64,
+    bytes: u64,
+    warnings: Vec<String>,
+    uid: u32,
+    identity: IdentityCopy,
+}
+
+impl Prepared {
+    fn summary(
+        &self,
+        snap: &Sidecar,
+        target: &Path,
+        recovery: &RecoveryTarget,
+        t0: std::time::Instant,
+    ) -> PhysicalSummary {
+        PhysicalSummary {
+            snapshot: snap.id.to_string(),
+            target: target.display().to_string(),
+            recovery_target: recovery.describe(),
+            files: self.files,
+            bytes: self.bytes,
+            started: false,
+            port: None,
+            recovered_lsn: None,
+            timeline: None,
+            last_transaction: None,
+            seconds_restore: t0.elapsed().as_secs_f64(),
+            seconds_recovery: 0.0,
+            warnings: self.warnings.clone(),
+        }
+    }
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+fn conf_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Restore `snap` into `target` and write what recovery needs.
+async fn prepare(
+    policy: &Policy,
+    repo: &Unlocked,
+    snap: &Sidecar,
+    target: &Path,
+    recovery: &RecoveryTarget,
+    progress: &RestoreProgress,
+) -> Result<Prepared> {
+    let settings = recovery.settings()?;
+    let opts = tree::Options {
+        snapshot: snap.id.to_string(),
+        target: target.to_path_buf(),
+        includes: vec![],
+        overwrite: false,
+        bytes_done: progress.done.clone(),
+        bytes_total: progress.total.clone(),
+    };
+    let summary = tree::restore(repo, &opts).await?;
+    let io = |what: &str, p: &Path, e: std::io::Error| Error::io(what, p, e);
+    let label = summary.label.as_ref().map(|l| l.backup_label.as_str()).unwrap_or("");
+    if label.is_empty() {
+        return Err(Error::damaged(format!("snapshot {} has no backup_label: it is not a physical backup", snap.id)));
+    }
+    std::fs::write(target.join("backup_label"), label).map_err(|e| io("write", &target.join("backup_label"), e))?;
+    // Tablespaces come back as directories under pg_tblspc/<oid>: move each beside the data
+    // directory and link it, as PostgreSQL expects (never onto the source's own locations).
+    // With the links in place, tablespace_map is not needed.
+    let mut tablespace_dirs = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(target.join("pg_tblspc")) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                let home = PathBuf::from(format!("{}-tablespaces", target.display())).join(e.file_name());
+                std::fs::create_dir_all(home.parent().unwrap_or(target)).map_err(|err| io("create", &home, err))?;
+                std::fs::rename(e.path(), &home).map_err(|err| io("move tablespace to", &home, err))?;
+                std::os::unix::fs::symlink(&home, e.path()).map_err(|err| io("link tablespace", &e.path(), err))?;
+                tablespace_dirs.push(home);
+            }
+        }
+    }
+    std::fs::create_dir_all(target.join("pg_wal/archive_status")).map_err(|e| io("create", target, e))?;
+
+    // What wal-fetch needs: the policy (references only) and a spool inside the restored
+    // cluster; the identity outside it.
+    let work = target.join("veza-dr-restore");
+    std::fs::create_dir_all(archive::spool_dir(target)).map_err(|e| io("create", &work, e))?;
+    let (uid, gid) = summary.owner;
+    let identity = IdentityCopy::create(repo.identity(), target, uid, gid)?;
+    let policy_copy = work.join(format!("{}.toml", policy.name));
+    std::fs::copy(&policy.path, &policy_copy).map_err(|e| io("copy policy", &policy.path, e))?;
+    let exe = std::env::current_exe().map_err(|e| Error::failed(format!("cannot find the veza-dr binary: {e}")))?;
+    let restore_command = format!(
+        "{} wal-fetch {} %f %p --identity {} --spool {}",
+        shell_quote(&exe.display().to_string()),
+        shell_quote(&policy_copy.display().to_string()),
+        shell_quote(&identity.file.display().to_string()),
+        shell_quote(&archive::spool_dir(target).display().to_string())
+    );
+    let mut conf = format!("\n# added by veza-dr restore of snapshot {} ({})\n", snap.id, recovery.describe());
+    conf += &format!("restore_command = {}\n", conf_quote(&restore_command));
+    conf += "archive_mode = 'off'\narchive_command = ''\n";
+    for (k, v) in &settings {
+        conf += &format!("{k} = {}\n", conf_quote(v));
+    }
+    let auto = target.join("postgresql.auto.conf");
+    let mut text = std::fs::read_to_string(&auto).unwrap_or_default();
+    text += &conf;
+    std::fs::write(&auto, text).map_err(|e| io("write", &auto, e))?;
+    std::fs::write(target.join("recovery.signal"), "").map_err(|e| io("write", target, e))?;
+
+    // Hand the tree to the data directory's owner, 0700 as PostgreSQL requires.
+    let tablespace_parent: Vec<PathBuf> =
+        tablespace_dirs.iter().filter_map(|d| d.parent().map(Path::to_path_buf)).take(1).collect();
+    for root in std::iter::once(target.to_path_buf()).chain(tablespace_parent) {
+        for e in walkdir::WalkDir::new(&root).into_iter().flatten() {
+            let _ = std::os::unix::fs::lchown(e.path(), Some(uid), Some(gid));
+        }
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o700)).map_err(|e| io("chmod", target, e))?;
+    Ok(Prepared { files: summary.files, bytes: summary.bytes, warnings: summary.warnings, uid, identity })
+}
