@@ -12,5 +12,6 @@ mod locks;
 mod policies;
 mod postgres;
 mod runbook;
+mod safety;
 mod shape;
 mod volume;

@@ -118,13 +118,14 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             crate::jobs::wal::push(&load_policy(&g, &policy)?, &path).await?;
             Ok(0)
         }
-        Command::WalFetch { policy, segment, dest, identity, spool, prefetch } => {
+        Command::WalFetch { policy, segment, dest, identity, spool, prefetch, cluster } => {
             let req = crate::jobs::wal::FetchRequest {
                 segment: &segment,
                 dest: &dest,
                 identity: identity.as_deref(),
                 spool: spool.as_deref(),
                 prefetch,
+                cluster,
             };
             let r = match load_policy(&g, &policy) {
                 Ok(p) => crate::jobs::wal::fetch(&p, &req).await,
@@ -139,8 +140,9 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             }
             Ok(crate::jobs::wal::restore_command_exit(&r))
         }
-        Command::WalPrefetch { policy, after, spool, identity, count } => {
-            crate::jobs::wal::prefetch(&load_policy(&g, &policy)?, &after, &spool, &identity, count).await.map(|_| 0)
+        Command::WalPrefetch { policy, after, spool, identity, cluster, count } => {
+            let p = load_policy(&g, &policy)?;
+            crate::jobs::wal::prefetch(&p, cluster, &after, &spool, &identity, count).await.map(|_| 0)
         }
     }
 }

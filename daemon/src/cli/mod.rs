@@ -166,6 +166,9 @@ pub enum Command {
         /// How many following segments to prefetch in the background
         #[arg(long, default_value_t = 8)]
         prefetch: usize,
+        /// System identifier of the cluster being recovered (default: the only one stored)
+        #[arg(long)]
+        cluster: Option<u64>,
     },
     #[command(hide = true)]
     WalPrefetch {
@@ -175,6 +178,8 @@ pub enum Command {
         spool: PathBuf,
         #[arg(long)]
         identity: PathBuf,
+        #[arg(long)]
+        cluster: u64,
         #[arg(long, default_value_t = 8)]
         count: usize,
     },

@@ -8,8 +8,9 @@ use crate::policy::{Policy, SourceKind};
 use crate::repository::format::*;
 use crate::repository::lock::{self, LockKind};
 use crate::repository::{keys, Repository, Writer};
+use crate::source::postgres::wal::WalName;
 use chrono::{DateTime, Utc};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -76,17 +77,23 @@ async fn run_locked(repo: &Writer, policy: &Policy, dry_run: bool, guard: Option
             candidates.push(keys::manifest(&id));
         }
     }
-    // WAL older than the oldest retained physical backup of this policy can no longer be
-    // replayed from any backup: it becomes garbage like an unreferenced pack.
-    let oldest_start = live
-        .iter()
-        .filter(|s| s.policy == policy.name && s.source == SourceKind::PostgresPhysical)
-        .filter_map(|s| s.pg().map(|p| p.start_wal.clone()))
-        .min_by(|a, b| a.position().cmp(&b.position()));
-    if let Some(oldest) = oldest_start.as_ref().and_then(|o| o.position()) {
-        for (name, fp) in repo.wal_files().await? {
-            if name.position().is_some_and(|p| p < oldest) {
-                candidates.push(keys::wal_object(&name, &fp));
+    // WAL is kept per cluster, whatever the policy names: a segment older than the oldest
+    // retained physical backup of its cluster (by any policy in this repository) can no longer
+    // be replayed from any backup. A cluster with no retained backup keeps all its WAL.
+    let mut oldest: HashMap<u64, WalName> = HashMap::new();
+    for s in live.iter().filter(|s| s.source == SourceKind::PostgresPhysical) {
+        let Some(pg) = s.pg() else { continue };
+        let Ok(cluster) = pg.system_identifier.parse::<u64>() else { continue };
+        let e = oldest.entry(cluster).or_insert_with(|| pg.start_wal.clone());
+        if pg.start_wal.position() < e.position() {
+            *e = pg.start_wal.clone();
+        }
+    }
+    for (cluster, name, fp) in repo.wal_files().await? {
+        let keep_from = oldest.get(&cluster).and_then(|o| o.position());
+        if let (Some(from), Some(pos)) = (keep_from, name.position()) {
+            if pos < from {
+                candidates.push(keys::wal_object(cluster, &name, &fp));
             }
         }
     }

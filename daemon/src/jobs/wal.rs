@@ -1,10 +1,10 @@
 //! The WAL jobs PostgreSQL runs: `wal-push` as archive_command (exit 0 only once the file is
-//! stored) and `wal-fetch` as restore_command (exit codes in [`restore_command_exit`]), with a detached
-//! prefetcher that fills the spool.
+//! stored) and `wal-fetch` as restore_command (exit codes in [`restore_command_exit`]), with a
+//! detached prefetcher that fills the spool, one per spool under a file lock.
 
 use crate::crypto::{Identity, Sealer};
-use crate::error::Result;
-use crate::policy::Policy;
+use crate::error::{Kind, Result};
+use crate::policy::{Policy, Source};
 use crate::repository::Repository;
 use crate::source::postgres::archive::{self, Pushed};
 use crate::source::postgres::wal::{WalKind, WalName};
@@ -14,8 +14,12 @@ use std::path::Path;
 pub async fn push(policy: &Policy, path: &Path) -> Result<Pushed> {
     // Validate the name before touching the repository.
     archive::name_of_path(path)?;
+    let data_dir = match &policy.source {
+        Source::Postgres(pg) => pg.data_dir.clone(),
+        Source::Volume(_) => None,
+    };
     let (repo, _) = Repository::open_or_init(policy).await?;
-    archive::push(&repo.writer(Sealer::new(&policy.encryption.recipients)), path).await
+    archive::push(&repo.writer(Sealer::new(&policy.encryption.recipients)), path, data_dir.as_deref()).await
 }
 
 /// What restore_command asked for.
@@ -25,6 +29,8 @@ pub struct FetchRequest<'a> {
     pub identity: Option<&'a Path>,
     pub spool: Option<&'a Path>,
     pub prefetch: usize,
+    /// The system identifier of the cluster being recovered (restore writes it).
+    pub cluster: Option<u64>,
 }
 
 /// restore_command: `Ok(true)` when the file was written to `dest`, `Ok(false)` when the
@@ -33,10 +39,11 @@ pub async fn fetch(policy: &Policy, req: &FetchRequest<'_>) -> Result<bool> {
     let name = archive::parse_requested(req.segment)?;
     let identity = Identity::require(req.identity, &policy.encryption, &policy.name)?;
     let repo = Repository::open(policy).await?.unlock(identity);
-    let found = archive::fetch_with_spool(&repo, &name, req.dest, req.spool).await?;
+    let Some(cluster) = archive::resolve_cluster(&repo, req.cluster).await? else { return Ok(false) };
+    let found = archive::fetch_with_spool(&repo, cluster, &name, req.dest, req.spool).await?;
     if found && name.kind() == WalKind::Segment && req.prefetch > 0 {
         if let (Some(spool), Some(id)) = (req.spool, req.identity) {
-            spawn_prefetch(policy, &name, spool, id, req.prefetch);
+            spawn_prefetch(policy, cluster, &name, spool, id, req.prefetch);
         }
     }
     Ok(found)
@@ -49,36 +56,37 @@ pub fn restore_command_exit(r: &Result<bool>) -> i32 {
     match r {
         Ok(true) => 0,
         Ok(false) => 1,
-        Err(e) if e.kind == crate::error::Kind::Usage => 2,
+        Err(e) if e.kind == Kind::Usage => 2,
         Err(_) => 255,
     }
 }
 
-/// The hidden `wal-prefetch`: fill the spool with the `count` segments after `after`.
-pub async fn prefetch(policy: &Policy, after: &str, spool: &Path, identity: &Path, count: usize) -> Result<()> {
-    let lock = spool.join(".prefetch");
-    let r = async {
-        let name = archive::parse_requested(after)?;
-        let repo = Repository::open(policy).await?.unlock(Identity::from_file(identity)?);
-        archive::prefetch(&repo, &name, count, spool, 16 << 20).await
-    }
-    .await;
-    let _ = std::fs::remove_file(lock);
-    r
+/// The prefetcher's lock: one prefetcher per spool. `None` when another one holds it.
+fn prefetch_lock(spool: &Path) -> Option<nix::fcntl::Flock<std::fs::File>> {
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(spool.join(".prefetch")).ok()?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).ok()
+}
+
+/// The hidden `wal-prefetch`: fill the spool with the `count` segments after `after`, unless
+/// another prefetcher is at work on this spool.
+pub async fn prefetch(
+    policy: &Policy,
+    cluster: u64,
+    after: &str,
+    spool: &Path,
+    identity: &Path,
+    count: usize,
+) -> Result<()> {
+    let Some(_lock) = prefetch_lock(spool) else { return Ok(()) };
+    let name = archive::parse_requested(after)?;
+    let repo = Repository::open(policy).await?.unlock(Identity::from_file(identity)?);
+    archive::prefetch(&repo, cluster, &name, count, spool, 16 << 20).await
 }
 
 /// Start a detached prefetcher unless one is already running for this spool.
-fn spawn_prefetch(p: &Policy, after: &WalName, spool: &Path, identity: &Path, count: usize) {
-    let lock = spool.join(".prefetch");
-    if std::fs::OpenOptions::new().write(true).create_new(true).open(&lock).is_err() {
-        let stale = lock
-            .metadata()
-            .and_then(|m| m.modified())
-            .map(|t| t.elapsed().unwrap_or_default().as_secs() > 60)
-            .unwrap_or(true);
-        if !stale {
-            return;
-        }
+fn spawn_prefetch(p: &Policy, cluster: u64, after: &WalName, spool: &Path, identity: &Path, count: usize) {
+    if prefetch_lock(spool).is_none() {
+        return;
     }
     let Ok(exe) = std::env::current_exe() else { return };
     use std::os::unix::process::CommandExt;
@@ -90,6 +98,8 @@ fn spawn_prefetch(p: &Policy, after: &WalName, spool: &Path, identity: &Path, co
         .arg(spool)
         .arg("--identity")
         .arg(identity)
+        .arg("--cluster")
+        .arg(cluster.to_string())
         .arg("--count")
         .arg(count.to_string())
         .stdin(std::process::Stdio::null())

@@ -51,6 +51,8 @@ pub struct Pending {
     pub sidecar: Sidecar,
     locs: HashMap<ChunkId, BlobLoc>,
     live: HashSet<SnapshotId>,
+    started_wall: std::time::SystemTime,
+    lock_wait: std::time::Duration,
 }
 
 /// The host's view of the repository at the start of a backup.
@@ -61,28 +63,55 @@ struct Context {
     cache: HashMap<ChunkId, BlobLoc>,
     packs: HashMap<PackId, u64>,
     parent: Option<Manifest>,
+    /// When the parent started: files changed since shortly before are never reused.
+    parent_started: Option<chrono::DateTime<chrono::Utc>>,
     live: HashSet<SnapshotId>,
     started: chrono::DateTime<chrono::Utc>,
+    started_wall: std::time::SystemTime,
 }
 
 async fn context(policy: &Policy, repo: &Writer, opts: &Options) -> Result<Context> {
     let started = chrono::Utc::now();
+    let started_wall = std::time::SystemTime::now();
     let state = HostState::open(&opts.state_dir, repo.id())?;
-    let (key_id, key) = state.chunk_key(repo).await?;
+    let (key_id, key) = state.chunk_key(repo, opts.lock_wait).await?;
     let packs = repo.packs().await?;
     let marked: HashSet<PackId> =
         repo.marks().await?.keys().filter_map(|k| crate::repository::keys::parse_pack(k)).collect();
-    let cache = engine::reusable(state.load_chunks(), &packs, &marked);
+    let cache = engine::reusable(state.load_chunks(&key_id), &packs, &marked);
     let all = repo.sidecars().await?;
     let parent = match opts.mode {
         Mode::Full => None,
-        _ => all.iter().rev().filter(|s| s.policy == policy.name).find_map(|s| state.load_manifest(&s.id)),
+        _ => all
+            .iter()
+            .rev()
+            .filter(|s| s.policy == policy.name)
+            .find_map(|s| state.load_manifest(&s.id).map(|m| (m, s.started)))
+            // Chunk ids made under another key mean nothing under this one.
+            .filter(|(m, _)| m.key_id == key_id),
     };
     if opts.mode == Mode::Incremental && parent.is_none() {
-        tracing::info!(policy = %policy.name, "no parent snapshot in the local state: reading everything");
+        tracing::info!(policy = %policy.name, "no parent snapshot under this host's key in the local state: reading everything");
     }
     let live = all.iter().map(|s| s.id.clone()).collect();
-    Ok(Context { state, key_id, key, cache, packs, parent, live, started })
+    let (parent, parent_started) = parent.map(|(m, t)| (Some(m), Some(t))).unwrap_or((None, None));
+    Ok(Context { state, key_id, key, cache, packs, parent, parent_started, live, started, started_wall })
+}
+
+/// Whether a file may keep its parent's chunks unread: same metadata, and not changed since
+/// shortly before the parent started. A write in the same clock tick as the parent's read
+/// leaves size and times equal (racy-clean), so such files are read again, as git and
+/// pgBackRest do.
+pub fn unchanged(parent: &Entry, now: &Entry, parent_started: chrono::DateTime<chrono::Utc>) -> bool {
+    let same = parent.size == now.size
+        && parent.mtime == now.mtime
+        && parent.mtime_ns == now.mtime_ns
+        && parent.ino == now.ino
+        && parent.ctime == now.ctime;
+    let settled_ns =
+        (parent_started.timestamp() - 1) as i128 * 1_000_000_000 + parent_started.timestamp_subsec_nanos() as i128;
+    let mtime_ns = parent.mtime as i128 * 1_000_000_000 + parent.mtime_ns as i128;
+    same && mtime_ns < settled_ns && (parent.ctime as i128) < settled_ns
 }
 
 /// Walk `root` and upload what changed since the parent.
@@ -138,13 +167,10 @@ pub async fn prepare_tree(
         if e.kind != EntryKind::File {
             continue;
         }
-        if let (Some(pe), Some(pm)) = (parent_files.get(&e.display()), ctx.parent.as_ref()) {
-            let same = pe.size == e.size
-                && pe.mtime == e.mtime
-                && pe.mtime_ns == e.mtime_ns
-                && pe.ino == e.ino
-                && pe.ctime == e.ctime;
-            if same {
+        if let (Some(pe), Some(pm), Some(at)) =
+            (parent_files.get(&e.display()), ctx.parent.as_ref(), ctx.parent_started)
+        {
+            if unchanged(pe, e, at) {
                 let ids: Option<Vec<ChunkId>> =
                     pe.chunks.iter().map(|&c| pm.chunks.get(c as usize).and_then(|t| parse_hex32(&t.0))).collect();
                 if let Some(ids) = ids.filter(|ids| ids.iter().all(|id| ctx.cache.contains_key(id))) {
@@ -332,7 +358,15 @@ async fn build(
         postgres: None,
         warnings,
     };
-    Ok(Pending { state: ctx.state, manifest, sidecar, locs, live: ctx.live })
+    Ok(Pending {
+        state: ctx.state,
+        manifest,
+        sidecar,
+        locs,
+        live: ctx.live,
+        started_wall: ctx.started_wall,
+        lock_wait: opts.lock_wait,
+    })
 }
 
 /// Commit last: every pack and index is durable (the engine waited for them); now the
@@ -340,10 +374,53 @@ async fn build(
 pub async fn commit(repo: &Writer, guard: &LockGuard, mut p: Pending) -> Result<Sidecar> {
     repo.commit(&p.manifest, &mut p.sidecar, || guard.check()).await?;
     // Local state after the commit: losing it costs dedup only.
-    if let Err(e) = p.state.save_chunks(&p.locs).and_then(|_| p.state.save_manifest(&p.manifest)) {
+    let key_id = p.manifest.key_id.clone();
+    let saved = tokio::task::block_in_place(|| {
+        p.state.save_chunks(&key_id, &p.locs, p.lock_wait).and_then(|_| p.state.save_manifest(&p.manifest))
+    });
+    if let Err(e) = saved {
         tracing::warn!(error = %e, "could not update the local state; the next backup reads everything again");
     }
     p.live.insert(p.sidecar.id.clone());
-    p.state.retain_manifests(&p.live);
+    p.state.retain_manifests(&p.live, p.started_wall);
     Ok(p.sidecar)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(mtime: i64, ctime_s: i64) -> Entry {
+        Entry {
+            path: "f".into(),
+            path_hex: None,
+            kind: EntryKind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime,
+            mtime_ns: 0,
+            size: 10,
+            chunks: vec![],
+            target: None,
+            hash: None,
+            changed: false,
+            ino: 7,
+            ctime: ctime_s * 1_000_000_000,
+        }
+    }
+
+    #[test]
+    fn files_changed_near_the_parents_start_are_read_again() {
+        let start: chrono::DateTime<chrono::Utc> = "2026-12-01T10:00:00Z".parse().unwrap();
+        let t = start.timestamp();
+        // Settled long before the parent: reused.
+        assert!(unchanged(&file(t - 60, t - 60), &file(t - 60, t - 60), start));
+        // Written in the parent's second (or during it): the same times can hide a new content.
+        assert!(!unchanged(&file(t, t), &file(t, t), start));
+        assert!(!unchanged(&file(t - 60, t), &file(t - 60, t), start));
+        assert!(!unchanged(&file(t + 30, t + 30), &file(t + 30, t + 30), start));
+        // Different metadata: read, as always.
+        assert!(!unchanged(&file(t - 60, t - 60), &file(t - 59, t - 59), start));
+    }
 }

@@ -3,7 +3,7 @@
 use crate::source::postgres::wal::WalName;
 use serde::{Deserialize, Serialize};
 
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// `config`: plaintext, written once when the repository is created.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -43,14 +43,25 @@ pub fn lock(id: &str) -> String {
     format!("{LOCKS}{id}.json")
 }
 
-/// `wal/<timeline>/<name>/`: the folder holding the one object of a WAL file.
-pub fn wal_dir(name: &WalName) -> String {
-    format!("{WAL}{}/{name}/", name.timeline_hex())
+/// `wal/<system identifier>/`: the WAL of one cluster.
+pub fn wal_cluster(cluster: u64) -> String {
+    format!("{WAL}{cluster}/")
 }
 
-/// `wal/<timeline>/<name>/<fingerprint>`.
-pub fn wal_object(name: &WalName, fingerprint: &str) -> String {
-    format!("{}{fingerprint}", wal_dir(name))
+/// `wal/<system identifier>/<timeline>/<name>/`: the folder holding the one object of a WAL file.
+pub fn wal_dir(cluster: u64, name: &WalName) -> String {
+    format!("{WAL}{cluster}/{}/{name}/", name.timeline_hex())
+}
+
+/// `wal/<system identifier>/<timeline>/<name>/<fingerprint>`.
+pub fn wal_object(cluster: u64, name: &WalName, fingerprint: &str) -> String {
+    format!("{}{fingerprint}", wal_dir(cluster, name))
+}
+
+/// A cluster folder (`wal/<system identifier>/`, as a delimited listing returns it) to its id.
+pub fn parse_wal_cluster(prefix: &str) -> Option<u64> {
+    let id = prefix.strip_prefix(WAL)?.trim_end_matches('/');
+    (!id.is_empty() && id.len() <= 20 && id.bytes().all(|b| b.is_ascii_digit())).then(|| id.parse().ok())?
 }
 
 /// `reports/<policy>/` and `reports/<policy>/<id>.<ext>`.
@@ -90,15 +101,16 @@ pub fn parse_manifest(key: &str) -> Option<SnapshotId> {
     SnapshotId::parse(key.strip_prefix(SNAPSHOTS)?.strip_suffix(".manifest")?)
 }
 
-/// `wal/<timeline>/<name>/<fingerprint>` back to its name and fingerprint.
-pub fn parse_wal(key: &str) -> Option<(WalName, String)> {
+/// `wal/<system identifier>/<timeline>/<name>/<fingerprint>` back to its parts.
+pub fn parse_wal(key: &str) -> Option<(u64, WalName, String)> {
     let mut parts = key.strip_prefix(WAL)?.split('/');
-    let (tli, name, fp) = (parts.next()?, parts.next()?, parts.next()?);
+    let (cluster, tli, name, fp) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
     if parts.next().is_some() || fp.len() != 32 || !fp.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
+    let cluster = parse_wal_cluster(&format!("{WAL}{cluster}/"))?;
     let name = WalName::parse(name)?;
-    (name.timeline_hex() == tli).then(|| (name, fp.to_string()))
+    (name.timeline_hex() == tli).then(|| (cluster, name, fp.to_string()))
 }
 
 #[cfg(test)]
@@ -114,13 +126,17 @@ mod tests {
         assert_eq!(parse_pack("data/é/x"), None);
         let n = WalName::parse("000000010000000000000003").unwrap();
         let fp = "0123456789abcdef0123456789abcdef";
-        assert_eq!(parse_wal(&wal_object(&n, fp)), Some((n, fp.to_string())));
+        let sysid = 7446051981417284374;
+        assert_eq!(parse_wal(&wal_object(sysid, &n, fp)), Some((sysid, n, fp.to_string())));
+        assert_eq!(parse_wal_cluster(&wal_cluster(sysid)), Some(sysid));
         for stray in [
-            "wal/00000001/AAAAAAAAAAAAAAAAAAAAAAAéBBBBBBBB.backup/0123456789abcdef0123456789abcdef",
+            "wal/1/00000001/AAAAAAAAAAAAAAAAAAAAAAAéBBBBBBBB.backup/0123456789abcdef0123456789abcdef",
             "wal/x",
-            "wal/00000001/000000010000000000000003",
-            "wal/00000002/000000010000000000000003/0123456789abcdef0123456789abcdef",
-            "wal/é/é/é",
+            "wal/1/00000001/000000010000000000000003",
+            "wal/00000001/000000010000000000000003/0123456789abcdef0123456789abcdef",
+            "wal/1/00000002/000000010000000000000003/0123456789abcdef0123456789abcdef",
+            "wal/99999999999999999999999/00000001/000000010000000000000003/0123456789abcdef0123456789abcdef",
+            "wal/é/é/é/é",
         ] {
             assert_eq!(parse_wal(stray), None, "{stray}");
         }

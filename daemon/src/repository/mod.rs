@@ -227,28 +227,33 @@ impl Repository {
         }
     }
 
-    /// The fingerprints stored for one WAL file (normally zero or one).
-    pub async fn wal_fingerprints(&self, name: &WalName) -> Result<Vec<String>> {
+    /// The fingerprints stored for one WAL file of a cluster (normally zero or one).
+    pub async fn wal_fingerprints(&self, cluster: u64, name: &WalName) -> Result<Vec<String>> {
         Ok(self
             .store
-            .list(&keys::wal_dir(name))
+            .list(&keys::wal_dir(cluster, name))
             .await?
             .into_iter()
-            .filter_map(|(k, _)| keys::parse_wal(&k).filter(|(n, _)| n == name).map(|(_, fp)| fp))
+            .filter_map(|(k, _)| keys::parse_wal(&k).filter(|(c, n, _)| *c == cluster && n == name).map(|(.., fp)| fp))
             .collect())
     }
 
     /// One sealed WAL object.
-    pub async fn wal_object(&self, name: &WalName, fingerprint: &str) -> Result<Bytes> {
-        self.store.get(&keys::wal_object(name, fingerprint)).await
+    pub async fn wal_object(&self, cluster: u64, name: &WalName, fingerprint: &str) -> Result<Bytes> {
+        self.store.get(&keys::wal_object(cluster, name, fingerprint)).await
     }
 
-    /// Every archived WAL file, sorted by name; keys that are not WAL objects are left out.
-    pub async fn wal_files(&self) -> Result<Vec<(WalName, String)>> {
-        let mut v: Vec<(WalName, String)> =
+    /// Every archived WAL file of every cluster, sorted; keys that are not WAL objects are left out.
+    pub async fn wal_files(&self) -> Result<Vec<(u64, WalName, String)>> {
+        let mut v: Vec<(u64, WalName, String)> =
             self.store.list(keys::WAL).await?.into_iter().filter_map(|(k, _)| keys::parse_wal(&k)).collect();
         v.sort();
         Ok(v)
+    }
+
+    /// The clusters (system identifiers) whose WAL the repository holds: one listing.
+    pub async fn wal_clusters(&self) -> Result<Vec<u64>> {
+        Ok(self.store.list_dirs(keys::WAL).await?.iter().filter_map(|d| keys::parse_wal_cluster(d)).collect())
     }
 
     /// When the newest WAL object was stored, if any.
@@ -364,8 +369,8 @@ impl Writer {
         self.store.delete(&keys::manifest(id)).await
     }
 
-    pub async fn put_wal(&self, name: &WalName, fingerprint: &str, sealed: Bytes) -> Result<()> {
-        self.store.put(&keys::wal_object(name, fingerprint), sealed).await
+    pub async fn put_wal(&self, cluster: u64, name: &WalName, fingerprint: &str, sealed: Bytes) -> Result<()> {
+        self.store.put(&keys::wal_object(cluster, name, fingerprint), sealed).await
     }
 
     pub async fn put_report(&self, policy: &str, id: &str, ext: &str, body: Bytes) -> Result<()> {

@@ -199,6 +199,13 @@ impl Store {
         Ok(items.into_iter().map(|m| (m.location.to_string(), m.size)).collect())
     }
 
+    /// The "folders" right under `prefix` (a delimited listing), as keys ending in `/`.
+    pub async fn list_dirs(&self, prefix: &str) -> Result<Vec<String>> {
+        let p = ObjPath::from(prefix);
+        let r = self.inner.list_with_delimiter(Some(&p)).await.map_err(|e| self.err("list", prefix, e))?;
+        Ok(r.common_prefixes.into_iter().map(|d| format!("{d}/")).collect())
+    }
+
     /// The newest modification time among objects under `prefix`, if any.
     pub async fn newest(&self, prefix: &str) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
         let p = ObjPath::from(prefix);

@@ -1,10 +1,14 @@
 //! The WAL archive in the repository: storing a WAL file (`wal-push`), fetching one
 //! (`wal-fetch`, with a spool of prefetched segments), and waiting until a range is archived.
 //!
-//! A file is stored once at `wal/<timeline>/<name>/<fingerprint>`, where the fingerprint is
-//! the first 128 bits of BLAKE3 over the plaintext. The content is age(zstd(segment)). The
-//! fingerprint in the key lets a re-push of an identical segment succeed and a different
-//! segment under the same name fail, with one LIST and no key. wal-push needs no local state.
+//! A file is stored once at `wal/<system identifier>/<timeline>/<name>/<fingerprint>`, where
+//! the fingerprint is the first 128 bits of BLAKE3 over the plaintext. The content is
+//! age(zstd(segment)). The fingerprint in the key lets a re-push of an identical segment
+//! succeed and a different segment under the same name fail, with one LIST and no key. The
+//! system identifier comes from the segment itself (its first page header), so a segment of
+//! another cluster can never stand in for this cluster's WAL, and a repository holds the WAL
+//! of one cluster: a second cluster's first push is refused, naming both. wal-push needs no
+//! local state.
 
 use super::wal::{WalKind, WalName};
 use crate::error::{Error, Result};
@@ -12,7 +16,6 @@ use crate::repository::{Repository, Unlocked, Writer};
 use bytes::Bytes;
 use futures::StreamExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Pushed {
@@ -40,19 +43,70 @@ fn fingerprint(data: &[u8]) -> String {
     blake3::hash(data).to_hex()[..32].to_string()
 }
 
-/// Store one WAL file. Returns only after the object store acknowledged the write.
-pub async fn push(repo: &Writer, path: &Path) -> Result<Pushed> {
+/// The system identifier in a segment's first page: a long page header (`XLP_LONG_HEADER` in
+/// `xlp_info`), whose `xlp_sysid` follows the 24-byte standard header.
+pub fn segment_cluster(data: &[u8]) -> Option<u64> {
+    let info = u16::from_le_bytes(data.get(2..4)?.try_into().ok()?);
+    if info & 0x0002 == 0 {
+        return None;
+    }
+    Some(u64::from_le_bytes(data.get(24..32)?.try_into().ok()?))
+}
+
+/// The system identifier of the cluster in `data_dir` (`global/pg_control` starts with it).
+pub fn control_cluster(data_dir: &Path) -> Result<u64> {
+    let path = data_dir.join("global/pg_control");
+    let b = std::fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
+    b.get(..8)
+        .and_then(|h| h.try_into().ok())
+        .map(u64::from_le_bytes)
+        .ok_or_else(|| Error::damaged(format!("{} is too short to be a pg_control file", path.display())))
+}
+
+/// Which cluster a WAL file belongs to: segments say so in their header; history and backup
+/// files belong to the cluster of the data directory they come from.
+fn cluster_of(name: &WalName, data: &[u8], path: &Path, data_dir: Option<&Path>) -> Result<u64> {
+    match name.kind() {
+        WalKind::Segment | WalKind::Partial => segment_cluster(data).ok_or_else(|| {
+            Error::usage(format!("{} does not start with a WAL page header", path.display()))
+                .with_hint("archive_command must pass %p, the path of the segment PostgreSQL archives")
+        }),
+        WalKind::History | WalKind::Backup => {
+            let cwd = std::env::current_dir().unwrap_or_default();
+            control_cluster(data_dir.unwrap_or(&cwd))
+        }
+    }
+}
+
+/// Refuse to mix clusters: the repository holds the WAL of one system identifier.
+pub async fn check_cluster(repo: &Repository, cluster: u64) -> Result<()> {
+    let present = repo.wal_clusters().await?;
+    match present.iter().find(|c| **c != cluster) {
+        Some(other) if !present.contains(&cluster) => Err(Error::failed(format!(
+            "repository {} holds the WAL of the cluster with system identifier {other}; this cluster is {cluster}",
+            repo.url()
+        ))
+        .with_hint("each cluster needs its own repository (another url or prefix); a re-created cluster too")),
+        _ => Ok(()),
+    }
+}
+
+/// Store one WAL file of the cluster in `data_dir`. Returns only after the object store
+/// acknowledged the write.
+pub async fn push(repo: &Writer, path: &Path, data_dir: Option<&Path>) -> Result<Pushed> {
     let name = name_of_path(path)?;
     let data = std::fs::read(path).map_err(|e| Error::io("read WAL file", path, e))?;
+    let cluster = cluster_of(&name, &data, path, data_dir)?;
     let fp = fingerprint(&data);
-    let existing = repo.wal_fingerprints(&name).await?;
+    let existing = repo.wal_fingerprints(cluster, &name).await?;
     if existing.contains(&fp) {
         return Ok(Pushed::AlreadyStored);
     }
     if !existing.is_empty() {
         return Err(Error::failed(format!("WAL file {name} is already archived with different content in {}", repo.url()))
-            .with_hint("two clusters archive into one repository, or a restored copy still archives: give each cluster its own repository prefix; nothing was overwritten"));
+            .with_hint("a restored copy still archives on the same timeline: turn archiving off in the copy, or give it its own repository; nothing was overwritten"));
     }
+    check_cluster(repo, cluster).await?;
     let sealed = tokio::task::spawn_blocking({
         let sealer = repo.sealer().clone();
         move || -> Result<Vec<u8>> {
@@ -75,41 +129,100 @@ pub async fn push(repo: &Writer, path: &Path) -> Result<Pushed> {
     })
     .await
     .map_err(|e| Error::failed(format!("compression failed: {e}")))??;
-    repo.put_wal(&name, &fp, Bytes::from(sealed)).await?;
+    repo.put_wal(cluster, &name, &fp, Bytes::from(sealed)).await?;
     Ok(Pushed::Stored)
 }
 
-/// Fetch one WAL file into `dest`. `Ok(false)` when the repository does not have it.
-pub async fn fetch(repo: &Unlocked, name: &WalName, dest: &Path) -> Result<bool> {
-    let Some(fp) = repo.wal_fingerprints(name).await?.into_iter().next() else { return Ok(false) };
-    let sealed = repo.wal_object(name, &fp).await?;
-    let plain = {
-        let repo = repo.clone();
-        let what = format!("WAL object {}", crate::repository::keys::wal_object(name, &fp));
-        tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
-            let z = repo.identity().open(&sealed, &what)?;
-            let data =
-                zstd::stream::decode_all(&z[..]).map_err(|e| Error::damaged(format!("{what} is corrupted: {e}")))?;
-            if fingerprint(&data) != fp {
-                return Err(Error::damaged(format!("{what} does not match its fingerprint")));
-            }
-            Ok(data)
-        })
-        .await
-        .map_err(|e| Error::failed(format!("WAL decode failed: {e}")))??
-    };
-    write_atomic(dest, &plain)?;
-    Ok(true)
+/// Which cluster's WAL a restore reads: the one named, else the only one in the repository.
+pub async fn resolve_cluster(repo: &Repository, named: Option<u64>) -> Result<Option<u64>> {
+    if let Some(c) = named {
+        return Ok(Some(c));
+    }
+    let present = repo.wal_clusters().await?;
+    match present.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(*one)),
+        many => Err(Error::usage(format!(
+            "repository {} holds the WAL of several clusters ({})",
+            repo.url(),
+            many.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ")
+        ))
+        .with_hint("pass --cluster SYSTEM_IDENTIFIER (restore writes it into restore_command)")),
+    }
 }
 
+/// One WAL file of `cluster`, decrypted and checked: (fingerprint, bytes), or `None` when the
+/// repository does not have it. A segment whose header names another cluster is damage.
+pub async fn fetch_bytes(repo: &Unlocked, cluster: u64, name: &WalName) -> Result<Option<(String, Vec<u8>)>> {
+    let Some(fp) = repo.wal_fingerprints(cluster, name).await?.into_iter().next() else { return Ok(None) };
+    let sealed = repo.wal_object(cluster, name, &fp).await?;
+    let repo = repo.clone();
+    let what = format!("WAL object {}", crate::repository::keys::wal_object(cluster, name, &fp));
+    let segment = matches!(name.kind(), WalKind::Segment | WalKind::Partial);
+    tokio::task::spawn_blocking(move || -> Result<Option<(String, Vec<u8>)>> {
+        let z = repo.identity().open(&sealed, &what)?;
+        let data = zstd::stream::decode_all(&z[..]).map_err(|e| Error::damaged(format!("{what} is corrupted: {e}")))?;
+        if fingerprint(&data) != fp {
+            return Err(Error::damaged(format!("{what} does not match its fingerprint")));
+        }
+        if segment && segment_cluster(&data) != Some(cluster) {
+            return Err(Error::damaged(format!("{what} is a segment of another cluster")));
+        }
+        Ok(Some((fp, data)))
+    })
+    .await
+    .map_err(|e| Error::failed(format!("WAL decode failed: {e}")))?
+}
+
+/// Fetch one WAL file of `cluster` into `dest`. `Ok(false)` when the repository does not have it.
+pub async fn fetch(repo: &Unlocked, cluster: u64, name: &WalName, dest: &Path) -> Result<bool> {
+    match fetch_bytes(repo, cluster, name).await? {
+        Some((_, data)) => write_atomic(dest, &data).map(|_| true),
+        None => Ok(false),
+    }
+}
+
+/// Write `data` to `dest` through a temporary name of this process alone.
 fn write_atomic(dest: &Path, data: &[u8]) -> Result<()> {
-    let tmp = dest.with_extension("veza-tmp");
+    let file = dest.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dest.with_file_name(format!(".{file}.{}.{}.veza-tmp", std::process::id(), rand::random::<u32>()));
     std::fs::write(&tmp, data).map_err(|e| Error::io("write", &tmp, e))?;
-    std::fs::rename(&tmp, dest).map_err(|e| Error::io("write", dest, e))
+    std::fs::rename(&tmp, dest).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io("write", dest, e)
+    })
+}
+
+/// A spooled file is `<name>.<fingerprint>`; it is served only if its content still has that
+/// fingerprint (a file cut short by a crash or a full disk is fetched again, never served).
+fn spooled(spool: &Path, name: &WalName) -> Option<PathBuf> {
+    let prefix = format!("{name}.");
+    let rd = std::fs::read_dir(spool).ok()?;
+    for e in rd.flatten() {
+        let file = e.file_name();
+        let Some(fp) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else { continue };
+        if fp.len() != 32 || !fp.bytes().all(|b| b.is_ascii_hexdigit()) {
+            continue;
+        }
+        let ok = std::fs::read(e.path()).is_ok_and(|d| fingerprint(&d) == fp);
+        if ok {
+            return Some(e.path());
+        }
+        tracing::warn!(file = %e.path().display(), "a prefetched WAL file does not match its fingerprint; fetching it again");
+        let _ = std::fs::remove_file(e.path());
+    }
+    None
 }
 
 /// Fetch the `n` segments after `name` into `spool` in parallel, skipping those present.
-pub async fn prefetch(repo: &Unlocked, name: &WalName, n: usize, spool: &Path, seg_size: u64) -> Result<()> {
+pub async fn prefetch(
+    repo: &Unlocked,
+    cluster: u64,
+    name: &WalName,
+    n: usize,
+    spool: &Path,
+    seg_size: u64,
+) -> Result<()> {
     std::fs::create_dir_all(spool).map_err(|e| Error::io("create", spool, e))?;
     let mut names = Vec::new();
     let mut cur = name.clone();
@@ -122,11 +235,13 @@ pub async fn prefetch(repo: &Unlocked, name: &WalName, n: usize, spool: &Path, s
             None => break,
         }
     }
-    let results: Vec<Result<bool>> = futures::stream::iter(names)
-        .filter(|n| futures::future::ready(!spool.join(n.as_str()).exists()))
-        .map(|n| {
-            let dest = spool.join(n.as_str());
-            async move { fetch(repo, &n, &dest).await }
+    let results: Vec<Result<()>> = futures::stream::iter(names)
+        .filter(|n| futures::future::ready(spooled(spool, n).is_none()))
+        .map(|n| async move {
+            if let Some((fp, data)) = fetch_bytes(repo, cluster, &n).await? {
+                write_atomic(&spool.join(format!("{n}.{fp}")), &data)?;
+            }
+            Ok(())
         })
         .buffer_unordered(n.max(1))
         .collect()
@@ -137,16 +252,21 @@ pub async fn prefetch(repo: &Unlocked, name: &WalName, n: usize, spool: &Path, s
     Ok(())
 }
 
-/// Serve `name` from the spool if prefetched, else fetch it. A name that is not there is
-/// noted in the spool's `missing` file (the supervisor names it if recovery stops early).
-pub async fn fetch_with_spool(repo: &Unlocked, name: &WalName, dest: &Path, spool: Option<&Path>) -> Result<bool> {
-    if let Some(s) = spool {
-        let cached = s.join(name.as_str());
-        if cached.exists() && std::fs::rename(&cached, dest).is_ok() {
+/// Serve `name` from the spool if prefetched (and intact), else fetch it. A name that is not
+/// there is noted in the spool's `missing` file (the supervisor names it if recovery stops early).
+pub async fn fetch_with_spool(
+    repo: &Unlocked,
+    cluster: u64,
+    name: &WalName,
+    dest: &Path,
+    spool: Option<&Path>,
+) -> Result<bool> {
+    if let Some(cached) = spool.and_then(|s| spooled(s, name)) {
+        if std::fs::rename(&cached, dest).is_ok() {
             return Ok(true);
         }
     }
-    let found = fetch(repo, name, dest).await?;
+    let found = fetch(repo, cluster, name, dest).await?;
     if !found {
         if let Some(s) = spool {
             let _ = std::fs::create_dir_all(s);
@@ -160,36 +280,26 @@ pub async fn fetch_with_spool(repo: &Unlocked, name: &WalName, dest: &Path, spoo
     Ok(found)
 }
 
-/// Wait until every segment from `first` to `last` (inclusive) is in the repository.
-pub async fn wait_archived(
+/// The first segment from `first` to `last` (inclusive) that the repository does not hold yet.
+pub async fn first_missing(
     repo: &Repository,
+    cluster: u64,
     first: &WalName,
     last: &WalName,
     seg_size: u64,
-    timeout: Duration,
-) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + timeout;
+) -> Result<Option<WalName>> {
     let mut cur = first.clone();
     loop {
-        loop {
-            if repo.wal_fingerprints(&cur).await?.is_empty() {
-                break;
-            }
-            if cur == *last || cur.kind() != WalKind::Segment {
-                return Ok(());
-            }
-            cur = cur.next(seg_size).unwrap_or_else(|| last.clone());
+        if repo.wal_fingerprints(cluster, &cur).await?.is_empty() {
+            return Ok(Some(cur));
         }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(Error::database(format!(
-                "WAL segment {cur} was not archived within {}s: the snapshot is not committed",
-                timeout.as_secs()
-            ))
-            .with_hint(
-                "WAL archiving is not working: check archive_command (veza-dr wal-push <policy> %p) and the server log",
-            ));
+        if cur == *last || cur.kind() != WalKind::Segment {
+            return Ok(None);
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        cur = match cur.next(seg_size) {
+            Some(n) => n,
+            None => return Ok(None),
+        };
     }
 }
 

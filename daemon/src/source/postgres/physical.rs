@@ -121,6 +121,71 @@ impl Source for Physical {
     }
 }
 
+/// The WAL a backup needs: from the segment of its start to the segment holding the last
+/// byte before its stop LSN. A stop exactly on a segment boundary ends in the segment before
+/// (waiting for the next one, which may never fill, hung the backup).
+pub fn backup_wal_range(tli: u32, start: u64, stop: u64, seg_size: u64) -> (WalName, WalName) {
+    let first = WalName::for_lsn(tli, start, seg_size);
+    let last = WalName::for_lsn(tli, stop.saturating_sub(1).max(start), seg_size);
+    (first, last)
+}
+
+/// What `pg_stat_archiver` says.
+struct Archiver {
+    failed_count: i64,
+    last_failed_wal: Option<String>,
+    last_failed_time: Option<String>,
+}
+
+async fn archiver(c: &tokio_postgres::Client, dsn: &str) -> Result<Archiver> {
+    let row = c
+        .query_one("SELECT failed_count, last_failed_wal, last_failed_time::text FROM pg_stat_archiver", &[])
+        .await
+        .map_err(|e| db_error(dsn, "read pg_stat_archiver", e))?;
+    Ok(Archiver { failed_count: row.get(0), last_failed_wal: row.get(1), last_failed_time: row.get(2) })
+}
+
+/// Wait until the repository holds every segment of `range`. Three new archiver failures
+/// (PostgreSQL's own retry count before it pauses a minute) fail the backup at once, naming
+/// the segment and when it last failed.
+#[allow(clippy::too_many_arguments)]
+async fn wait_archived(
+    c: &tokio_postgres::Client,
+    dsn: &str,
+    repo: &Writer,
+    cluster: u64,
+    range: (&WalName, &WalName),
+    seg_size: u64,
+    failed_before: i64,
+    timeout: std::time::Duration,
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let Some(missing) = archive::first_missing(repo, cluster, range.0, range.1, seg_size).await? else {
+            return Ok(());
+        };
+        let a = archiver(c, dsn).await?;
+        if a.failed_count >= failed_before + 3 {
+            return Err(Error::database(format!(
+                "WAL archiving is failing: segment {} failed to archive (last at {}); {missing} is not in the repository, so the snapshot is not committed",
+                a.last_failed_wal.unwrap_or_else(|| "?".into()),
+                a.last_failed_time.unwrap_or_else(|| "?".into()),
+            ))
+            .with_hint("check archive_command (veza-dr wal-push <policy> %p) and the PostgreSQL server log"));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Error::database(format!(
+                "WAL segment {missing} was not archived within {}s: the snapshot is not committed",
+                timeout.as_secs()
+            ))
+            .with_hint(
+                "WAL archiving is not working: check archive_command (veza-dr wal-push <policy> %p) and the server log",
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
 impl Physical {
     fn server(&self, data: &Path, port: u16, uid: u32) -> Server {
         Server {
@@ -150,6 +215,9 @@ pub const EXCLUDES: &[&str] = &[
     "backup_label.old",
     "tablespace_map",
     "backup_manifest",
+    // A backup taken from a standby must restore as a server that recovers and promotes.
+    "standby.signal",
+    "recovery.signal",
     "veza-dr-restore",
 ];
 
@@ -204,6 +272,11 @@ async fn backup_physical(
         .map(|n| if n < 1 << 20 { n * 8192 } else { n })
         .unwrap_or(16 << 20);
     let sysid = one_text(&c, &dsn, "SELECT system_identifier::text FROM pg_control_system()").await?;
+    let cluster: u64 = sysid.parse().map_err(|_| {
+        Error::database(format!("the server reports a system identifier `{sysid}` veza-dr cannot read"))
+    })?;
+    archive::check_cluster(repo, cluster).await?;
+    let failed_before = archiver(&c, &dsn).await?.failed_count;
     let label = format!("veza-dr {} {}", policy.name, chrono::Utc::now().format("%Y%m%dT%H%M%SZ"));
     let start_sql = if version >= 150000 {
         "SELECT pg_backup_start($1, true)::text"
@@ -222,21 +295,19 @@ async fn backup_physical(
     let kind = SourceKind::PostgresPhysical;
     let mut pending = prepare_tree(policy, repo, opts, kind, &data_dir, &excludes, &tablespaces).await?;
 
-    // pg_backup_stop waits for the last segment to be archived; bound it.
+    // pg_backup_stop switches to a new segment; veza-dr then waits for the repository itself,
+    // watching pg_stat_archiver, so a broken archive_command is named within seconds.
     let stop_sql = if version >= 150000 {
-        "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(true)"
+        "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)"
     } else {
-        "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, true)"
+        "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, false)"
     };
     let timeout = wal_timeout();
     let row = tokio::time::timeout(timeout, c.query_one(stop_sql, &[]))
         .await
         .map_err(|_| {
-            Error::new(
-                Kind::Database,
-                format!("pg_backup_stop did not return within {}s: WAL archiving is not working", timeout.as_secs()),
-            )
-            .with_hint(format!("check archive_command (veza-dr wal-push {} %p) and the server log", policy.name))
+            Error::database(format!("pg_backup_stop did not return within {}s", timeout.as_secs()))
+                .with_hint("see the PostgreSQL server log")
         })?
         .map_err(|e| db_error(&dsn, "stop the backup", e))?;
     let stop_lsn: String = row.get(0);
@@ -245,9 +316,8 @@ async fn backup_physical(
     let stop_time = chrono::Utc::now();
 
     let (start, stop) = (parse_lsn(&start_lsn).unwrap_or(0), parse_lsn(&stop_lsn).unwrap_or(0));
-    let first = WalName::for_lsn(tli as u32, start, seg_size);
-    let last = WalName::for_lsn(tli as u32, stop, seg_size);
-    archive::wait_archived(repo, &first, &last, seg_size, timeout).await?;
+    let (first, last) = backup_wal_range(tli as u32, start, stop, seg_size);
+    wait_archived(&c, &dsn, repo, cluster, (&first, &last), seg_size, failed_before, timeout).await?;
 
     pending.manifest.extra = Some(PgLabel { backup_label: labelfile, tablespace_map: spcmap.unwrap_or_default() });
     pending.sidecar.postgres = Some(PgMeta::Physical(PgInfo {
@@ -417,12 +487,14 @@ async fn prepare(
     let policy_copy = work.join(format!("{}.toml", policy.name));
     std::fs::copy(&policy.path, &policy_copy).map_err(|e| io("copy policy", &policy.path, e))?;
     let exe = std::env::current_exe().map_err(|e| Error::failed(format!("cannot find the veza-dr binary: {e}")))?;
+    let cluster = snap.pg().map(|p| p.system_identifier.clone()).unwrap_or_default();
     let restore_command = format!(
-        "{} wal-fetch {} %f %p --identity {} --spool {}",
+        "{} wal-fetch {} %f %p --identity {} --spool {} --cluster {}",
         shell_quote(&exe.display().to_string()),
         shell_quote(&policy_copy.display().to_string()),
         shell_quote(&identity.file.display().to_string()),
-        shell_quote(&archive::spool_dir(target).display().to_string())
+        shell_quote(&archive::spool_dir(target).display().to_string()),
+        shell_quote(&cluster)
     );
     let mut conf = format!("\n# added by veza-dr restore of snapshot {} ({})\n", snap.id, recovery.describe());
     conf += &format!("restore_command = {}\n", conf_quote(&restore_command));
@@ -447,4 +519,20 @@ async fn prepare(
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o700)).map_err(|e| io("chmod", target, e))?;
     Ok(Prepared { files: summary.files, bytes: summary.bytes, warnings: summary.warnings, uid, identity })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stop_on_a_segment_boundary_ends_in_the_segment_before() {
+        let seg = 16u64 << 20;
+        let (first, last) = backup_wal_range(1, parse_lsn("0/3000028").unwrap(), parse_lsn("0/5000000").unwrap(), seg);
+        assert_eq!((first.as_str(), last.as_str()), ("000000010000000000000003", "000000010000000000000004"));
+        let (_, last) = backup_wal_range(1, parse_lsn("0/3000028").unwrap(), parse_lsn("0/5000100").unwrap(), seg);
+        assert_eq!(last.as_str(), "000000010000000000000005");
+        let (first, last) = backup_wal_range(1, parse_lsn("0/3000028").unwrap(), parse_lsn("0/3000028").unwrap(), seg);
+        assert_eq!(first, last);
+    }
 }

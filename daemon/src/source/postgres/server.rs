@@ -156,7 +156,7 @@ impl Server {
         let missing = std::fs::read_to_string(archive::spool_dir(&self.data).join("missing")).ok()?;
         let first = missing.lines().filter_map(WalName::parse).find(|n| n.kind() == WalKind::Segment)?;
         let names = repo.wal_files().await.ok()?;
-        let later = names.iter().map(|(n, _)| n).rfind(|n| {
+        let later = names.iter().map(|(_, n, _)| n).rfind(|n| {
             n.kind() == WalKind::Segment && n.timeline() == first.timeline() && n.as_str() > first.as_str()
         })?;
         let reached = log
