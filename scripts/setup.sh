@@ -8,7 +8,7 @@
 #   Debian packages: PostgreSQL 15 server and client tools, prometheus (promtool), chromium,
 #                    the wasm32 Rust toolchain for plugins (rustc-web, cargo-web, rust-web-src,
 #                    lld-22), PowerDNS with sqlite (pdns-server, pdns-backend-sqlite3), dig, sqlite3,
-#                    ssh-keygen (openssh-client: the SSH-recipient test)
+#                    ssh-keygen (openssh-client: the SSH-recipient test), strace (the fsync test)
 set -euo pipefail
 CI_HOME=${VEZA_CI_HOME:-/opt/veza-dr-ci}
 log() { echo "setup: $*" >&2; }
@@ -18,7 +18,7 @@ mkdir -p "$CI_HOME/bin"
 # breaks it).
 APT_PACKAGES=(postgresql-15 postgresql-client-15 util-linux prometheus chromium
   rustc-web cargo-web rust-web-src lld-22 pdns-server pdns-backend-sqlite3 bind9-dnsutils sqlite3
-  openssh-client)
+  openssh-client strace)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -250,3 +250,246 @@ fn standby_and_recovery_signals_are_not_backed_up() {
     fx.ok(&["restore", "db", "--target", r.to_str().unwrap(), "--identity", fx.identity.to_str().unwrap()]);
     assert!(!r.join("standby.signal").exists(), "standby.signal was restored");
 }
+
+/// A WAL segment file as archive_command sees it: a long page header naming `sysid`.
+fn fake_segment(path: &std::path::Path, sysid: u64) {
+    let mut b = vec![0u8; 16 << 10];
+    b[0..2].copy_from_slice(&0xD110u16.to_le_bytes());
+    b[2..4].copy_from_slice(&0x0002u16.to_le_bytes());
+    b[24..32].copy_from_slice(&sysid.to_le_bytes());
+    for (i, x) in b.iter_mut().enumerate().skip(64) {
+        *x = (i % 251) as u8;
+    }
+    std::fs::write(path, b).unwrap();
+}
+
+/// On file://, object_store wrote and renamed without fsync: wal-push could exit 0 for a
+/// segment a power cut then erased. Traced: the object's data, the rename and every directory
+/// up to the repository root are synced before exit.
+#[test]
+fn file_repositories_sync_data_and_directories_before_acknowledging() {
+    let backend = Backend::start(Kind::File);
+    let fx = Fixture::new(&backend);
+    let src = fx.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    fx.volume_policy("vol", &backend, "vol", &src, "");
+    fx.ok(&["init", "vol"]);
+    let seg = fx.path("000000010000000000000007");
+    fake_segment(&seg, 7446051981417284374);
+    let trace = fx.path("trace");
+    let mut c = std::process::Command::new("strace");
+    c.args(["-f", "-y", "-qq", "-e", "trace=fsync,fdatasync,rename,renameat,renameat2,linkat", "-o"])
+        .arg(&trace)
+        .arg(bin())
+        .arg("--policies")
+        .arg(fx.path("policies"))
+        .arg("--state-dir")
+        .arg(fx.path("state"))
+        .args(["wal-push", "vol"])
+        .arg(&seg);
+    for (k, v) in &fx.env {
+        c.env(k, v);
+    }
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let t = std::fs::read_to_string(&trace).unwrap();
+    let repo = backend.dir.path().join("vol").canonicalize().unwrap();
+    let dir = repo.join("wal/7446051981417284374/00000001/000000010000000000000007");
+    let lines: Vec<&str> = t.lines().collect();
+    let pos = |pred: &dyn Fn(&str) -> bool| lines.iter().position(|l| pred(l));
+    let synced_data =
+        pos(&|l| l.contains("fsync(") && l.contains(&format!("{}/.", dir.display())) && l.contains(".part>"));
+    let renamed = pos(&|l| l.contains("rename") && l.contains(&dir.display().to_string()));
+    let synced_dir = pos(&|l| l.contains("fsync(") && l.contains(&format!("<{}>", dir.display())));
+    let synced_root = pos(&|l| l.contains("fsync(") && l.contains(&format!("<{}>", repo.display())));
+    assert!(synced_data.is_some() && renamed.is_some(), "data not synced before the rename:\n{t}");
+    assert!(
+        synced_data < renamed && renamed < synced_dir && synced_dir.is_some(),
+        "directory not synced after the rename:\n{t}"
+    );
+    assert!(synced_root.is_some(), "the repository root (new directories) was not synced:\n{t}");
+}
+
+/// A physical backup that could not read a file used to commit anyway, complete and exit 0.
+/// Run as the cluster's owner, a root-only file in PGDATA fails it, naming the file.
+#[test]
+fn an_unreadable_file_in_pgdata_fails_the_backup_naming_it() {
+    let (backend, fx, pg) = archiving_cluster(Kind::Moto);
+    fx.pg_policy("db", &backend, "db", "physical", &pg.data, "");
+    let secret = pg.data.join("root-only.conf");
+    std::fs::write(&secret, b"x").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let state = fx.path("pgstate");
+    std::fs::create_dir_all(&state).unwrap();
+    std::process::Command::new("chown").args(["-R", "postgres"]).arg(&state).status().unwrap();
+    crate::common::pg::open_up(&state);
+    let mut c = std::process::Command::new("runuser");
+    c.args(["-u", "postgres", "--", "env"]);
+    for (k, v) in &fx.env {
+        c.arg(format!("{k}={v}"));
+    }
+    c.arg(bin()).arg("--policies").arg(fx.path("policies")).arg("--state-dir").arg(&state).args(["backup", "db"]);
+    let o = c.output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains(&format!("cannot read {}", secret.display())), "{}", stderr(&o));
+    assert!(fx.json(&["snapshots", "db"]).as_array().unwrap().is_empty(), "a snapshot without the file was committed");
+    std::fs::remove_file(&secret).unwrap();
+}
+
+/// pg_dump writing more than a pipe buffer to stderr used to deadlock the backup.
+#[test]
+fn a_chatty_pg_dump_does_not_deadlock() {
+    let backend = Backend::start(Kind::Moto);
+    let mut fx = Fixture::new(&backend);
+    let pg = Pg::start("", fx.env.clone());
+    fx.env.push(("VEZA_PG_DSN".into(), pg.dsn()));
+    psql(&pg.dsn(), "CREATE TABLE t AS SELECT g FROM generate_series(1, 100) g");
+    let bin_dir = fx.path("pgbin");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let real = crate::common::pg::BIN;
+    std::fs::write(
+        bin_dir.join("pg_dump"),
+        format!("#!/bin/sh\nhead -c 1048576 /dev/zero | tr '\\000' w >&2\nexec {real}/pg_dump \"$@\"\n"),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(bin_dir.join("pg_dump"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink(format!("{real}/pg_dumpall"), bin_dir.join("pg_dumpall")).unwrap();
+    fx.pg_policy("lg", &backend, "lg", "logical", &pg.data, "");
+    let p = fx.path("policies/lg.toml");
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("method = \"logical\"", &format!("method = \"logical\"\nbin-dir = \"{}\"", bin_dir.display()));
+    std::fs::write(&p, text).unwrap();
+    let mut child = fx.cmd(&["backup", "lg"]).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t.elapsed() > std::time::Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("the logical backup deadlocked on pg_dump's stderr");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(status.success());
+}
+
+/// The leases of the repository as the bucket holds them: (key, body).
+fn leases(rt: &tokio::runtime::Runtime, store: &veza_dr::repository::Store) -> Vec<(String, String)> {
+    let keys: Vec<String> = rt.block_on(store.list("locks/")).unwrap().into_iter().map(|(k, _)| k).collect();
+    keys.into_iter()
+        .filter_map(|k| rt.block_on(store.get_opt(&k)).unwrap().map(|b| (k, String::from_utf8_lossy(&b).into_owned())))
+        .collect()
+}
+
+/// A lease removed under a running backup (a prune that judged it stale) used to go
+/// unnoticed: the backup re-created it and committed. The commit now lists again and refuses.
+#[test]
+fn a_backup_whose_lease_was_removed_does_not_commit() {
+    let backend = Backend::start(Kind::Moto);
+    let fx = Fixture::new(&backend);
+    let src = fx.path("src");
+    tree::generate(&src, 48, 31);
+    fx.volume_policy("vol", &backend, "vol", &src, "");
+    fx.ok(&["init", "vol"]);
+    let (rt, store, _d) = fx.raw_store(&backend, "vol", "vol");
+    let child = fx.cmd(&["backup", "vol"]).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let t = std::time::Instant::now();
+    loop {
+        if let Some((k, _)) = leases(&rt, &store).into_iter().find(|(_, b)| b.contains("backup vol")) {
+            rt.block_on(store.delete(&k)).unwrap();
+            break;
+        }
+        assert!(t.elapsed() < std::time::Duration::from_secs(30), "the backup never took a lease");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("lost the repository lock"), "{}", stderr(&o));
+    assert!(fx.json(&["snapshots", "vol"]).as_array().unwrap().is_empty(), "it committed without its lease");
+}
+
+/// Lease expiry used to compare the clocks of different hosts: a lease written by a host whose
+/// clock is an hour behind looked expired and was removed. The store's clock decides now.
+#[test]
+fn a_lease_from_a_host_with_a_slow_clock_is_respected() {
+    let backend = Backend::start(Kind::Moto);
+    let fx = Fixture::new(&backend);
+    let src = fx.path("src");
+    tree::generate(&src, 1, 32);
+    fx.volume_policy("vol", &backend, "vol", &src, "");
+    fx.ok(&["backup", "vol"]);
+    let (rt, store, _d) = fx.raw_store(&backend, "vol", "vol");
+    let hour_ago = chrono::Utc::now() - chrono::Duration::hours(1);
+    let lease = serde_json::json!({
+        "kind": "shared", "host": "db-host-with-slow-clock", "pid": 4242, "command": "backup other",
+        "created": hour_ago - chrono::Duration::minutes(1), "expires": hour_ago + chrono::Duration::minutes(4),
+        "ttl-seconds": 300
+    });
+    rt.block_on(store.put("locks/slowclock.json", bytes::Bytes::from(lease.to_string()))).unwrap();
+    let o = fx.run(&["prune", "vol"]);
+    assert_eq!(o.status.code(), Some(1), "prune ignored a live lease: {}", stdout(&o));
+    assert!(stderr(&o).contains("locked by `backup other` on db-host-with-slow-clock"), "{}", stderr(&o));
+    assert!(rt.block_on(store.get_opt("locks/slowclock.json")).unwrap().is_some(), "the live lease was removed");
+}
+
+/// verify took no lease: a prune running meanwhile pulled objects away and verify reported
+/// them as damage. Readers hold a shared lease, which prune waits for.
+#[test]
+fn readers_hold_a_shared_lease() {
+    let backend = Backend::start(Kind::Moto);
+    let fx = Fixture::new(&backend);
+    let src = fx.path("src");
+    tree::generate(&src, 48, 33);
+    fx.volume_policy("vol", &backend, "vol", &src, "");
+    fx.ok(&["backup", "vol"]);
+    let (rt, store, _d) = fx.raw_store(&backend, "vol", "vol");
+    let id = fx.identity.to_str().unwrap().to_string();
+    for (what, args) in [
+        ("verify vol", vec!["verify", "vol", "--read-data", "--identity", &id]),
+        ("restore vol", vec!["restore", "vol", "--target", "RESTORE", "--identity", &id]),
+    ] {
+        let target = fx.path(&format!("r-{}", what.len()));
+        let args: Vec<String> =
+            args.iter().map(|a| if *a == "RESTORE" { target.display().to_string() } else { a.to_string() }).collect();
+        let mut child = fx.cmd(&args).stdout(std::process::Stdio::null()).spawn().unwrap();
+        let t = std::time::Instant::now();
+        let mut seen = false;
+        while child.try_wait().unwrap().is_none() {
+            if leases(&rt, &store).iter().any(|(_, b)| b.contains(what) && b.contains("\"shared\"")) {
+                seen = true;
+                let o = fx.run(&["prune", "vol"]);
+                assert_eq!(o.status.code(), Some(1), "prune ran under {what}");
+                assert!(stderr(&o).contains(&format!("locked by `{what}`")), "{}", stderr(&o));
+                break;
+            }
+            assert!(t.elapsed() < std::time::Duration::from_secs(60));
+        }
+        assert!(child.wait().unwrap().success());
+        assert!(seen, "{what} took no shared lease");
+    }
+}
+
+/// A backup that ran longer than the prune grace may reuse a pack prune has deleted since:
+/// it is refused at commit.
+#[test]
+fn a_backup_older_than_the_prune_grace_does_not_commit() {
+    let backend = Backend::start(Kind::Moto);
+    let mut fx = Fixture::new(&backend);
+    fx.env.retain(|(k, _)| k != "VEZA_DR_MIN_PRUNE_GRACE");
+    fx.env.push(("VEZA_DR_MIN_PRUNE_GRACE".into(), "1s".into()));
+    let src = fx.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut big = vec![0u8; 400 << 20];
+    tree::Rng::new(34).fill(&mut big);
+    std::fs::write(src.join("big.bin"), &big).unwrap();
+    drop(big);
+    fx.volume_policy("vol", &backend, "vol", &src, "[retention]\nprune-grace = \"1s\"\n");
+    let o = fx.run(&["backup", "vol"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("longer than the prune grace of 1s: it is not committed"), "{}", stderr(&o));
+    assert!(fx.json(&["snapshots", "vol"]).as_array().unwrap().is_empty());
+}

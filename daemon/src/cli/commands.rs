@@ -25,6 +25,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
                 identity,
                 snapshot: snapshot.filter(|s| s != "latest"),
                 plugins_dir: g.plugins.clone(),
+                lock_wait: g.lock_wait,
             };
             let reports = crate::jobs::drill::run_all(&p, &o).await?;
             for r in &reports {

@@ -109,7 +109,7 @@ pub async fn restore(g: &Global, p: &Policy, identity: Option<&Path>, req: &Rest
         Bar::start(!g.json, "restore", move || (d.load(Ordering::Relaxed), t.load(Ordering::Relaxed)))
     };
     let t = std::time::Instant::now();
-    let r = crate::jobs::restore::run(p, identity, req).await;
+    let r = crate::jobs::restore::run(p, identity, req, g.lock_wait).await;
     bar.finish().await;
     let r = r?;
     if g.json {
@@ -165,7 +165,7 @@ pub async fn restore(g: &Global, p: &Policy, identity: Option<&Path>, req: &Rest
 pub async fn verify(g: &Global, p: &Policy, identity: Option<&Path>, read_data: bool, sample: f64) -> Result<i32> {
     let identity = Identity::find(identity, &p.encryption)?;
     let repo = Repository::open(p).await?;
-    let rep = crate::jobs::verify::run(&repo, identity, read_data, sample).await?;
+    let rep = crate::jobs::verify::run(&repo, identity, read_data, sample, g.lock_wait).await?;
     if g.json {
         print_json(&rep);
     } else {

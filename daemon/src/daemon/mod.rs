@@ -141,6 +141,7 @@ async fn run_once(p: &Policy, k: JobKind, state_dir: &std::path::Path, plugins: 
                         identity: None,
                         snapshot: None,
                         plugins_dir,
+                        lock_wait: Duration::from_secs(600),
                     };
                     let reports = crate::jobs::drill::run_all(&p2, &o).await?;
                     if let Some(r) = reports.iter().find(|r| r.verdict == crate::jobs::drill::Verdict::Fail) {
@@ -157,7 +158,7 @@ async fn run_once(p: &Policy, k: JobKind, state_dir: &std::path::Path, plugins: 
                 }
                 // Otherwise (no key on this host) the keyless structural verify.
                 let repo = crate::repository::Repository::open(&p2).await?;
-                let r = crate::jobs::verify::run(&repo, None, false, 100.0).await?;
+                let r = crate::jobs::verify::run(&repo, None, false, 100.0, Duration::from_secs(600)).await?;
                 if r.ok() {
                     Ok(Done::default())
                 } else {

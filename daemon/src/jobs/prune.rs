@@ -26,8 +26,6 @@ pub struct Report {
     pub pending: usize,
 }
 
-pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
-
 pub async fn run(policy: &Policy, dry_run: bool, lock_wait: Duration) -> Result<Report> {
     let repo = Repository::open(policy).await?;
     let guard = if dry_run {
@@ -45,7 +43,7 @@ pub async fn run(policy: &Policy, dry_run: bool, lock_wait: Duration) -> Result<
 
 async fn run_locked(repo: &Writer, policy: &Policy, dry_run: bool, guard: Option<&lock::LockGuard>) -> Result<Report> {
     let now = Utc::now();
-    let grace = policy.retention.prune_grace.map(|d| d.0).unwrap_or(DEFAULT_GRACE);
+    let grace = policy.retention.grace();
     let all = repo.sidecars().await?;
     let mine: Vec<Sidecar> = all.iter().filter(|s| s.policy == policy.name).cloned().collect();
     let (kept, forgotten) = super::retention::select(&mine, &policy.retention, now);
@@ -116,7 +114,7 @@ async fn run_locked(repo: &Writer, policy: &Policy, dry_run: bool, guard: Option
         }
         if !dry_run {
             if let Some(g) = guard {
-                g.check()?;
+                g.check().await?;
             }
             repo.delete_garbage(k).await?;
         }

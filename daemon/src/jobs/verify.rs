@@ -6,6 +6,7 @@ use crate::crypto::Identity;
 use crate::error::Result;
 use crate::pipeline::restore::{self as fetcher, NullSink, Want};
 use crate::repository::format::*;
+use crate::repository::lock::LockKind;
 use crate::repository::{keys, Repository};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -31,7 +32,24 @@ impl Report {
     }
 }
 
-pub async fn run(repo: &Repository, identity: Option<Identity>, read_data: bool, sample_pct: f64) -> Result<Report> {
+/// Verify under a shared lease: a concurrent prune waits instead of pulling objects away
+/// (which verify would report as damage).
+pub async fn run(
+    repo: &Repository,
+    identity: Option<Identity>,
+    read_data: bool,
+    sample_pct: f64,
+    lock_wait: std::time::Duration,
+) -> Result<Report> {
+    let guard = repo.lock(LockKind::Shared, &format!("verify {}", repo.policy()), lock_wait).await?;
+    let r = run_leased(repo, identity, read_data, sample_pct).await;
+    if let Err(e) = guard.release().await {
+        tracing::warn!(error = %e, "could not remove the lock object; it will expire");
+    }
+    r
+}
+
+async fn run_leased(repo: &Repository, identity: Option<Identity>, read_data: bool, sample_pct: f64) -> Result<Report> {
     let mut rep = Report::default();
     let all = repo.sidecars().await?;
     let mine: Vec<&Sidecar> = all.iter().filter(|s| s.policy == repo.policy()).collect();

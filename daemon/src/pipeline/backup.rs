@@ -25,6 +25,9 @@ pub struct EngineConfig {
     /// Cut fixed-size chunks instead of content-defined ones (page-structured files such as
     /// PostgreSQL relations never shift, so CDC's cost buys nothing there).
     pub fixed_chunks: Option<u32>,
+    /// Fail on a file that cannot be read (PostgreSQL: a copy missing one is no backup);
+    /// only a file that vanished is skipped. Otherwise unreadable files are warnings.
+    pub strict_reads: bool,
 }
 
 /// Cuts a reader into chunks: content-defined (FastCDC) or fixed-size.
@@ -191,7 +194,7 @@ pub fn run(
             s.spawn(move || pack_and_upload(rt, writer, cfg, sealed_rx, progress, failed, fail))
         };
 
-        let results = read_all(jobs, &key, known, cfg.chunker, cfg.fixed_chunks, &work_tx, &progress, &failed, &fail);
+        let results = read_all(jobs, &key, known, &cfg, &work_tx, &progress, &failed, &fail);
         drop(work_tx);
         for h in worker_handles {
             let _ = h.join();
@@ -212,8 +215,7 @@ fn read_all(
     jobs: Vec<ReadJob>,
     key: &[u8; 32],
     mut known: HashSet<ChunkId>,
-    chunker: ChunkerParams,
-    fixed: Option<u32>,
+    cfg: &EngineConfig,
     tx: &crossbeam_channel::Sender<Work>,
     progress: &Progress,
     failed: &AtomicBool,
@@ -228,6 +230,12 @@ fn read_all(
         let (reader, path): (Box<dyn Read + Send>, Option<PathBuf>) = match job.input {
             Input::Path(p) => match std::fs::File::open(&p) {
                 Ok(f) => (Box::new(f), Some(p)),
+                Err(e) if cfg.strict_reads && e.kind() != std::io::ErrorKind::NotFound => {
+                    fail(Error::io("read", &p, e).with_hint(
+                        "a physical backup needs every file of the data directory: run it as root or the data directory's owner",
+                    ));
+                    break;
+                }
                 Err(e) => {
                     r.skipped = Some(format!("cannot read {}: {e}", p.display()));
                     results.push(r);
@@ -240,14 +248,14 @@ fn read_all(
         // hash of its chunk) without a second pass over the data.
         let mut hasher = blake3::Hasher::new();
         let mut ok = true;
-        for c in chunks(reader, chunker, fixed) {
+        for c in chunks(reader, cfg.chunker, cfg.fixed_chunks) {
             let c = match c {
                 Ok(c) => c,
                 Err(e) => {
-                    let what = path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "stream".into());
-                    match path {
-                        Some(_) => r.skipped = Some(format!("cannot read {what}: {e}")),
-                        None => fail(Error::failed(format!("cannot read {what}: {e}"))),
+                    match &path {
+                        Some(p) if cfg.strict_reads => fail(Error::io("read", p, e)),
+                        Some(p) => r.skipped = Some(format!("cannot read {}: {e}", p.display())),
+                        None => fail(Error::failed(format!("cannot read stream: {e}"))),
                     }
                     ok = false;
                     break;

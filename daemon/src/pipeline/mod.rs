@@ -5,6 +5,7 @@ pub mod backup;
 pub mod restore;
 pub mod snapshot;
 pub mod tree;
+pub mod walk;
 
 use crate::crypto::{Identity, Sealer};
 use crate::error::{Error, Result};

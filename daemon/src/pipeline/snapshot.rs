@@ -41,6 +41,7 @@ pub fn engine_config(policy: &Policy, kind: SourceKind, repo: &Writer) -> Engine
         multipart_threshold: 32 << 20,
         // Page-structured relation files never shift: fixed chunks, no CDC cost.
         fixed_chunks: (kind == SourceKind::PostgresPhysical).then_some(1 << 20),
+        strict_reads: kind == SourceKind::PostgresPhysical,
     }
 }
 
@@ -53,6 +54,7 @@ pub struct Pending {
     live: HashSet<SnapshotId>,
     started_wall: std::time::SystemTime,
     lock_wait: std::time::Duration,
+    grace: std::time::Duration,
 }
 
 /// The host's view of the repository at the start of a backup.
@@ -125,18 +127,20 @@ pub async fn prepare_tree(
     extra_roots: &[(String, PathBuf)],
 ) -> Result<Pending> {
     let ctx = context(policy, repo, opts).await?;
+    // PostgreSQL's data directory is read strictly: only a file that vanished is tolerated.
+    let strict = kind == SourceKind::PostgresPhysical;
     // Extra roots (PostgreSQL tablespaces) are stored under a prefix of the tree, in place of
     // the entry at that path (the pg_tblspc/<oid> symlink). `sources` says where each entry is read.
     let (walked, sources) = tokio::task::spawn_blocking({
         let root = root.to_path_buf();
         let ex = exclude.to_vec();
         let extra = extra_roots.to_vec();
-        move || -> Result<(crate::source::volume::Walked, Vec<PathBuf>)> {
-            let mut w = crate::source::volume::walk(&root, &ex)?;
+        move || -> Result<(super::walk::Walked, Vec<PathBuf>)> {
+            let mut w = super::walk::walk(&root, &ex, strict)?;
             w.entries.retain(|e| !extra.iter().any(|(prefix, _)| e.display() == *prefix));
             let mut sources: Vec<PathBuf> = w.entries.iter().map(|e| root.join(e.rel_path())).collect();
             for (prefix, xroot) in &extra {
-                let xw = crate::source::volume::walk(xroot, &ex)?;
+                let xw = super::walk::walk(xroot, &ex, strict)?;
                 for mut e in xw.entries {
                     let rel = e.rel_path();
                     sources.push(xroot.join(&rel));
@@ -366,13 +370,27 @@ async fn build(
         live: ctx.live,
         started_wall: ctx.started_wall,
         lock_wait: opts.lock_wait,
+        grace: policy.retention.grace(),
     })
 }
 
 /// Commit last: every pack and index is durable (the engine waited for them); now the
 /// manifest, then the sidecar that makes the snapshot exist.
 pub async fn commit(repo: &Writer, guard: &LockGuard, mut p: Pending) -> Result<Sidecar> {
-    repo.commit(&p.manifest, &mut p.sidecar, || guard.check()).await?;
+    // Prune deletes what it marked once the grace has passed: a backup older than that may
+    // reuse a pack that is gone by now, so it must not commit. (A zero grace, below the floor,
+    // is for tests only: prune then relies on leases alone.)
+    let age = p.started_wall.elapsed().unwrap_or_default();
+    if !p.grace.is_zero() && age >= p.grace {
+        return Err(Error::failed(format!(
+            "backup {} ran for {}, longer than the prune grace of {}: it is not committed",
+            p.sidecar.id,
+            humantime::format_duration(Duration::from_secs(age.as_secs())),
+            humantime::format_duration(p.grace)
+        ))
+        .with_hint("raise [retention] prune-grace above the longest backup, or run it again"));
+    }
+    repo.commit(&p.manifest, &mut p.sidecar, guard).await?;
     // Local state after the commit: losing it costs dedup only.
     let key_id = p.manifest.key_id.clone();
     let saved = tokio::task::block_in_place(|| {

@@ -199,6 +199,24 @@ pub struct Retention {
     pub prune_grace: Option<Dur>,
 }
 
+/// Without `prune-grace`: a day.
+pub const DEFAULT_PRUNE_GRACE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// The shortest grace prune applies, whatever the policy says: a backup (or a host with a
+/// lost lease) that reuses a pack marked a moment ago still finds it for this long, and a
+/// commit older than the grace is refused. `VEZA_DR_MIN_PRUNE_GRACE` lowers it for tests.
+pub const MIN_PRUNE_GRACE: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+impl Retention {
+    /// The grace prune applies: the policy's, never below the floor.
+    pub fn grace(&self) -> std::time::Duration {
+        let floor = std::env::var("VEZA_DR_MIN_PRUNE_GRACE")
+            .ok()
+            .and_then(|s| humantime::parse_duration(&s).ok())
+            .unwrap_or(MIN_PRUNE_GRACE);
+        self.prune_grace.map(|d| d.0).unwrap_or(DEFAULT_PRUNE_GRACE).max(floor)
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Objectives {

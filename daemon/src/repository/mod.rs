@@ -10,6 +10,7 @@
 //!
 //! The store is private to this module and every object key is built in [`keys`].
 
+pub mod durable;
 pub mod format;
 pub mod keys;
 pub mod lock;
@@ -335,7 +336,7 @@ impl Writer {
     /// Store a pack given as its blobs (multipart above `multipart_threshold`), then its index.
     pub async fn put_pack(&self, id: &PackId, parts: Vec<Bytes>, size: u64, multipart_threshold: u64) -> Result<()> {
         let key = keys::pack(id);
-        if size > multipart_threshold {
+        if size > multipart_threshold && self.store.multipart() {
             self.store.put_multipart(&key, parts, 8 << 20).await
         } else {
             self.store.put_parts(&key, parts).await
@@ -347,18 +348,13 @@ impl Writer {
         self.store.put(&keys::index(id), sealed).await
     }
 
-    /// Commit a snapshot: the manifest first, then the sidecar that makes it exist. `check`
-    /// runs before each write (the lease must still be held).
-    pub async fn commit(
-        &self,
-        manifest: &Manifest,
-        sidecar: &mut Sidecar,
-        check: impl Fn() -> Result<()>,
-    ) -> Result<()> {
-        check()?;
+    /// Commit a snapshot: the manifest first, then the sidecar that makes it exist. The lease
+    /// is checked in the store before each write.
+    pub async fn commit(&self, manifest: &Manifest, sidecar: &mut Sidecar, lease: &lock::LockGuard) -> Result<()> {
+        lease.check().await?;
         sidecar.manifest_size = self.put_sealed_json(&keys::manifest(&sidecar.id), manifest).await?;
         sidecar.finished = chrono::Utc::now();
-        check()?;
+        lease.check().await?;
         let body = serde_json::to_vec_pretty(&*sidecar).expect("serialisable");
         self.store.put(&keys::sidecar(&sidecar.id), Bytes::from(body)).await
     }

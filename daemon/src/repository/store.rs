@@ -35,7 +35,7 @@ impl Store {
                     return Err(super::no_repository(&cfg.url));
                 }
                 Arc::new(
-                    object_store::local::LocalFileSystem::new_with_prefix(&path)
+                    super::durable::DurableLocal::new(&path)
                         .map_err(|e| Error::storage(format!("cannot open repository {}: {e}", cfg.url)))?,
                 )
             }
@@ -99,6 +99,12 @@ impl Store {
     /// Wrap any object store (tests use this to inject faults).
     pub fn from_object_store(inner: Arc<dyn ObjectStore>, url: &str) -> Store {
         Store { inner, url: url.to_string() }
+    }
+
+    /// Whether large objects go up as multipart uploads (not on file://, where a put is one
+    /// durable write).
+    pub fn multipart(&self) -> bool {
+        !self.url.starts_with("file:")
     }
 
     pub fn raw(&self) -> &Arc<dyn ObjectStore> {
@@ -197,6 +203,13 @@ impl Store {
         let p = ObjPath::from(prefix);
         let items: Vec<_> = self.inner.list(Some(&p)).try_collect().await.map_err(|e| self.err("list", prefix, e))?;
         Ok(items.into_iter().map(|m| (m.location.to_string(), m.size)).collect())
+    }
+
+    /// Every object under `prefix` with its size and the store's modification time.
+    pub async fn list_meta(&self, prefix: &str) -> Result<Vec<(String, u64, chrono::DateTime<chrono::Utc>)>> {
+        let p = ObjPath::from(prefix);
+        let items: Vec<_> = self.inner.list(Some(&p)).try_collect().await.map_err(|e| self.err("list", prefix, e))?;
+        Ok(items.into_iter().map(|m| (m.location.to_string(), m.size, m.last_modified)).collect())
     }
 
     /// The "folders" right under `prefix` (a delimited listing), as keys ending in `/`.

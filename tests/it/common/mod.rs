@@ -273,6 +273,8 @@ impl Fixture {
         let env = vec![
             ("VEZA_TEST_S3_KEY".into(), backend.key_id.clone()),
             ("VEZA_TEST_S3_SECRET".into(), backend.secret.clone()),
+            // Tests prune with `prune-grace = "0s"` to see phase two at once.
+            ("VEZA_DR_MIN_PRUNE_GRACE".into(), "0s".into()),
         ];
         Fixture { dir, identity, recipient, env }
     }

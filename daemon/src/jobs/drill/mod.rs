@@ -18,6 +18,7 @@ use crate::crypto::{Identity, Sealer};
 use crate::error::{Error, Result};
 use crate::policy::Policy;
 use crate::repository::format::Sidecar;
+use crate::repository::lock::LockKind;
 use crate::repository::{Repository, Unlocked};
 use chrono::{DateTime, Utc};
 pub use report::{history, verify_report, Choice, Report, Verdict};
@@ -35,14 +36,26 @@ pub struct Options {
     pub snapshot: Option<String>,
     /// Runbook-step plugins, for `[verify] rehearse`.
     pub plugins_dir: PathBuf,
+    /// How long to wait for the repository's lease (a prune holding it).
+    pub lock_wait: std::time::Duration,
 }
 
 /// Drill a policy: the chosen (or newest) snapshot, and with `random-older` also a random
 /// older one. Each drill gives its own signed report; a failing drill still returns one.
 pub async fn run_all(policy: &Policy, o: &Options) -> Result<Vec<Report>> {
     let repo = Repository::open(policy).await?;
+    // A shared lease for the whole drill: prune waits, so the snapshot cannot go mid-restore.
+    let guard = repo.lock(LockKind::Shared, &format!("drill {}", policy.name), o.lock_wait).await?;
+    let r = run_leased(&repo, policy, o).await;
+    if let Err(e) = guard.release().await {
+        tracing::warn!(error = %e, "could not remove the lock object; it will expire");
+    }
+    r
+}
+
+async fn run_leased(repo: &Repository, policy: &Policy, o: &Options) -> Result<Vec<Report>> {
     let choice = if o.snapshot.is_some() { Choice::Named } else { Choice::Newest };
-    let first = run(&repo, policy, o, o.snapshot.clone(), choice).await?;
+    let first = run(repo, policy, o, o.snapshot.clone(), choice).await?;
     let newest = first.snapshot.clone();
     let mut out = vec![first];
     if policy.verify.random_older && o.snapshot.is_none() {
@@ -56,7 +69,7 @@ pub async fn run_all(policy: &Policy, o: &Options) -> Result<Vec<Report>> {
         // The generator is not Send: pick before the next await.
         let pick = { rand::seq::IndexedRandom::choose(&older[..], &mut rand::rng()).cloned() };
         if let Some(id) = pick {
-            out.push(run(&repo, policy, o, Some(id), Choice::RandomOlder).await?);
+            out.push(run(repo, policy, o, Some(id), Choice::RandomOlder).await?);
         }
     }
     Ok(out)

@@ -185,10 +185,33 @@ pub fn conninfo(dsn: &str, dbname: Option<&str>) -> Result<ConnInfo> {
 }
 
 /// A child's stdout that reports the child's failure (with its stderr) at end of stream.
+/// Stderr is drained by a thread of its own from the start: a child that writes more than a
+/// pipe buffer of warnings would otherwise block on stderr while we wait on stdout.
 struct ChildOutput {
     what: String,
     child: Child,
+    stderr: Option<std::thread::JoinHandle<String>>,
     done: bool,
+}
+
+/// Keep the last 64 KiB of a stream (what an error message can use), reading all of it.
+fn drain_tail(mut r: impl Read) -> String {
+    const KEEP: usize = 64 << 10;
+    let mut tail: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                tail.extend_from_slice(&buf[..n]);
+                if tail.len() > 2 * KEEP {
+                    tail.drain(..tail.len() - KEEP);
+                }
+            }
+        }
+    }
+    let start = tail.len().saturating_sub(KEEP);
+    String::from_utf8_lossy(&tail[start..]).into_owned()
 }
 
 impl Read for ChildOutput {
@@ -196,17 +219,20 @@ impl Read for ChildOutput {
         let n = self.child.stdout.as_mut().map(|o| o.read(buf)).transpose()?.unwrap_or(0);
         if n == 0 && !self.done {
             self.done = true;
-            let mut err = String::new();
-            if let Some(mut e) = self.child.stderr.take() {
-                let _ = e.read_to_string(&mut err);
-            }
+            let err = self.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();
             let st = self.child.wait()?;
             if !st.success() {
-                return Err(std::io::Error::other(format!(
-                    "{} failed ({st}): {}",
-                    self.what,
-                    err.trim().replace('\n', " ")
-                )));
+                let last: String = err
+                    .trim()
+                    .lines()
+                    .rev()
+                    .take(3)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                return Err(std::io::Error::other(format!("{} failed ({st}): {last}", self.what)));
             }
         }
         Ok(n)
@@ -224,13 +250,14 @@ impl Read for Lazy {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         if self.out.is_none() {
             let mut cmd = self.cmd.take().expect("started once");
-            let child = cmd
+            let mut child = cmd
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .stdin(Stdio::null())
                 .spawn()
                 .map_err(|e| std::io::Error::other(format!("cannot start {}: {e}", self.what)))?;
-            self.out = Some(ChildOutput { what: self.what.clone(), child, done: false });
+            let stderr = child.stderr.take().map(|e| std::thread::spawn(move || drain_tail(e)));
+            self.out = Some(ChildOutput { what: self.what.clone(), child, stderr, done: false });
         }
         self.out.as_mut().expect("started").read(buf)
     }
