@@ -297,8 +297,8 @@ fn file_repositories_sync_data_and_directories_before_acknowledging() {
     let dir = repo.join("wal/7446051981417284374/00000001/000000010000000000000007");
     let lines: Vec<&str> = t.lines().collect();
     let pos = |pred: &dyn Fn(&str) -> bool| lines.iter().position(|l| pred(l));
-    let synced_data =
-        pos(&|l| l.contains("fsync(") && l.contains(&format!("{}/.", dir.display())) && l.contains(".part>"));
+    let staged = format!("{}/.tmp/", repo.display());
+    let synced_data = pos(&|l| l.contains("fsync(") && l.contains(&staged) && l.contains(".part>"));
     let renamed = pos(&|l| l.contains("rename") && l.contains(&dir.display().to_string()));
     let synced_dir = pos(&|l| l.contains("fsync(") && l.contains(&format!("<{}>", dir.display())));
     let synced_root = pos(&|l| l.contains("fsync(") && l.contains(&format!("<{}>", repo.display())));
@@ -492,4 +492,66 @@ fn a_backup_older_than_the_prune_grace_does_not_commit() {
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("longer than the prune grace of 1s: it is not committed"), "{}", stderr(&o));
     assert!(fx.json(&["snapshots", "vol"]).as_array().unwrap().is_empty());
+}
+
+/// verify looks at WAL: each physical snapshot's own range, and the archive's continuity from
+/// the oldest retained backup (found / missing / still uploading), with the daemon's metric.
+#[test]
+fn verify_finds_wal_gaps_and_the_daemon_exports_them() {
+    let (backend, mut fx, pg) = archiving_cluster(Kind::Moto);
+    fx.pg_policy("db", &backend, "db", "physical", &pg.data, "");
+    let dsn = pg.dsn();
+    psql(&dsn, "CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) g");
+    let snap = fx.json(&["backup", "db"]);
+    for _ in 0..3 {
+        psql(&dsn, "INSERT INTO t SELECT g FROM generate_series(1, 1000) g");
+        psql(&dsn, "SELECT pg_switch_wal()");
+    }
+    switch_and_wait_archived(&dsn);
+    let v = fx.json(&["verify", "db"]);
+    assert!(v["damage"].as_array().unwrap().is_empty(), "{v}");
+    let wal = &v["wal"][0];
+    assert!(wal["found"].as_u64().unwrap() >= 4 && wal["gaps"].as_array().unwrap().is_empty(), "{v}");
+    assert_eq!(wal["from"], snap["postgres"]["start-wal"]);
+
+    // Delete a segment after the backup: a gap (still uploading while the rest is fresh).
+    let stop = snap["postgres"]["stop-wal"].as_str().unwrap().to_string();
+    let (rt, store, _d) = fx.raw_store(&backend, "db", "db");
+    let keys: Vec<String> = rt.block_on(store.list("wal/")).unwrap().into_iter().map(|(k, _)| k).collect();
+    let seg = |k: &str| k.split('/').nth(3).unwrap_or("").to_string();
+    let after = keys.iter().filter(|k| seg(k).len() == 24 && seg(k) > stop).min_by_key(|k| seg(k)).unwrap().clone();
+    rt.block_on(store.delete(&after)).unwrap();
+    let v = fx.json(&["verify", "db"]);
+    assert_eq!(v["wal"][0]["gaps"][0]["status"], "uploading", "{v}");
+    fx.env.push(("VEZA_DR_WAL_UPLOADING".into(), "0s".into()));
+    let o = fx.run(&["verify", "db"]);
+    assert_eq!(o.status.code(), Some(3), "{}", stdout(&o));
+    let out = stdout(&o);
+    assert!(out.contains(&format!("1 segment(s) missing from {} to {}", seg(&after), seg(&after))), "{out}");
+    assert!(out.contains("1 missing, 0 still uploading"), "{out}");
+
+    // The daemon exports the gap.
+    let port = free_port();
+    let mut daemon = fx.cmd(&["daemon", "--listen", &format!("127.0.0.1:{port}")]).spawn().unwrap();
+    let t = std::time::Instant::now();
+    let gap = loop {
+        let (_, m) = http_full(port, "GET", "/metrics");
+        if let Some(v) = m.lines().find_map(|l| l.strip_prefix("veza_dr_wal_gap_segments{policy=\"db\"} ")) {
+            break v.trim().parse::<f64>().unwrap();
+        }
+        assert!(t.elapsed() < std::time::Duration::from_secs(30), "no gap metric: {m}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert_eq!(gap, 1.0);
+
+    // A segment inside the snapshot's own range: that snapshot cannot reach consistency.
+    let start = snap["postgres"]["start-wal"].as_str().unwrap().to_string();
+    let inside = keys.iter().find(|k| seg(k) == start).unwrap();
+    rt.block_on(store.delete(inside)).unwrap();
+    let o = fx.run(&["verify", "db"]);
+    assert_eq!(o.status.code(), Some(3));
+    let id = snap["id"].as_str().unwrap();
+    assert!(stdout(&o).contains(&format!("snapshot {id}: WAL segment(s) {start}")), "{}", stdout(&o));
 }

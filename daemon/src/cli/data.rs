@@ -177,6 +177,17 @@ pub async fn verify(g: &Global, p: &Policy, identity: Option<&Path>, read_data: 
             rep.packs_read,
             rep.chunks_checked
         );
+        for c in &rep.wal {
+            let missing: u64 = c.gaps.iter().filter(|g| g.status == "missing").map(|g| g.segments).sum();
+            let uploading: u64 = c.gaps.iter().filter(|g| g.status == "uploading").map(|g| g.segments).sum();
+            crate::outln!(
+                "WAL of cluster {} from {} to {}: {} found, {missing} missing, {uploading} still uploading",
+                c.cluster,
+                c.from,
+                c.to,
+                c.found
+            );
+        }
         for d in &rep.damage {
             crate::outln!("damage: {d}");
         }

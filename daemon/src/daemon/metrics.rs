@@ -65,6 +65,7 @@ pub struct Metrics {
     pub rpo: PG,
     pub rto: PG,
     pub wal_last_archived: PG,
+    pub wal_gap: PG,
     pub drill_last: PG,
     pub drill_passed: PG,
     pub drill_rto: PG,
@@ -84,6 +85,7 @@ impl Metrics {
             rpo: PG::default(),
             rto: PG::default(),
             wal_last_archived: PG::default(),
+            wal_gap: PG::default(),
             drill_last: PG::default(),
             drill_passed: PG::default(),
             drill_rto: PG::default(),
@@ -114,6 +116,11 @@ impl Metrics {
         );
         registry.register("veza_dr_drill_rto_seconds", "RTO measured by the newest passing drill", m.drill_rto.clone());
         registry.register("veza_dr_drill_rpo_seconds", "RPO measured by the newest drill", m.drill_rpo.clone());
+        registry.register(
+            "veza_dr_wal_gap_segments",
+            "WAL segments missing in the newest gap of the archive (0: continuous from the oldest retained backup)",
+            m.wal_gap.clone(),
+        );
         registry.register(
             "veza_dr_wal_last_archived_timestamp_seconds",
             "Unix time of the newest WAL file in the repository (PostgreSQL physical policies)",

@@ -248,19 +248,8 @@ pub async fn run(o: Options) -> Result<i32> {
                 }
                 let physical = |p: &&Policy| crate::source::of(p).kind() == crate::policy::SourceKind::PostgresPhysical;
                 for p in current.iter().filter(physical) {
-                    let newest = match crate::repository::Repository::open(p).await {
-                        Ok(repo) => repo.newest_wal().await,
-                        Err(e) => Err(e),
-                    };
-                    match newest {
-                        Ok(Some(t)) => {
-                            metrics
-                                .wal_last_archived
-                                .get_or_create(&metrics::PolicyLabels { policy: p.name.clone() })
-                                .set(t.timestamp() as f64);
-                        }
-                        Ok(None) => {}
-                        Err(e) => tracing::warn!(policy = %p.name, "cannot read the WAL archive: {}", e.message),
+                    if let Err(e) = wal_metrics(p, &metrics).await {
+                        tracing::warn!(policy = %p.name, "cannot read the WAL archive: {}", e.message);
                     }
                 }
                 tokio::select! {
@@ -331,6 +320,20 @@ pub async fn run(o: Options) -> Result<i32> {
     let _ = server.await;
     tracing::info!("veza-dr daemon stopped");
     Ok(0)
+}
+
+/// The WAL archive of a physical policy as metrics: when the newest segment was stored, and
+/// the size of the newest gap (segments missing, not merely still uploading).
+async fn wal_metrics(p: &Policy, metrics: &metrics::Metrics) -> Result<()> {
+    let repo = crate::repository::Repository::open(p).await?;
+    let l = metrics::PolicyLabels { policy: p.name.clone() };
+    if let Some(t) = repo.newest_wal().await? {
+        metrics.wal_last_archived.get_or_create(&l).set(t.timestamp() as f64);
+    }
+    let snaps = repo.sidecars().await?;
+    let gap = crate::jobs::walcheck::check(&repo, &snaps, &p.name).await?.iter().map(|c| c.newest_gap()).max();
+    metrics.wal_gap.get_or_create(&l).set(gap.unwrap_or(0) as f64);
+    Ok(())
 }
 
 fn retry_delays() -> Vec<Duration> {

@@ -9,3 +9,4 @@ pub mod restore;
 pub mod retention;
 pub mod verify;
 pub mod wal;
+pub mod walcheck;

@@ -1,6 +1,7 @@
 //! Verify: structure without a key (every object a snapshot needs exists with its recorded
 //! size), manifests and chunk tables with an identity, and with `--read-data` the data itself
 //! (pack hashes without a key; every chunk decrypted and checked against its id with one).
+//! For PostgreSQL physical policies, the WAL archive too (`walcheck`).
 
 use crate::crypto::Identity;
 use crate::error::Result;
@@ -24,6 +25,9 @@ pub struct Report {
     pub garbage: Vec<String>,
     pub garbage_bytes: u64,
     pub notes: Vec<String>,
+    /// PostgreSQL physical: the WAL archive's continuity per cluster (keyless).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub wal: Vec<super::walcheck::Continuity>,
 }
 
 impl Report {
@@ -54,6 +58,10 @@ async fn run_leased(repo: &Repository, identity: Option<Identity>, read_data: bo
     let all = repo.sidecars().await?;
     let mine: Vec<&Sidecar> = all.iter().filter(|s| s.policy == repo.policy()).collect();
     rep.snapshots = mine.len();
+    rep.wal = super::walcheck::check(repo, &all, repo.policy()).await?;
+    for c in &rep.wal {
+        rep.damage.extend(c.damage());
+    }
     let packs: HashMap<String, u64> =
         repo.packs().await?.into_iter().map(|(id, size)| (keys::pack(&id), size)).collect();
     let objects: HashSet<String> = repo.manifests().await?.iter().map(keys::manifest).collect();

@@ -2,10 +2,12 @@
 //! and renames without `fsync`, so `wal-push` could exit 0 for a segment the next power cut
 //! erases, and a sidecar could outlive the packs it names.
 //!
-//! Here a put writes a temporary file, fsyncs it, renames it into place (or links it, for a
-//! create-only put) and fsyncs every directory from the object's up to the repository root
-//! (new directories too); a delete fsyncs the directory it removed from. Only then does the
-//! call return. Reads, listings and copies go to `LocalFileSystem` unchanged.
+//! Here a put writes a temporary file in `.tmp/` at the repository root, fsyncs it, renames it
+//! into place (or links it, for a create-only put) and fsyncs every directory from the
+//! object's up to the repository root (new directories too); a delete fsyncs the directory it
+//! removed from. Only then does the call return. A writer killed mid-put leaves its temporary
+//! file in `.tmp/`, outside every prefix the repository lists; opening the store removes those
+//! older than an hour. Reads, listings and copies go to `LocalFileSystem` unchanged.
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
@@ -29,6 +31,14 @@ impl DurableLocal {
     pub fn new(root: &std::path::Path) -> Result<DurableLocal> {
         let inner = LocalFileSystem::new_with_prefix(root)?;
         let root = std::fs::canonicalize(root).map_err(generic)?;
+        if let Ok(rd) = std::fs::read_dir(root.join(TMP)) {
+            for e in rd.flatten() {
+                let old = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+                if old.is_some_and(|age| age > std::time::Duration::from_secs(3600)) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         Ok(DurableLocal { inner: Arc::new(inner), root: Arc::new(root) })
     }
 }
@@ -38,6 +48,9 @@ impl std::fmt::Display for DurableLocal {
         write!(f, "DurableLocal({})", self.root.display())
     }
 }
+
+/// Where puts stage their data, beside (not inside) every prefix of the repository.
+const TMP: &str = ".tmp";
 
 fn generic(e: std::io::Error) -> object_store::Error {
     object_store::Error::Generic { store: "DurableLocal", source: Box::new(e) }
@@ -66,7 +79,9 @@ impl DurableLocal {
         let dir = dest.parent().map(std::path::Path::to_path_buf).unwrap_or_else(|| self.root.to_path_buf());
         std::fs::create_dir_all(&dir).map_err(generic)?;
         let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let tmp = dir.join(format!(".{name}.{}.{}.part", std::process::id(), rand::random::<u64>()));
+        let staging = self.root.join(TMP);
+        std::fs::create_dir_all(&staging).map_err(generic)?;
+        let tmp = staging.join(format!("{name}.{}.{}.part", std::process::id(), rand::random::<u64>()));
         let written = (|| -> std::io::Result<()> {
             let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
             for chunk in payload.iter() {

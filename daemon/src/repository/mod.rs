@@ -252,6 +252,17 @@ impl Repository {
         Ok(v)
     }
 
+    /// Every archived WAL file with when the store wrote it: (cluster, name, stored at).
+    pub async fn wal_segments(&self) -> Result<Vec<(u64, WalName, chrono::DateTime<chrono::Utc>)>> {
+        Ok(self
+            .store
+            .list_meta(keys::WAL)
+            .await?
+            .into_iter()
+            .filter_map(|(k, _, at)| keys::parse_wal(&k).map(|(c, n, _)| (c, n, at)))
+            .collect())
+    }
+
     /// The clusters (system identifiers) whose WAL the repository holds: one listing.
     pub async fn wal_clusters(&self) -> Result<Vec<u64>> {
         Ok(self.store.list_dirs(keys::WAL).await?.iter().filter_map(|d| keys::parse_wal_cluster(d)).collect())
