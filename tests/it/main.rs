@@ -4,6 +4,7 @@
 #[allow(dead_code)]
 mod common;
 
+mod campaign;
 mod daemon;
 mod deploy;
 mod drill;

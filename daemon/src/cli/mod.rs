@@ -257,7 +257,9 @@ pub enum PolicyCmd {
 fn init_logging(cli: &Cli) {
     let g = &cli.global;
     // The daemon logs what it does; one-shot commands only warnings and errors.
-    let default = if matches!(cli.command, Command::Daemon { .. }) { "info" } else { "warn" };
+    // object_store says at info what it retries (status, attempt, backoff): keep that visible.
+    let default =
+        if matches!(cli.command, Command::Daemon { .. }) { "info" } else { "warn,object_store::client::retry=info" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("VEZA_DR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());

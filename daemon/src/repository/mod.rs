@@ -142,13 +142,19 @@ impl Repository {
         let store = &self.store;
         let mut out: Vec<Sidecar> = futures::stream::iter(keys)
             .map(|k| async move {
-                let b = store.get(&k).await?;
-                let s = serde_json::from_slice::<Sidecar>(&b)
-                    .map_err(|e| Error::damaged(format!("snapshot sidecar {k} is corrupted: {e}")))?;
-                if keys::sidecar(&s.id) != k {
-                    return Err(Error::damaged(format!("snapshot sidecar {k} names another snapshot ({})", s.id)));
-                }
-                Ok(s)
+                store
+                    .get_checked(&k, |b| {
+                        let s = serde_json::from_slice::<Sidecar>(&b)
+                            .map_err(|e| Error::damaged(format!("snapshot sidecar {k} is corrupted: {e}")))?;
+                        if keys::sidecar(&s.id) != k {
+                            return Err(Error::damaged(format!(
+                                "snapshot sidecar {k} names another snapshot ({})",
+                                s.id
+                            )));
+                        }
+                        Ok(s)
+                    })
+                    .await
             })
             .buffer_unordered(16)
             .collect::<Vec<_>>()
@@ -215,9 +221,19 @@ impl Repository {
         self.store.get_range(&keys::pack(id), range).await
     }
 
-    /// A whole pack.
+    /// A whole pack, checked against its id (the hash of its bytes); a mismatch is read again
+    /// before it stands as damage.
     pub async fn pack(&self, id: &PackId) -> Result<Bytes> {
-        self.store.get(&keys::pack(id)).await
+        let key = keys::pack(id);
+        self.store
+            .get_checked(&key, |b| {
+                if blake3::hash(&b).as_bytes() == id {
+                    Ok(b)
+                } else {
+                    Err(Error::damaged(format!("pack {key} does not match its id (corrupted)")))
+                }
+            })
+            .await
     }
 
     pub async fn marks(&self) -> Result<Marks> {
@@ -239,9 +255,15 @@ impl Repository {
             .collect())
     }
 
-    /// One sealed WAL object.
-    pub async fn wal_object(&self, cluster: u64, name: &WalName, fingerprint: &str) -> Result<Bytes> {
-        self.store.get(&keys::wal_object(cluster, name, fingerprint)).await
+    /// One sealed WAL object, checked by `open` (read again when the check fails).
+    pub async fn wal_object<T>(
+        &self,
+        cluster: u64,
+        name: &WalName,
+        fingerprint: &str,
+        open: impl Fn(Bytes) -> Result<T>,
+    ) -> Result<T> {
+        self.store.get_checked(&keys::wal_object(cluster, name, fingerprint), open).await
     }
 
     /// Every archived WAL file of every cluster, sorted; keys that are not WAL objects are left out.
@@ -422,11 +444,15 @@ impl Unlocked {
     }
 
     async fn get_sealed_json<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<T> {
-        let b = self.store.get(key).await.map_err(|e| missing_is_damage(e, key))?;
-        let z = self.identity.open(&b, &format_args!("object {key}"))?;
-        let json =
-            zstd::stream::decode_all(&z[..]).map_err(|e| Error::damaged(format!("object {key} is corrupted: {e}")))?;
-        serde_json::from_slice(&json).map_err(|e| Error::damaged(format!("object {key} is corrupted: {e}")))
+        self.store
+            .get_checked(key, |b| {
+                let z = self.identity.open(&b, &format_args!("object {key}"))?;
+                let json = zstd::stream::decode_all(&z[..])
+                    .map_err(|e| Error::damaged(format!("object {key} is corrupted: {e}")))?;
+                serde_json::from_slice(&json).map_err(|e| Error::damaged(format!("object {key} is corrupted: {e}")))
+            })
+            .await
+            .map_err(|e| missing_is_damage(e, key))
     }
 
     /// A snapshot's manifest; one that names another snapshot is damage.

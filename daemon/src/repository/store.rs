@@ -112,32 +112,68 @@ impl Store {
     }
 
     pub async fn get(&self, key: &str) -> Result<Bytes> {
-        let r = self.inner.get(&ObjPath::from(key)).await.map_err(|e| self.err("read", key, e))?;
-        r.bytes().await.map_err(|e| self.err("read", key, e))
+        self.get_checked(key, Ok).await
+    }
+
+    /// Read `key` and check it with `parse`. A read that fails (a reset mid-body, a 5xx after
+    /// object_store's own retries) or whose content fails the check (a short body is caught
+    /// only by the content's own checks) is read again, a few times with backoff and jitter,
+    /// before its error stands: transient faults never look like damage.
+    pub async fn get_checked<T>(&self, key: &str, parse: impl Fn(Bytes) -> Result<T>) -> Result<T> {
+        let mut attempt = 1;
+        loop {
+            let r = async {
+                let r = self.inner.get(&ObjPath::from(key)).await.map_err(|e| self.err("read", key, e))?;
+                r.bytes().await.map_err(|e| self.err("read", key, e))
+            }
+            .await
+            .and_then(&parse);
+            match r {
+                Err(e) if retryable(&e) && attempt < READ_ATTEMPTS => {
+                    backoff(attempt, &self.url, key, &e).await;
+                    attempt += 1;
+                }
+                r => return r,
+            }
+        }
     }
 
     /// `None` when the object does not exist.
     pub async fn get_opt(&self, key: &str) -> Result<Option<Bytes>> {
-        match self.inner.get(&ObjPath::from(key)).await {
-            Ok(r) => Ok(Some(r.bytes().await.map_err(|e| self.err("read", key, e))?)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(self.err("read", key, e)),
+        match self.get(key).await {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind == Kind::NotFound => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
+    /// Bytes `range` of `key`; a short read is retried, then damage.
     pub async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> Result<Bytes> {
         let want = range.end - range.start;
-        let b = self.inner.get_range(&ObjPath::from(key), range.clone()).await.map_err(|e| self.err("read", key, e))?;
-        if b.len() as u64 != want {
-            return Err(Error::damaged(format!(
-                "object {key} is truncated: wanted bytes {}..{}, got {}",
-                range.start,
-                range.end,
-                b.len()
-            ))
-            .with_hint("run `veza-dr verify` to list the damage; earlier snapshots may still restore"));
+        let mut attempt = 1;
+        loop {
+            let r =
+                self.inner.get_range(&ObjPath::from(key), range.clone()).await.map_err(|e| self.err("read", key, e));
+            let r = r.and_then(|b| {
+                if b.len() as u64 == want {
+                    return Ok(b);
+                }
+                Err(Error::damaged(format!(
+                    "object {key} is truncated: wanted bytes {}..{}, got {}",
+                    range.start,
+                    range.end,
+                    b.len()
+                ))
+                .with_hint("run `veza-dr verify` to list the damage; earlier snapshots may still restore"))
+            });
+            match r {
+                Err(e) if retryable(&e) && attempt < READ_ATTEMPTS => {
+                    backoff(attempt, &self.url, key, &e).await;
+                    attempt += 1;
+                }
+                r => return r,
+            }
         }
-        Ok(b)
     }
 
     pub async fn head_size(&self, key: &str) -> Result<Option<u64>> {
@@ -229,6 +265,28 @@ impl Store {
     fn err(&self, op: &str, key: &str, e: object_store::Error) -> Error {
         storage_error(&self.url, op, key, e)
     }
+}
+
+/// Reads are tried this often before their error stands.
+const READ_ATTEMPTS: u32 = 4;
+
+/// Storage failures and content that failed its check may pass on another try; a missing
+/// object or a refused credential will not.
+fn retryable(e: &Error) -> bool {
+    matches!(e.kind, Kind::Storage | Kind::Damaged)
+}
+
+/// Wait before attempt `attempt + 1`: 250 ms doubling, with ±50 % jitter, and say so.
+async fn backoff(attempt: u32, url: &str, key: &str, e: &Error) {
+    let base = 250u64 << (attempt - 1).min(4);
+    let wait = Duration::from_millis(base / 2 + rand::random::<u64>() % base);
+    tracing::warn!(
+        "retrying read of {key} in {url} in {} ms (attempt {} of {READ_ATTEMPTS}) after: {}",
+        wait.as_millis(),
+        attempt + 1,
+        e.message
+    );
+    tokio::time::sleep(wait).await;
 }
 
 /// A store failure as one line, classified by the error's variant and causes (never its text).

@@ -2,6 +2,7 @@
 //! policies and run the real `veza-dr` binary, and tree generation and comparison.
 
 pub mod pg;
+pub mod proxy;
 pub mod tree;
 
 use std::net::TcpStream;

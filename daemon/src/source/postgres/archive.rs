@@ -155,23 +155,23 @@ pub async fn resolve_cluster(repo: &Repository, named: Option<u64>) -> Result<Op
 /// repository does not have it. A segment whose header names another cluster is damage.
 pub async fn fetch_bytes(repo: &Unlocked, cluster: u64, name: &WalName) -> Result<Option<(String, Vec<u8>)>> {
     let Some(fp) = repo.wal_fingerprints(cluster, name).await?.into_iter().next() else { return Ok(None) };
-    let sealed = repo.wal_object(cluster, name, &fp).await?;
-    let repo = repo.clone();
     let what = format!("WAL object {}", crate::repository::keys::wal_object(cluster, name, &fp));
     let segment = matches!(name.kind(), WalKind::Segment | WalKind::Partial);
-    tokio::task::spawn_blocking(move || -> Result<Option<(String, Vec<u8>)>> {
-        let z = repo.identity().open(&sealed, &what)?;
-        let data = zstd::stream::decode_all(&z[..]).map_err(|e| Error::damaged(format!("{what} is corrupted: {e}")))?;
-        if fingerprint(&data) != fp {
-            return Err(Error::damaged(format!("{what} does not match its fingerprint")));
-        }
-        if segment && segment_cluster(&data) != Some(cluster) {
-            return Err(Error::damaged(format!("{what} is a segment of another cluster")));
-        }
-        Ok(Some((fp, data)))
-    })
-    .await
-    .map_err(|e| Error::failed(format!("WAL decode failed: {e}")))?
+    let data = repo
+        .wal_object(cluster, name, &fp, |sealed| {
+            let z = repo.identity().open(&sealed, &what)?;
+            let data =
+                zstd::stream::decode_all(&z[..]).map_err(|e| Error::damaged(format!("{what} is corrupted: {e}")))?;
+            if fingerprint(&data) != fp {
+                return Err(Error::damaged(format!("{what} does not match its fingerprint")));
+            }
+            if segment && segment_cluster(&data) != Some(cluster) {
+                return Err(Error::damaged(format!("{what} is a segment of another cluster")));
+            }
+            Ok(data)
+        })
+        .await?;
+    Ok(Some((fp, data)))
 }
 
 /// Fetch one WAL file of `cluster` into `dest`. `Ok(false)` when the repository does not have it.
