@@ -6,6 +6,7 @@ pub mod cli;
 pub mod crypto;
 pub mod daemon;
 pub mod error;
+pub mod fuzz;
 pub mod jobs;
 pub mod pipeline;
 pub mod policy;

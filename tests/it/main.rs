@@ -14,5 +14,6 @@ mod policies;
 mod postgres;
 mod runbook;
 mod safety;
+mod security;
 mod shape;
 mod volume;

@@ -3,6 +3,7 @@
 
 pub mod backup;
 pub mod restore;
+pub mod safe_dir;
 pub mod snapshot;
 pub mod tree;
 pub mod walk;

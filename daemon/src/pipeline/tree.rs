@@ -4,6 +4,7 @@
 //! logical dumps into a scratch directory.
 
 use super::restore::{self as fetcher, Damage, FileSink, Want};
+use super::safe_dir::SafeDir;
 use crate::error::{Error, Result};
 use crate::repository::format::*;
 use crate::repository::Unlocked;
@@ -131,7 +132,9 @@ pub async fn restore(repo: &Unlocked, opts: &Options) -> Result<Summary> {
                 .with_hint("restore into an empty or new directory, or pass --overwrite"));
         }
     }
-    std::fs::create_dir_all(target).map_err(|e| Error::io("create restore target", target, e))?;
+    create_private(target)?;
+    let dir = Arc::new(SafeDir::open(target)?);
+    check_tree(&manifest)?;
 
     let entries = detach_hardlinks(&manifest.entries, &opts.includes);
     let selected: Vec<(usize, &Entry)> =
@@ -139,16 +142,16 @@ pub async fn restore(repo: &Unlocked, opts: &Options) -> Result<Summary> {
     if !opts.includes.is_empty() && selected.iter().all(|(_, e)| e.rel_path() == Path::new(".")) {
         return Err(Error::not_found(format!("no path in snapshot {} matches --include", snap.id)));
     }
-    let paths = prepare(target, &selected)?;
+    let paths = prepare(&dir, &selected, opts.overwrite)?;
     let files: Vec<&Entry> = selected.iter().filter(|(_, e)| e.kind == EntryKind::File).map(|(_, e)| *e).collect();
     let wants = plan(&manifest, &files)?;
     let total: u64 = files.iter().map(|e| e.size).sum();
     opts.bytes_total.store(total, std::sync::atomic::Ordering::Relaxed);
-    let sink = Arc::new(FileSink::new(paths));
+    let sink = Arc::new(FileSink::new(dir.clone(), paths));
     let damage = fetcher::fetch(repo, key, wants, sink, 4, opts.bytes_done.clone()).await?;
 
     let mut warnings = Vec::new();
-    finish(target, &selected, &mut warnings)?;
+    finish(&dir, &selected, opts.overwrite, &mut warnings)?;
     if !damage.is_empty() {
         return Err(damage_error(snap.id.as_str(), &damage, &|f| files[f].display()));
     }
@@ -178,34 +181,73 @@ pub fn included(rel: &Path, includes: &[PathBuf]) -> bool {
     includes.is_empty() || rel == Path::new(".") || includes.iter().any(|i| rel.starts_with(i) || i.starts_with(rel))
 }
 
+/// The target directory, created 0700 when it is new: restored data is private until the
+/// recorded modes are applied at the end.
+fn create_private(target: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if target.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io("create restore target", parent, e))?;
+    }
+    std::fs::DirBuilder::new().mode(0o700).create(target).map_err(|e| Error::io("create restore target", target, e))
+}
+
+/// A manifest's tree must be a tree: safe relative paths, each once, each below a directory
+/// of the snapshot, hard links naming a file restored before them. Anything else is a crafted
+/// or damaged manifest and nothing is restored.
+pub fn check_tree(m: &Manifest) -> Result<()> {
+    let mut kinds: HashMap<PathBuf, EntryKind> = HashMap::with_capacity(m.entries.len());
+    let bad = |what: String| {
+        Error::damaged(format!("the manifest of snapshot {} {what}: nothing was restored", m.snapshot))
+            .with_hint("the repository was written by someone else or is damaged: run `veza-dr verify`")
+    };
+    for e in &m.entries {
+        let rel = e.rel_path();
+        safe_rel(&rel)?;
+        let norm: PathBuf = rel.components().filter(|c| !matches!(c, Component::CurDir)).collect();
+        if !norm.as_os_str().is_empty() {
+            let parent = norm.parent().map(Path::to_path_buf).unwrap_or_default();
+            if !parent.as_os_str().is_empty() && kinds.get(&parent) != Some(&EntryKind::Dir) {
+                return Err(bad(format!(
+                    "puts {} below {}, which is not one of its directories",
+                    rel.display(),
+                    parent.display()
+                )));
+            }
+        }
+        if e.kind == EntryKind::Hardlink {
+            let first = PathBuf::from(decode_os(e.target.as_deref().unwrap_or("")));
+            let ok = safe_rel(&first).is_ok() && kinds.get(&first) == Some(&EntryKind::File);
+            if !ok {
+                return Err(bad(format!(
+                    "links {} to {}, which is not a file before it",
+                    rel.display(),
+                    first.display()
+                )));
+            }
+        }
+        if kinds.insert(norm, e.kind).is_some() {
+            return Err(bad(format!("lists {} twice", rel.display())));
+        }
+    }
+    Ok(())
+}
+
 /// Create the skeleton: directories, empty files of the right length, symlinks.
-/// Returns the file paths in entry order (for chunk targets) and the entry index of each.
-pub fn prepare(target: &Path, entries: &[(usize, &Entry)]) -> Result<Vec<PathBuf>> {
+/// Returns the file paths (relative to the target) in entry order, for chunk targets.
+pub fn prepare(dir: &SafeDir, entries: &[(usize, &Entry)], overwrite: bool) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for (_, e) in entries {
         let rel = e.rel_path();
-        let p = target.join(safe_rel(&rel)?);
         match e.kind {
-            EntryKind::Dir => std::fs::create_dir_all(&p).map_err(|err| Error::io("create directory", &p, err))?,
+            EntryKind::Dir => dir.mkdir(&rel, overwrite)?,
             EntryKind::File => {
-                // Parents come first in the manifest; create them only if they are missing.
-                let f = match std::fs::File::create(&p) {
-                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                        let parent = p.parent().unwrap_or(target);
-                        std::fs::create_dir_all(parent).map_err(|err| Error::io("create directory", parent, err))?;
-                        std::fs::File::create(&p)
-                    }
-                    r => r,
-                }
-                .map_err(|err| Error::io("create", &p, err))?;
-                f.set_len(e.size).map_err(|err| Error::io("allocate", &p, err))?;
-                files.push(p);
+                dir.create_file(&rel, e.size, overwrite)?;
+                files.push(rel);
             }
-            EntryKind::Symlink => {
-                let t = decode_os(e.target.as_deref().unwrap_or(""));
-                let _ = std::fs::remove_file(&p);
-                std::os::unix::fs::symlink(&t, &p).map_err(|err| Error::io("create symlink", &p, err))?;
-            }
+            EntryKind::Symlink => dir.symlink(&rel, &decode_os(e.target.as_deref().unwrap_or("")), overwrite)?,
             EntryKind::Hardlink => {}
         }
     }
@@ -214,37 +256,29 @@ pub fn prepare(target: &Path, entries: &[(usize, &Entry)]) -> Result<Vec<PathBuf
 
 /// After the data: hard links, then owners, modes and times (directories last, deepest first,
 /// so that writing into them does not move their mtime again).
-pub fn finish(target: &Path, entries: &[(usize, &Entry)], warnings: &mut Vec<String>) -> Result<()> {
+pub fn finish(dir: &SafeDir, entries: &[(usize, &Entry)], overwrite: bool, warnings: &mut Vec<String>) -> Result<()> {
     let root = nix::unistd::geteuid().is_root();
     for (_, e) in entries.iter().filter(|(_, e)| e.kind == EntryKind::Hardlink) {
-        let p = target.join(safe_rel(&e.rel_path())?);
-        let first = target.join(decode_os(e.target.as_deref().unwrap_or("")));
-        let _ = std::fs::remove_file(&p);
-        if let Err(err) = std::fs::hard_link(&first, &p) {
-            warnings.push(format!("cannot restore hard link {}: {err}", e.display()));
+        let first = PathBuf::from(decode_os(e.target.as_deref().unwrap_or("")));
+        if let Err(err) = dir.hardlink(&e.rel_path(), &first, overwrite) {
+            warnings.push(format!("cannot restore hard link {}: {}", e.display(), err.message));
         }
     }
     let mut owner_warned = false;
     let mut apply = |e: &Entry| -> Result<()> {
-        let p = target.join(safe_rel(&e.rel_path())?);
-        if let Err(err) = std::os::unix::fs::lchown(&p, Some(e.uid), Some(e.gid)) {
-            if root {
-                return Err(Error::io("set owner of", &p, err));
-            }
-            if !owner_warned {
-                warnings.push("not running as root: file owners were not restored".into());
-                owner_warned = true;
-            }
+        let owned = dir.set_meta(
+            &e.rel_path(),
+            e.kind == EntryKind::Symlink,
+            (e.uid, e.gid),
+            e.mode,
+            (e.mtime, e.mtime_ns),
+            root,
+        )?;
+        if !owned && !owner_warned {
+            warnings.push("not running as root: file owners were not restored".into());
+            owner_warned = true;
         }
-        let t = filetime::FileTime::from_unix_time(e.mtime, e.mtime_ns);
-        if e.kind == EntryKind::Symlink {
-            filetime::set_symlink_file_times(&p, t, t).map_err(|err| Error::io("set times of", &p, err))?;
-            return Ok(());
-        }
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(e.mode))
-            .map_err(|err| Error::io("set mode of", &p, err))?;
-        filetime::set_file_times(&p, t, t).map_err(|err| Error::io("set times of", &p, err))
+        Ok(())
     };
     for (_, e) in entries.iter().filter(|(_, e)| e.kind != EntryKind::Dir && e.kind != EntryKind::Hardlink) {
         apply(e)?;

@@ -241,7 +241,7 @@ fn encode_chunks(m: &HashMap<ChunkId, BlobLoc>) -> Vec<u8> {
     b
 }
 
-fn decode_chunks(b: &[u8]) -> Option<HashMap<ChunkId, BlobLoc>> {
+pub(crate) fn decode_chunks(b: &[u8]) -> Option<HashMap<ChunkId, BlobLoc>> {
     let body = b.get(..b.len().checked_sub(32)?)?;
     let records = body.strip_prefix(MAGIC.as_slice())?;
     if blake3::hash(body).as_bytes() != &b[body.len()..] || records.len() % REC != 0 {

@@ -115,19 +115,15 @@ impl Store {
         self.get_checked(key, Ok).await
     }
 
-    /// Read `key` and check it with `parse`. A read that fails (a reset mid-body, a 5xx after
-    /// object_store's own retries) or whose content fails the check (a short body is caught
-    /// only by the content's own checks) is read again, a few times with backoff and jitter,
-    /// before its error stands: transient faults never look like damage.
+    /// Read `key` and check it with `parse`. A body that breaks off (a reset mid-body) or whose
+    /// content fails the check (a short body is caught only by the content's own checks) is
+    /// read again, a few times with backoff and jitter, before its error stands: transient
+    /// faults never look like damage. The request itself is retried by object_store.
     pub async fn get_checked<T>(&self, key: &str, parse: impl Fn(Bytes) -> Result<T>) -> Result<T> {
         let mut attempt = 1;
         loop {
-            let r = async {
-                let r = self.inner.get(&ObjPath::from(key)).await.map_err(|e| self.err("read", key, e))?;
-                r.bytes().await.map_err(|e| self.err("read", key, e))
-            }
-            .await
-            .and_then(&parse);
+            let r = self.inner.get(&ObjPath::from(key)).await.map_err(|e| self.err("read", key, e))?;
+            let r = r.bytes().await.map_err(|e| self.err("read", key, e)).and_then(&parse);
             match r {
                 Err(e) if retryable(&e) && attempt < READ_ATTEMPTS => {
                     backoff(attempt, &self.url, key, &e).await;

@@ -26,7 +26,12 @@ pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
     if let Ok(d) = DateTime::parse_from_rfc3339(t) {
         return Some(d.with_timezone(&Utc));
     }
-    // The date is ASCII (checked by the parse below); only a `T` right after it separates.
+    // Every accepted form is ASCII: checking it first makes the slicing below char-safe (the
+    // fuzzer found an offset with a two-byte character in it, which sliced inside it).
+    if !t.is_ascii() {
+        return None;
+    }
+    // Only a `T` right after the date separates.
     let t = match t.get(10..11) {
         Some("T") => format!("{} {}", &t[..10], &t[11..]),
         _ => t.to_string(),
@@ -143,7 +148,8 @@ mod tests {
             assert_eq!(parse_time(t).map(|d| d.to_rfc3339()).as_deref(), Some(want), "{t}");
         }
         assert_eq!(parse_time("2026-12-01 05:02:10-05").unwrap().to_rfc3339(), "2026-12-01T10:02:10+00:00");
-        for bad in ["yesterday", "2026-12-01", "2026-13-01 00:00:00+00", "10:02:10+00"] {
+        for bad in ["yesterday", "2026-12-01", "2026-13-01 00:00:00+00", "10:02:10+00", "2026-12-01 10:02:10+0\u{183}0"]
+        {
             assert!(parse_time(bad).is_none(), "{bad}");
         }
         let e = RecoveryTarget { time: Some("soon".into()), ..Default::default() }.settings().unwrap_err();

@@ -1,0 +1,226 @@
+//! A restore target that cannot be turned against its host: every entry is created relative
+//! to directory handles opened one component at a time with `O_NOFOLLOW`, so no symlink, in
+//! the snapshot or planted in the target, is ever followed. Existing entries are replaced only
+//! with `--overwrite`, by unlinking them first (never writing through them: a planted hard link
+//! to `/etc/shadow` is unlinked, not truncated). Files are created 0600 and directories 0700;
+//! the recorded owners, modes and times are applied at the end, on the entry itself
+//! (`fchownat`/`utimensat` with `AT_SYMLINK_NOFOLLOW`, `fchmod` on a no-follow handle).
+
+use crate::error::{Error, Result};
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::Mode;
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+pub struct SafeDir {
+    root: Arc<OwnedFd>,
+    display: PathBuf,
+    /// Directory handles by relative path: each one was reached without following a link.
+    dirs: Mutex<HashMap<PathBuf, Arc<OwnedFd>>>,
+}
+
+fn err(what: &str, path: &Path, e: nix::errno::Errno) -> Error {
+    Error::io(what, path, std::io::Error::from_raw_os_error(e as i32))
+}
+
+const DIR_FLAGS: OFlag = OFlag::O_DIRECTORY.union(OFlag::O_NOFOLLOW).union(OFlag::O_RDONLY).union(OFlag::O_CLOEXEC);
+
+/// The normal components of a relative path (`.` dropped); anything else is refused.
+fn parts(rel: &Path) -> Result<Vec<&OsStr>> {
+    let mut v = Vec::new();
+    for c in rel.components() {
+        match c {
+            Component::Normal(n) => v.push(n),
+            Component::CurDir => {}
+            _ => return Err(Error::damaged(format!("manifest holds an unsafe path {}", rel.display()))),
+        }
+    }
+    Ok(v)
+}
+
+impl SafeDir {
+    /// Open the target directory (the path the operator named may itself be a link).
+    pub fn open(root: &Path) -> Result<SafeDir> {
+        let fd = nix::fcntl::open(root, OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
+            .map_err(|e| err("open restore target", root, e))?;
+        Ok(SafeDir { root: Arc::new(fd), display: root.to_path_buf(), dirs: Mutex::new(HashMap::new()) })
+    }
+
+    fn full(&self, rel: &Path) -> PathBuf {
+        self.display.join(rel)
+    }
+
+    /// The handle of directory `rel` (relative to the root), reached component by component.
+    fn dir(&self, rel: &Path) -> Result<Arc<OwnedFd>> {
+        let names = parts(rel)?;
+        if names.is_empty() {
+            return Ok(self.root.clone());
+        }
+        let key: PathBuf = names.iter().collect();
+        if let Some(fd) = self.dirs.lock().expect("not poisoned").get(&key) {
+            return Ok(fd.clone());
+        }
+        let mut cur = self.root.clone();
+        let mut so_far = PathBuf::new();
+        for n in names {
+            so_far.push(n);
+            let fd = nix::fcntl::openat(cur.as_fd(), n, DIR_FLAGS, Mode::empty()).map_err(|e| match e {
+                nix::errno::Errno::ELOOP | nix::errno::Errno::ENOTDIR => Error::damaged(format!(
+                    "restore would write through {}, which is not a directory (a link?): refused",
+                    self.full(&so_far).display()
+                ))
+                .with_hint("remove it from the target, or restore into an empty directory"),
+                e => err("open directory", &self.full(&so_far), e),
+            })?;
+            cur = Arc::new(fd);
+        }
+        self.dirs.lock().expect("not poisoned").insert(key, cur.clone());
+        Ok(cur)
+    }
+
+    /// The parent's handle and the last component of `rel`.
+    fn parent<'a>(&self, rel: &'a Path) -> Result<(Arc<OwnedFd>, &'a OsStr)> {
+        let names = parts(rel)?;
+        let Some(name) = names.last().copied() else {
+            return Err(Error::damaged(format!("manifest holds an empty path {}", rel.display())));
+        };
+        let parent: PathBuf = names[..names.len() - 1].iter().collect();
+        Ok((self.dir(&parent)?, name))
+    }
+
+    /// What is at `rel` now, without following a link.
+    fn existing(&self, dir: &OwnedFd, name: &OsStr) -> Option<nix::sys::stat::SFlag> {
+        nix::sys::stat::fstatat(dir.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW)
+            .ok()
+            .map(|st| nix::sys::stat::SFlag::from_bits_truncate(st.st_mode & nix::libc::S_IFMT))
+    }
+
+    /// Make room for a new entry: with `overwrite`, unlink what is there (a directory that is
+    /// not empty stays, and the creation then fails naming it).
+    fn clear(&self, dir: &OwnedFd, name: &OsStr, rel: &Path, overwrite: bool) -> Result<()> {
+        let Some(kind) = self.existing(dir, name) else { return Ok(()) };
+        if !overwrite {
+            return Err(Error::usage(format!("{} exists in the restore target", self.full(rel).display()))
+                .with_hint("restore into an empty directory, or pass --overwrite"));
+        }
+        let flag = if kind == nix::sys::stat::SFlag::S_IFDIR {
+            nix::unistd::UnlinkatFlags::RemoveDir
+        } else {
+            nix::unistd::UnlinkatFlags::NoRemoveDir
+        };
+        nix::unistd::unlinkat(dir.as_fd(), name, flag).map_err(|e| err("replace", &self.full(rel), e))
+    }
+
+    /// A directory (0700 until `set_meta`). An existing directory is kept as it is.
+    pub fn mkdir(&self, rel: &Path, overwrite: bool) -> Result<()> {
+        if parts(rel)?.is_empty() {
+            return Ok(());
+        }
+        let (dir, name) = self.parent(rel)?;
+        match self.existing(&dir, name) {
+            Some(nix::sys::stat::SFlag::S_IFDIR) => return Ok(()),
+            Some(_) => self.clear(&dir, name, rel, overwrite)?,
+            None => {}
+        }
+        nix::sys::stat::mkdirat(dir.as_fd(), name, Mode::from_bits_truncate(0o700))
+            .map_err(|e| err("create directory", &self.full(rel), e))
+    }
+
+    /// A new regular file of `size` bytes (0600 until `set_meta`).
+    pub fn create_file(&self, rel: &Path, size: u64, overwrite: bool) -> Result<()> {
+        let (dir, name) = self.parent(rel)?;
+        self.clear(&dir, name, rel, overwrite)?;
+        let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let fd = nix::fcntl::openat(dir.as_fd(), name, flags, Mode::from_bits_truncate(0o600))
+            .map_err(|e| err("create", &self.full(rel), e))?;
+        nix::unistd::ftruncate(&fd, size as i64).map_err(|e| err("allocate", &self.full(rel), e))
+    }
+
+    /// Write `data` at `offset` of the file `rel` created by `create_file`.
+    pub fn write_at(&self, rel: &Path, offset: u64, data: &[u8]) -> Result<()> {
+        let (dir, name) = self.parent(rel)?;
+        let fd = nix::fcntl::openat(
+            dir.as_fd(),
+            name,
+            OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| err("open", &self.full(rel), e))?;
+        let f = std::fs::File::from(fd);
+        std::os::unix::fs::FileExt::write_all_at(&f, data, offset).map_err(|e| Error::io("write", &self.full(rel), e))
+    }
+
+    pub fn symlink(&self, rel: &Path, target: &OsStr, overwrite: bool) -> Result<()> {
+        let (dir, name) = self.parent(rel)?;
+        self.clear(&dir, name, rel, overwrite)?;
+        nix::unistd::symlinkat(target, dir.as_fd(), name).map_err(|e| err("create symlink", &self.full(rel), e))
+    }
+
+    /// A hard link at `rel` to the restored file `first` (both inside the target).
+    pub fn hardlink(&self, rel: &Path, first: &Path, overwrite: bool) -> Result<()> {
+        let (fdir, fname) = self.parent(first)?;
+        let (dir, name) = self.parent(rel)?;
+        self.clear(&dir, name, rel, overwrite)?;
+        // linkat without AT_SYMLINK_FOLLOW links the entry itself, never what a link names.
+        nix::unistd::linkat(fdir.as_fd(), fname, dir.as_fd(), name, AtFlags::empty())
+            .map_err(|e| err("create hard link", &self.full(rel), e))
+    }
+
+    /// Owner (when allowed), mode and times of the entry itself. Returns false when the owner
+    /// could not be set and `must_own` is false (not root).
+    pub fn set_meta(
+        &self,
+        rel: &Path,
+        symlink: bool,
+        owner: (u32, u32),
+        mode: u32,
+        mtime: (i64, u32),
+        must_own: bool,
+    ) -> Result<bool> {
+        let names = parts(rel)?;
+        let (dir, name): (Arc<OwnedFd>, Option<&OsStr>) = match names.last() {
+            None => (self.root.clone(), None),
+            Some(_) => {
+                let (d, n) = self.parent(rel)?;
+                (d, Some(n))
+            }
+        };
+        let full = self.full(rel);
+        let (uid, gid) = (Some(nix::unistd::Uid::from_raw(owner.0)), Some(nix::unistd::Gid::from_raw(owner.1)));
+        let owned = match name {
+            Some(n) => nix::unistd::fchownat(dir.as_fd(), n, uid, gid, AtFlags::AT_SYMLINK_NOFOLLOW),
+            None => nix::unistd::fchown(dir.as_fd(), uid, gid),
+        };
+        let owned = match owned {
+            Ok(()) => true,
+            Err(e) if must_own => return Err(err("set owner of", &full, e)),
+            Err(_) => false,
+        };
+        let t = nix::sys::time::TimeSpec::new(mtime.0, mtime.1 as i64);
+        if !symlink {
+            // A handle on the entry itself (no follow), then fchmod: chmod by name follows links.
+            let fd = match name {
+                Some(n) => nix::fcntl::openat(
+                    dir.as_fd(),
+                    n,
+                    OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| err("open", &full, e))?,
+                None => {
+                    nix::fcntl::openat(dir.as_fd(), ".", DIR_FLAGS, Mode::empty()).map_err(|e| err("open", &full, e))?
+                }
+            };
+            nix::sys::stat::fchmod(&fd, Mode::from_bits_truncate(mode & 0o7777))
+                .map_err(|e| err("set mode of", &full, e))?;
+            nix::sys::stat::futimens(&fd, &t, &t).map_err(|e| err("set times of", &full, e))?;
+        } else if let Some(n) = name {
+            nix::sys::stat::utimensat(dir.as_fd(), n, &t, &t, nix::sys::stat::UtimensatFlags::NoFollowSymlink)
+                .map_err(|e| err("set times of", &full, e))?;
+        }
+        Ok(owned)
+    }
+}

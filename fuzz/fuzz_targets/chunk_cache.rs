@@ -1,0 +1,3 @@
+//! libFuzzer target: veza_dr::fuzz::chunk_cache must never panic.
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| veza_dr::fuzz::chunk_cache(data));

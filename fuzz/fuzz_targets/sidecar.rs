@@ -1,0 +1,3 @@
+//! libFuzzer target: veza_dr::fuzz::sidecar must never panic.
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| veza_dr::fuzz::sidecar(data));

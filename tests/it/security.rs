@@ -1,0 +1,164 @@
+//! Security (issue 12): a restore that cannot be turned against its host, reports only
+//! trusted keys sign, a dry run that cannot act. Each test shows an attack that used to work.
+
+use crate::common::*;
+use std::path::Path;
+
+/// Decrypt, edit and re-encrypt the manifest of snapshot `id` in the bucket, as someone with
+/// write access to it (and the identity, to learn a real chunk) could.
+fn edit_manifest(fx: &Fixture, backend: &Backend, policy: &str, id: &str, edit: impl Fn(&mut serde_json::Value)) {
+    use std::io::{Read, Write};
+    let (rt, store, _d) = fx.raw_store(backend, policy, policy);
+    let key = format!("snapshots/{id}.manifest");
+    let sealed = rt.block_on(store.get(&key)).unwrap();
+    let text = std::fs::read_to_string(&fx.identity).unwrap();
+    let line = text.lines().find(|l| l.starts_with("AGE-SECRET-KEY-")).unwrap();
+    let identity: age::x25519::Identity = line.parse().unwrap();
+    let dec = age::Decryptor::new_buffered(&sealed[..]).unwrap();
+    let mut z = Vec::new();
+    dec.decrypt(std::iter::once(&identity as &dyn age::Identity)).unwrap().read_to_end(&mut z).unwrap();
+    let mut m: serde_json::Value = serde_json::from_slice(&zstd::stream::decode_all(&z[..]).unwrap()).unwrap();
+    edit(&mut m);
+    let z = zstd::bulk::compress(&serde_json::to_vec(&m).unwrap(), 3).unwrap();
+    let recipient: age::x25519::Recipient = fx.recipient.parse().unwrap();
+    let enc = age::Encryptor::with_recipients(std::iter::once(&recipient as &dyn age::Recipient)).unwrap();
+    let mut out = Vec::new();
+    let mut w = enc.wrap_output(&mut out).unwrap();
+    w.write_all(&z).unwrap();
+    w.finish().unwrap();
+    rt.block_on(store.put(&key, bytes::Bytes::from(out))).unwrap();
+}
+
+fn small_tree(src: &Path) {
+    std::fs::create_dir_all(src.join("conf")).unwrap();
+    std::fs::write(src.join("conf/app.yaml"), "listen: 8080\n").unwrap();
+    std::fs::write(src.join("data.bin"), vec![7u8; 100_000]).unwrap();
+}
+
+/// A local user plants `target/conf -> /somewhere` (and `target/data.bin -> /somewhere/x`);
+/// `restore --overwrite` used to write the snapshot's files there.
+#[test]
+fn restore_never_writes_through_links_planted_in_the_target() {
+    let backend = Backend::start(Kind::File);
+    let fx = Fixture::new(&backend);
+    let src = fx.path("src");
+    small_tree(&src);
+    fx.volume_policy("vol", &backend, "vol", &src, "");
+    fx.ok(&["backup", "vol"]);
+    let outside = fx.path("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("victim"), "precious\n").unwrap();
+    let target = fx.path("target");
+    std::fs::create_dir_all(&target).unwrap();
+    std::os::unix::fs::symlink(&outside, target.join("conf")).unwrap();
+    std::os::unix::fs::symlink(outside.join("victim"), target.join("data.bin")).unwrap();
+    fx.ok(&[
+        "restore",
+        "vol",
+        "--target",
+        target.to_str().unwrap(),
+        "--overwrite",
+        "--identity",
+        fx.identity.to_str().unwrap(),
+    ]);
+    assert!(!outside.join("app.yaml").exists(), "the snapshot's file was written through the planted link");
+    assert_eq!(std::fs::read_to_string(outside.join("victim")).unwrap(), "precious\n");
+    assert!(target.join("conf").symlink_metadata().unwrap().is_dir(), "the link was replaced by the directory");
+    assert_eq!(std::fs::read_to_string(target.join("conf/app.yaml")).unwrap(), "listen: 8080\n");
+    assert_eq!(std::fs::read(target.join("data.bin")).unwrap(), vec![7u8; 100_000]);
+    // A planted hard link to a file outside is replaced, not written through.
+    let target2 = fx.path("target2");
+    std::fs::create_dir_all(&target2).unwrap();
+    std::fs::hard_link(outside.join("victim"), target2.join("data.bin")).unwrap();
+    fx.ok(&[
+        "restore",
+        "vol",
+        "--target",
+        target2.to_str().unwrap(),
+        "--overwrite",
+        "--identity",
+        fx.identity.to_str().unwrap(),
+    ]);
+    assert_eq!(std::fs::read_to_string(outside.join("victim")).unwrap(), "precious\n");
+}
+
+/// Crafted manifests: a symlink followed by a file below it, a hard link to an absolute path,
+/// a duplicate path. Each used to reach outside the target; now nothing is restored.
+#[test]
+fn crafted_manifests_cannot_escape_the_target() {
+    let backend = Backend::start(Kind::File);
+    let fx = Fixture::new(&backend);
+    let src = fx.path("src");
+    small_tree(&src);
+    fx.volume_policy("vol", &backend, "vol", &src, "");
+    let s = fx.json(&["backup", "vol"]);
+    let id = s["id"].as_str().unwrap().to_string();
+    let outside = fx.path("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("shadow"), "root:x:0\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(outside.join("shadow"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let entry = |m: &serde_json::Value, path: &str| {
+        m["entries"].as_array().unwrap().iter().find(|e| e["path"] == path).cloned().unwrap()
+    };
+    type Attack<'a> = (&'a str, Box<dyn Fn(&mut serde_json::Value) + 'a>, &'a str);
+    let attacks: Vec<Attack> = vec![
+        (
+            "symlink then a file below it",
+            Box::new(|m: &mut serde_json::Value| {
+                let mut link = entry(m, "conf");
+                link["path"] = "x".into();
+                link["kind"] = "symlink".into();
+                link["target"] = outside.display().to_string().into();
+                let mut evil = entry(m, "conf/app.yaml");
+                evil["path"] = "x/evil".into();
+                m["entries"].as_array_mut().unwrap().extend([link, evil]);
+            }),
+            "below x, which is not one of its directories",
+        ),
+        (
+            "hard link to an absolute path",
+            Box::new(|m: &mut serde_json::Value| {
+                let mut h = entry(m, "data.bin");
+                h["path"] = "h".into();
+                h["kind"] = "hardlink".into();
+                h["target"] = outside.join("shadow").display().to_string().into();
+                h["mode"] = 0o777.into();
+                m["entries"].as_array_mut().unwrap().push(h);
+            }),
+            "which is not a file before it",
+        ),
+        (
+            "a path twice",
+            Box::new(|m: &mut serde_json::Value| {
+                let dup = entry(m, "data.bin");
+                m["entries"].as_array_mut().unwrap().push(dup);
+            }),
+            "lists data.bin twice",
+        ),
+    ];
+    let original = {
+        let (rt, store, _d) = fx.raw_store(&backend, "vol", "vol");
+        rt.block_on(store.get(&format!("snapshots/{id}.manifest"))).unwrap()
+    };
+    for (name, attack, says) in attacks {
+        edit_manifest(&fx, &backend, "vol", &id, attack);
+        let target = fx.path(&format!("t-{}", name.len()));
+        let o = fx.run(&[
+            "restore",
+            "vol",
+            "--target",
+            target.to_str().unwrap(),
+            "--identity",
+            fx.identity.to_str().unwrap(),
+        ]);
+        assert_eq!(o.status.code(), Some(3), "{name}: {}", stderr(&o));
+        assert!(stderr(&o).contains(says) && stderr(&o).contains("nothing was restored"), "{name}: {}", stderr(&o));
+        assert!(!outside.join("evil").exists(), "{name}: wrote outside the target");
+        let m = std::fs::metadata(outside.join("shadow")).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o600, "{name}: changed a file outside the target");
+        assert_eq!(std::fs::read_dir(&target).map(|d| d.count()).unwrap_or(0), 0, "{name}: restored something");
+        let (rt, store, _d) = fx.raw_store(&backend, "vol", "vol");
+        rt.block_on(store.put(&format!("snapshots/{id}.manifest"), original.clone())).unwrap();
+    }
+}
