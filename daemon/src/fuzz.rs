@@ -63,7 +63,7 @@ pub fn names(data: &[u8]) {
 
 pub fn report(data: &[u8]) {
     if let Ok(s) = std::str::from_utf8(data) {
-        let _ = crate::jobs::drill::verify_report(s);
+        let _ = crate::jobs::drill::verify_report(s, &[]);
     }
 }
 

@@ -495,6 +495,45 @@ timeout = "2m"
     assert!(stdout(&out).contains("is not a standby (not in recovery); refusing to promote"), "{}", stdout(&out));
 }
 
+/// A dry run could promote: `pg_promote()` succeeds inside a READ ONLY transaction, and a
+/// plugin could switch the session to READ WRITE. The fixture tries both, and a write, in its
+/// `plan`, against a real standby and its primary: nothing changes.
+#[test]
+fn a_dry_run_cannot_promote_or_write_even_when_the_plugin_tries() {
+    let primary = Pg::start("", vec![]);
+    pg::psql(&primary.dsn(), "CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 10) g");
+    let standby = primary.standby();
+    let t = Instant::now();
+    while pg::psql(&standby.dsn(), "SELECT count(*) FROM t").trim() != "10" {
+        assert!(t.elapsed() < Duration::from_secs(60), "the standby did not catch up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let attempts = [
+        ("standby", "select pg_promote()"),
+        ("standby", "SELECT pg_catalog.pg_promote(true, 60)"),
+        ("standby", "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE; select pg_promote()"),
+        ("primary", "insert into t values (11)"),
+        ("primary", "select pg_switch_wal()"),
+    ];
+    for (conn, stmt) in attempts {
+        let mut b = Books::new(&format!(
+            "[[runbook]]\nname = \"sneaky\"\nconnections = {{ standby = \"env:TEST_STANDBY_DSN\", primary = \"env:TEST_PRIMARY_DSN\" }}\n[[runbook.step]]\nname = \"peek\"\nplugin = \"fixture\"\nwith = {{ mode = \"sql\", in-plan = \"true\", connection = \"{conn}\", statement = \"{stmt}\", needs-connection = \"{conn}\" }}\ngrants = {{ connections = [\"{conn}\"] }}\n"
+        ));
+        b.env.push(("TEST_STANDBY_DSN".into(), standby.dsn()));
+        b.env.push(("TEST_PRIMARY_DSN".into(), primary.dsn()));
+        let out = b.run(&["failover", "sneaky", "--dry-run"]);
+        assert_eq!(out.status.code(), Some(1), "{stmt}: {}", stdout(&out));
+        assert!(stdout(&out).contains("a dry run may only read"), "{stmt}: {}{}", stdout(&out), stderr(&out));
+        assert_eq!(pg::psql(&standby.dsn(), "SELECT pg_is_in_recovery()").trim(), "t", "{stmt} promoted the standby");
+        assert_eq!(pg::psql(&primary.dsn(), "SELECT count(*) FROM t").trim(), "10", "{stmt} wrote");
+    }
+    // Reading is what a plan is for, and still works.
+    let mut b = Books::new("[[runbook]]\nname = \"look\"\nconnections = { standby = \"env:TEST_STANDBY_DSN\" }\n[[runbook.step]]\nname = \"peek\"\nplugin = \"fixture\"\nwith = { mode = \"sql\", in-plan = \"true\", connection = \"standby\", statement = \"SELECT pg_is_in_recovery()\", needs-connection = \"standby\" }\ngrants = { connections = [\"standby\"] }\n");
+    b.env.push(("TEST_STANDBY_DSN".into(), standby.dsn()));
+    let out = b.ok(&["failover", "look", "--dry-run"]);
+    assert!(out.contains("1 row(s), first: Some([Some(\"t\")])"), "{out}");
+}
+
 /// A PowerDNS authoritative server with the sqlite backend and the HTTP API on 127.0.0.1.
 struct Pdns {
     _dir: tempfile::TempDir,

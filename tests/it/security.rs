@@ -162,3 +162,55 @@ fn crafted_manifests_cannot_escape_the_target() {
         rt.block_on(store.put(&format!("snapshots/{id}.manifest"), original.clone())).unwrap();
     }
 }
+
+/// `report verify` used to trust the key inside the report: a report signed anywhere, by any
+/// key, printed "signature ok". Only this host's key and the policy's report-signers count.
+#[test]
+fn report_verify_trusts_only_known_signers() {
+    let backend = Backend::start(Kind::File);
+    let fx = Fixture::new(&backend);
+    let src = fx.path("src");
+    small_tree(&src);
+    fx.volume_policy("vol", &backend, "vol", &src, "");
+    fx.ok(&["backup", "vol"]);
+    let reports = fx.path("reports");
+    let o = fx.run(&[
+        "drill",
+        "vol",
+        "--identity",
+        fx.identity.to_str().unwrap(),
+        "--report-dir",
+        reports.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let file = std::fs::read_dir(&reports)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "json"))
+        .unwrap();
+    let signer = fx.ok(&["keygen", "--signing"]).trim().to_string();
+    assert!(signer.starts_with("ed25519:") && signer.len() == 8 + 64, "{signer}");
+    // This host trusts its own key.
+    assert!(fx
+        .ok(&["report", "verify", file.to_str().unwrap()])
+        .contains(&format!("signed by {signer}, a trusted signer")));
+    // Another host (its own state, its own key) does not, and names the key it found.
+    let other = fx.path("other-state");
+    let run_other = |args: &[&str]| {
+        let mut c = std::process::Command::new(bin());
+        c.arg("--policies").arg(fx.path("policies")).arg("--state-dir").arg(&other).args(args);
+        c.output().unwrap()
+    };
+    run_other(&["keygen", "--signing"]);
+    let o = run_other(&["report", "verify", file.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(3), "{}", stdout(&o));
+    assert!(stderr(&o).contains(&format!("signed by {signer}, which is not a trusted signer")), "{}", stderr(&o));
+    // Listing the signer in the policy makes the other host trust it.
+    let p = fx.path("policies/vol.toml");
+    let text = std::fs::read_to_string(&p).unwrap();
+    std::fs::write(&p, format!("{text}\n[trust]\nreport-signers = [\"{signer}\"]\n")).unwrap();
+    let o = run_other(&["report", "verify", file.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}

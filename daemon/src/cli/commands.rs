@@ -44,8 +44,13 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
         Command::Plugins => super::failover::plugins(&g).await,
         Command::Report { cmd: ReportCmd::Verify { file } } => {
             let text = std::fs::read_to_string(&file).map_err(|e| Error::io("read report", &file, e))?;
-            let key = crate::jobs::drill::verify_report(&text)?;
-            crate::outln!("signature ok: signed by ed25519 key {key}");
+            // Trusted: this host's key, and the signers the report's policy lists.
+            let mut trusted: Vec<_> = crate::crypto::signing::host_public(&state_dir(&g)).into_iter().collect();
+            if let Ok(p) = crate::jobs::drill::parse_report(&text).and_then(|r| load_policy(&g, &r.policy)) {
+                trusted.extend(p.trust.report_signers.iter().cloned());
+            }
+            let key = crate::jobs::drill::verify_report(&text, &trusted)?;
+            crate::outln!("signature ok: signed by {key}, a trusted signer");
             Ok(0)
         }
         Command::Backup { policy, full, incremental } => {

@@ -1,5 +1,7 @@
 //! The ed25519 key that signs this host's drill reports: created on first use in the state
 //! directory (0600), written as `ed25519:<hex>` wherever a public key is shown or trusted.
+//! A signature proves who signed only against a key the reader already trusts: `verify`
+//! takes the trusted keys, never the key the signed document carries.
 
 use crate::error::{Error, Result};
 use ed25519_dalek::{Signer, SigningKey};
@@ -13,6 +15,47 @@ pub struct Signature {
     pub algorithm: String,
     pub public_key: String,
     pub value: String,
+}
+
+/// A trusted public key, `ed25519:<64 hex digits>` (bare hex is read too).
+#[derive(Clone, PartialEq, Eq)]
+pub struct PublicKey(pub [u8; 32]);
+
+impl PublicKey {
+    pub fn parse(s: &str) -> Option<PublicKey> {
+        let h = s.trim().strip_prefix("ed25519:").unwrap_or(s.trim());
+        let b: [u8; 32] = hex::decode(h).ok()?.try_into().ok()?;
+        ed25519_dalek::VerifyingKey::from_bytes(&b).ok()?;
+        Some(PublicKey(b))
+    }
+}
+
+impl std::fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ed25519:{}", hex::encode(self.0))
+    }
+}
+
+impl std::fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+impl<'de> Deserialize<'de> for PublicKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        PublicKey::parse(&s).ok_or_else(|| {
+            serde::de::Error::custom(format!("`{s}` is not an ed25519 public key (`ed25519:` and 64 hex digits)"))
+        })
+    }
+}
+
+/// This host's report-signing public key, if it has one (never created here).
+pub fn host_public(state_dir: &Path) -> Option<PublicKey> {
+    let text = std::fs::read_to_string(state_dir.join("signing.key")).ok()?;
+    let b: [u8; 32] = hex::decode(text.trim()).ok()?.try_into().ok()?;
+    Some(PublicKey(SigningKey::from_bytes(&b).verifying_key().to_bytes()))
 }
 
 /// This host's report-signing key, creating it on first use.
@@ -41,9 +84,9 @@ pub fn host_key(state_dir: &Path) -> Result<SigningKey> {
     Ok(key)
 }
 
-/// The public half as the text policies and reports use.
+/// The public half as the text policies and reports use: `ed25519:<hex>`.
 pub fn public_text(key: &SigningKey) -> String {
-    hex::encode(key.verifying_key().to_bytes())
+    PublicKey(key.verifying_key().to_bytes()).to_string()
 }
 
 pub fn sign(key: &SigningKey, bytes: &[u8]) -> Signature {
@@ -54,13 +97,12 @@ pub fn sign(key: &SigningKey, bytes: &[u8]) -> Signature {
     }
 }
 
-/// Check `sig` over `bytes`; returns the signer's public key text.
-pub fn verify(bytes: &[u8], sig: &Signature) -> Result<String> {
-    let pk: [u8; 32] = hex::decode(&sig.public_key)
-        .ok()
-        .and_then(|v| v.try_into().ok())
-        .ok_or_else(|| Error::damaged("malformed public key in the signature"))?;
-    let vk = ed25519_dalek::VerifyingKey::from_bytes(&pk)
+/// Check `sig` over `bytes` and that its key is one of `trusted`; returns the signer's key.
+/// A valid signature by a key nobody trusts is refused, naming the key found.
+pub fn verify(bytes: &[u8], sig: &Signature, trusted: &[PublicKey]) -> Result<PublicKey> {
+    let pk =
+        PublicKey::parse(&sig.public_key).ok_or_else(|| Error::damaged("malformed public key in the signature"))?;
+    let vk = ed25519_dalek::VerifyingKey::from_bytes(&pk.0)
         .map_err(|e| Error::damaged(format!("malformed public key: {e}")))?;
     let sb: [u8; 64] = hex::decode(&sig.value)
         .ok()
@@ -68,5 +110,9 @@ pub fn verify(bytes: &[u8], sig: &Signature) -> Result<String> {
         .ok_or_else(|| Error::damaged("malformed signature"))?;
     vk.verify_strict(bytes, &ed25519_dalek::Signature::from_bytes(&sb))
         .map_err(|_| Error::damaged("the signature does not match the content: it was altered after signing"))?;
-    Ok(sig.public_key.clone())
+    if !trusted.contains(&pk) {
+        return Err(Error::damaged(format!("signed by {pk}, which is not a trusted signer"))
+            .with_hint("trust it by adding it to [trust] report-signers of the report's policy (`veza-dr keygen --signing` on the signing host prints its key)"));
+    }
+    Ok(pk)
 }

@@ -24,6 +24,15 @@ pub struct Policy {
     pub retention: Retention,
     pub objectives: Objectives,
     pub verify: VerifyCfg,
+    pub trust: Trust,
+}
+
+/// The keys a restore-side host trusts: who may sign drill reports (besides this host).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Trust {
+    #[serde(default)]
+    pub report_signers: Vec<crate::crypto::signing::PublicKey>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -42,6 +51,8 @@ struct PolicyFile {
     objectives: Objectives,
     #[serde(default)]
     verify: VerifyCfg,
+    #[serde(default)]
+    trust: Trust,
     #[serde(default)]
     runbook: Vec<toml::Spanned<crate::runbook::spec::RunbookSpec>>,
 }
@@ -375,6 +386,7 @@ impl Policy {
             retention: file.retention,
             objectives: file.objectives,
             verify: file.verify,
+            trust: file.trust,
         };
         let _ = file.description;
         policy.validate(text)?;

@@ -518,6 +518,11 @@ impl veza::dr::host::Host for StepState {
                 grants_text(&self.grants.connections)
             )));
         }
+        if self.plan_mode {
+            if let Err(why) = super::readonly::check(&statement) {
+                return Err(self.failed(format!("a dry run may only read: {why}")));
+            }
+        }
         let remaining = self.remaining();
         if !self.pg.contains_key(&connection) {
             let r = self

@@ -10,6 +10,7 @@
 //! plugin offers it. Every step's outcome is appended to the audit log (JSON lines).
 
 pub mod host;
+pub mod readonly;
 pub mod spec;
 
 use crate::error::{Error, Kind, Result};

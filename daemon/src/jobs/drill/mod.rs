@@ -21,7 +21,7 @@ use crate::repository::format::Sidecar;
 use crate::repository::lock::LockKind;
 use crate::repository::{Repository, Unlocked};
 use chrono::{DateTime, Utc};
-pub use report::{history, verify_report, Choice, Report, Verdict};
+pub use report::{history, parse_report, verify_report, Choice, Report, Verdict};
 use sandbox::{Env, Sandbox};
 use std::path::{Path, PathBuf};
 use std::time::Instant;

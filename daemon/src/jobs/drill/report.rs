@@ -212,16 +212,20 @@ impl Report {
     }
 }
 
-/// Check a report's signature. Returns the signing public key.
-pub fn verify_report(text: &str) -> Result<String> {
-    let rep: Report =
-        serde_json::from_str(text).map_err(|e| Error::damaged(format!("not a veza-dr drill report: {e}")))?;
+/// A report as read, before its signature is checked.
+pub fn parse_report(text: &str) -> Result<Report> {
+    serde_json::from_str(text).map_err(|e| Error::damaged(format!("not a veza-dr drill report: {e}")))
+}
+
+/// Check a report's signature against `trusted` keys. Returns the signer's key.
+pub fn verify_report(text: &str, trusted: &[signing::PublicKey]) -> Result<signing::PublicKey> {
+    let rep = parse_report(text)?;
     let sig = rep.signature.clone().ok_or_else(|| Error::damaged("the report is not signed"))?;
-    signing::verify(&rep.signed_bytes(), &sig).map_err(|e| {
+    signing::verify(&rep.signed_bytes(), &sig, trusted).map_err(|e| {
         if e.message.contains("altered") {
             Error::damaged("the report's signature does not match its content: it was altered after signing")
         } else {
-            e
+            e.context(format!("drill report {} of policy {}", rep.id, rep.policy))
         }
     })
 }
