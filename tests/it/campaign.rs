@@ -142,6 +142,9 @@ fn crash_campaign(kind: Kind, kills: usize) {
     let src = fx.path("src");
     tree::generate(&src, 24, 41);
     fx.volume_policy("vol", &backend, "repo", &src, "[retention]\nkeep-last = 3\nprune-grace = \"0s\"\n");
+    // Created before the first night, as an operator does (a backup killed before it wrote the
+    // config leaves no repository for `snapshots` to list).
+    fx.ok(&["init", "vol"]);
     let mut states = BTreeMap::new();
     let mut acked = Vec::new();
     let wal = fx.path("wal");

