@@ -214,3 +214,30 @@ fn report_verify_trusts_only_known_signers() {
     let o = run_other(&["report", "verify", file.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+/// Sidecars are plaintext: the paths in a backup's warnings used to be stored there. They
+/// live in the encrypted manifest now; the sidecar keeps their count.
+#[test]
+fn no_path_reaches_a_plaintext_object() {
+    let backend = Backend::start(Kind::File);
+    let fx = Fixture::new(&backend);
+    let src = fx.path("src");
+    small_tree(&src);
+    let _sock = std::os::unix::net::UnixListener::bind(src.join("project-nightingale.sock")).unwrap();
+    fx.volume_policy("vol", &backend, "vol", &src, "");
+    let s = fx.json(&["backup", "vol"]);
+    assert!(
+        s["warnings"].to_string().contains("project-nightingale.sock"),
+        "the backup still says what it skipped: {s}"
+    );
+    let listed = fx.json(&["snapshots", "vol"]);
+    assert_eq!(listed[0]["warning-count"], 1, "{listed}");
+    for e in walkdir::WalkDir::new(backend.dir.path()).into_iter().flatten().filter(|e| e.file_type().is_file()) {
+        let b = std::fs::read(e.path()).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&b).contains("nightingale"),
+            "{} names the path in plaintext",
+            e.path().display()
+        );
+    }
+}

@@ -96,7 +96,7 @@ pub async fn snapshots(g: &Global, p: &Policy) -> Result<i32> {
             bytes(s.stats.bytes),
             bytes(s.stats.bytes_new),
             secs,
-            if s.warnings.is_empty() { String::new() } else { format!("  ({} warnings)", s.warnings.len()) }
+            if s.warning_count == 0 { String::new() } else { format!("  ({} warnings)", s.warning_count) }
         );
     }
     Ok(0)

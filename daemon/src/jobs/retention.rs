@@ -90,6 +90,7 @@ mod tests {
             stats: Stats::default(),
             postgres: None,
             warnings: vec![],
+            warning_count: 0,
         }
     }
 

@@ -30,19 +30,39 @@ pub struct EngineConfig {
     pub strict_reads: bool,
 }
 
-/// Cuts a reader into chunks: content-defined (FastCDC) or fixed-size.
+/// The FastCDC gear seed of a chunk-id key. Boundaries then depend on a secret: chunk (and so
+/// blob) sizes in a pack no longer reveal which known file was backed up, as unkeyed
+/// content-defined chunking would (a confirmation-of-file attack despite keyed ids).
+pub fn gear_seed(key: &[u8; 32]) -> u64 {
+    let h = blake3::keyed_hash(key, b"veza-dr fastcdc gear seed");
+    u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes")) | 1
+}
+
+/// Cuts a reader into chunks: content-defined (FastCDC, its gear table keyed by `key`) or
+/// fixed-size.
 pub fn chunks(
     reader: Box<dyn Read + Send>,
     p: ChunkerParams,
     fixed: Option<u32>,
+    key: &[u8; 32],
 ) -> Box<dyn Iterator<Item = std::io::Result<Vec<u8>>> + Send> {
     match fixed {
-        None => Box::new(fastcdc::v2020::StreamCDC::new(reader, p.min, p.avg, p.max).map(|c| {
-            c.map(|c| c.data).map_err(|e| match e {
-                fastcdc::v2020::Error::IoError(e) => e,
-                e => std::io::Error::other(e.to_string()),
-            })
-        })),
+        None => Box::new(
+            fastcdc::v2020::StreamCDC::with_level_and_seed(
+                reader,
+                p.min,
+                p.avg,
+                p.max,
+                fastcdc::v2020::Normalization::Level1,
+                gear_seed(key),
+            )
+            .map(|c| {
+                c.map(|c| c.data).map_err(|e| match e {
+                    fastcdc::v2020::Error::IoError(e) => e,
+                    e => std::io::Error::other(e.to_string()),
+                })
+            }),
+        ),
         Some(size) => {
             let mut reader = reader;
             let mut done = false;
@@ -248,7 +268,7 @@ fn read_all(
         // hash of its chunk) without a second pass over the data.
         let mut hasher = blake3::Hasher::new();
         let mut ok = true;
-        for c in chunks(reader, cfg.chunker, cfg.fixed_chunks) {
+        for c in chunks(reader, cfg.chunker, cfg.fixed_chunks, key) {
             let c = match c {
                 Ok(c) => c,
                 Err(e) => {
@@ -428,7 +448,7 @@ pub fn hash_file(
     let f = std::fs::File::open(path)?;
     let mut hasher = blake3::Hasher::new();
     let mut size = 0u64;
-    for c in chunks(Box::new(f), p, fixed) {
+    for c in chunks(Box::new(f), p, fixed, key) {
         let c = c?;
         size += c.len() as u64;
         hasher.update(&chunk_id(key, &c));
@@ -449,4 +469,31 @@ pub fn reusable(
             packs.get(&l.pack).is_some_and(|&size| l.offset + l.len as u64 <= size) && !marked.contains(&l.pack)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_boundaries_depend_on_the_key() {
+        let mut x: u64 = 7;
+        let data: Vec<u8> = (0..8 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                b"abcdefgh \n"[(x % 10) as usize]
+            })
+            .collect();
+        let sizes = |key: [u8; 32]| -> Vec<usize> {
+            chunks(Box::new(std::io::Cursor::new(data.clone())), ChunkerParams::default(), None, &key)
+                .map(|c| c.unwrap().len())
+                .collect()
+        };
+        let (a, b) = (sizes([1; 32]), sizes([2; 32]));
+        assert_eq!(a.iter().sum::<usize>(), data.len());
+        assert_eq!(a, sizes([1; 32]), "the same key cuts the same way (dedup)");
+        assert_ne!(a, b, "another key cuts elsewhere: boundaries do not reveal the content");
+    }
 }

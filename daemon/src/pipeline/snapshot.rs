@@ -345,6 +345,7 @@ async fn build(
         chunks: table,
         entries: kept,
         extra: None,
+        warnings: warnings.clone(),
     };
     let sidecar = Sidecar {
         format: FORMAT_VERSION,
@@ -360,6 +361,7 @@ async fn build(
         manifest_size: 0,
         stats,
         postgres: None,
+        warning_count: warnings.len() as u64,
         warnings,
     };
     Ok(Pending {

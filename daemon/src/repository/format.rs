@@ -89,8 +89,12 @@ pub struct Sidecar {
     pub stats: Stats,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub postgres: Option<PgMeta>,
+    /// The backup's warnings, as the backup returns them; never stored in the sidecar (they
+    /// name paths): the manifest holds them, the sidecar only their count.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    #[serde(default)]
+    pub warning_count: u64,
 }
 
 impl Sidecar {
@@ -247,6 +251,9 @@ pub struct Manifest {
     /// A physical PostgreSQL backup's label and tablespace map (`null` for other sources).
     #[serde(default)]
     pub extra: Option<PgLabel>,
+    /// What the backup warned about (skipped and changing files), with their paths.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// What `pg_backup_stop` returned: restored beside the data, never stored in PGDATA.

@@ -388,7 +388,9 @@ impl Writer {
         sidecar.manifest_size = self.put_sealed_json(&keys::manifest(&sidecar.id), manifest).await?;
         sidecar.finished = chrono::Utc::now();
         lease.check().await?;
-        let body = serde_json::to_vec_pretty(&*sidecar).expect("serialisable");
+        // Plaintext: the warnings (paths) stay in the encrypted manifest, only their count here.
+        let stored = Sidecar { warnings: vec![], warning_count: sidecar.warnings.len() as u64, ..sidecar.clone() };
+        let body = serde_json::to_vec_pretty(&stored).expect("serialisable");
         self.store.put(&keys::sidecar(&sidecar.id), Bytes::from(body)).await
     }
 
