@@ -26,7 +26,14 @@ fn edit_manifest(fx: &Fixture, backend: &Backend, policy: &str, id: &str, edit: 
     let mut w = enc.wrap_output(&mut out).unwrap();
     w.write_all(&z).unwrap();
     w.finish().unwrap();
+    // The sidecar records the manifest's hash; someone with write access rewrites it too
+    // (only pinned writers, which sign sidecars, stop that: see the writer tests).
+    let hash = blake3::hash(&out).to_hex().to_string();
     rt.block_on(store.put(&key, bytes::Bytes::from(out))).unwrap();
+    let skey = format!("snapshots/{id}.json");
+    let mut side: serde_json::Value = serde_json::from_slice(&rt.block_on(store.get(&skey)).unwrap()).unwrap();
+    side["manifest-hash"] = hash.into();
+    rt.block_on(store.put(&skey, bytes::Bytes::from(serde_json::to_vec(&side).unwrap()))).unwrap();
 }
 
 fn small_tree(src: &Path) {
@@ -137,9 +144,12 @@ fn crafted_manifests_cannot_escape_the_target() {
             "lists data.bin twice",
         ),
     ];
-    let original = {
+    let (original, original_side) = {
         let (rt, store, _d) = fx.raw_store(&backend, "vol", "vol");
-        rt.block_on(store.get(&format!("snapshots/{id}.manifest"))).unwrap()
+        (
+            rt.block_on(store.get(&format!("snapshots/{id}.manifest"))).unwrap(),
+            rt.block_on(store.get(&format!("snapshots/{id}.json"))).unwrap(),
+        )
     };
     for (name, attack, says) in attacks {
         edit_manifest(&fx, &backend, "vol", &id, attack);
@@ -160,6 +170,7 @@ fn crafted_manifests_cannot_escape_the_target() {
         assert_eq!(std::fs::read_dir(&target).map(|d| d.count()).unwrap_or(0), 0, "{name}: restored something");
         let (rt, store, _d) = fx.raw_store(&backend, "vol", "vol");
         rt.block_on(store.put(&format!("snapshots/{id}.manifest"), original.clone())).unwrap();
+        rt.block_on(store.put(&format!("snapshots/{id}.json"), original_side.clone())).unwrap();
     }
 }
 
@@ -240,4 +251,135 @@ fn no_path_reaches_a_plaintext_object() {
             e.path().display()
         );
     }
+}
+
+fn fake_segment(path: &Path, seed: u8) {
+    let mut b = vec![seed; 64 << 10];
+    b[0..4].copy_from_slice(&[0x10, 0xD1, 0x02, 0x00]);
+    b[24..32].copy_from_slice(&7446051981417284374u64.to_le_bytes());
+    std::fs::write(path, b).unwrap();
+}
+
+/// Anyone with write access to the bucket (a compromised backup host too) could add a key, a
+/// manifest and a sidecar with a newer start: `restore latest` and the drills took it, and
+/// forged WAL replayed. With `[trust] writers` pinned, only what a trusted host signed counts.
+#[test]
+fn only_pinned_writers_are_restored() {
+    let backend = Backend::start(Kind::File);
+    let fx = Fixture::new(&backend);
+    let (src, evil) = (fx.path("src"), fx.path("evil"));
+    small_tree(&src);
+    std::fs::create_dir_all(evil.join("conf")).unwrap();
+    std::fs::write(evil.join("conf/app.yaml"), "listen: 6666 # the attacker's\n").unwrap();
+    fx.volume_policy("vol", &backend, "vol", &src, "");
+    let mine = fx.json(&["backup", "vol"]);
+    let me = fx.ok(&["keygen", "--signing"]).trim().to_string();
+    // The forger: the same repository and recipients, its own host key, its own tree.
+    let forger_dir = fx.path("forger");
+    std::fs::create_dir_all(forger_dir.join("policies")).unwrap();
+    let text = std::fs::read_to_string(fx.path("policies/vol.toml"))
+        .unwrap()
+        .replace(&src.display().to_string(), &evil.display().to_string());
+    std::fs::write(forger_dir.join("policies/vol.toml"), text).unwrap();
+    let forger = |args: &[&str]| {
+        let mut c = std::process::Command::new(bin());
+        c.arg("--policies")
+            .arg(forger_dir.join("policies"))
+            .arg("--state-dir")
+            .arg(forger_dir.join("state"))
+            .args(args);
+        for (k, v) in &fx.env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let o = forger(&["backup", "vol", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let forged: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let them = String::from_utf8(forger(&["keygen", "--signing"]).stdout).unwrap().trim().to_string();
+    let seg = fx.path("000000010000000000000005");
+    fake_segment(&seg, 1);
+    fx.ok(&["wal-push", "vol", seg.to_str().unwrap()]);
+    let fseg = fx.path("000000010000000000000006");
+    fake_segment(&fseg, 2);
+    assert!(forger(&["wal-push", "vol", fseg.to_str().unwrap()]).status.success());
+    let id = fx.identity.to_str().unwrap();
+
+    // Nothing pinned: the forgery is what `latest` restores (the attack).
+    let t = fx.path("t0");
+    fx.ok(&["restore", "vol", "--target", t.to_str().unwrap(), "--identity", id]);
+    assert!(std::fs::read_to_string(t.join("conf/app.yaml")).unwrap().contains("attacker"));
+
+    // Pinned: latest is the newest trusted snapshot; the forgery is refused, naming its key.
+    let p = fx.path("policies/vol.toml");
+    let text = std::fs::read_to_string(&p).unwrap();
+    std::fs::write(&p, format!("{text}\n[trust]\nwriters = [\"{me}\"]\n")).unwrap();
+    let t = fx.path("t1");
+    let out = fx.ok(&["restore", "vol", "--target", t.to_str().unwrap(), "--identity", id, "--json"]);
+    assert!(out.contains(mine["id"].as_str().unwrap()), "{out}");
+    assert_eq!(std::fs::read_to_string(t.join("conf/app.yaml")).unwrap(), "listen: 8080\n");
+    let o = fx.run(&[
+        "restore",
+        "vol",
+        "--snapshot",
+        forged["id"].as_str().unwrap(),
+        "--target",
+        fx.path("t2").to_str().unwrap(),
+        "--identity",
+        id,
+    ]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(stderr(&o).contains(&format!("is signed by {them}, not by a trusted writer")), "{}", stderr(&o));
+    let o = fx.run(&["verify", "vol"]);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(stdout(&o).contains(&format!("signed by {them}")), "{}", stdout(&o));
+    let o = fx.run(&["drill", "vol", "--identity", id, "--report-dir", fx.path("rep").to_str().unwrap(), "--json"]);
+    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(r["snapshot"], mine["id"], "the drill took the forgery: {r}");
+
+    // WAL: the trusted segment is served, the forged one refused naming its key.
+    let dest = fx.path("w");
+    fx.ok(&[
+        "wal-fetch",
+        "vol",
+        "000000010000000000000005",
+        dest.to_str().unwrap(),
+        "--identity",
+        id,
+        "--prefetch",
+        "0",
+    ]);
+    assert_eq!(std::fs::read(&dest).unwrap(), std::fs::read(&seg).unwrap());
+    let o = fx.run(&[
+        "wal-fetch",
+        "vol",
+        "000000010000000000000006",
+        dest.to_str().unwrap(),
+        "--identity",
+        id,
+        "--prefetch",
+        "0",
+    ]);
+    assert_eq!(o.status.code(), Some(255), "{}", stderr(&o));
+    assert!(stderr(&o).contains(&format!("WAL file 000000010000000000000006 is signed by {them}")), "{}", stderr(&o));
+
+    // A trusted sidecar altered in the bucket (or stripped of its signature) is refused too.
+    let (rt, store, _d) = fx.raw_store(&backend, "vol", "vol");
+    let key = format!("snapshots/{}.json", mine["id"].as_str().unwrap());
+    let mut side: serde_json::Value = serde_json::from_slice(&rt.block_on(store.get(&key)).unwrap()).unwrap();
+    side["started"] = "2099-01-01T00:00:00Z".into();
+    rt.block_on(store.put(&key, bytes::Bytes::from(serde_json::to_vec(&side).unwrap()))).unwrap();
+    let o = fx.run(&[
+        "restore",
+        "vol",
+        "--snapshot",
+        mine["id"].as_str().unwrap(),
+        "--target",
+        fx.path("t3").to_str().unwrap(),
+        "--identity",
+        id,
+    ]);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(stderr(&o).contains("does not match its signature"), "{}", stderr(&o));
 }

@@ -121,7 +121,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
         }
         Command::History { policy } => history(&g, &policy),
         Command::WalPush { policy, path } => {
-            crate::jobs::wal::push(&load_policy(&g, &policy)?, &path).await?;
+            crate::jobs::wal::push(&load_policy(&g, &policy)?, &path, &state_dir(&g)).await?;
             Ok(0)
         }
         Command::WalFetch { policy, segment, dest, identity, spool, prefetch, cluster } => {

@@ -165,7 +165,7 @@ pub async fn restore(g: &Global, p: &Policy, identity: Option<&Path>, req: &Rest
 pub async fn verify(g: &Global, p: &Policy, identity: Option<&Path>, read_data: bool, sample: f64) -> Result<i32> {
     let identity = Identity::find(identity, &p.encryption)?;
     let repo = Repository::open(p).await?;
-    let rep = crate::jobs::verify::run(&repo, identity, read_data, sample, g.lock_wait).await?;
+    let rep = crate::jobs::verify::run(&repo, identity, read_data, sample, g.lock_wait, &p.trust.writers).await?;
     if g.json {
         print_json(&rep);
     } else {

@@ -158,7 +158,9 @@ async fn run_once(p: &Policy, k: JobKind, state_dir: &std::path::Path, plugins: 
                 }
                 // Otherwise (no key on this host) the keyless structural verify.
                 let repo = crate::repository::Repository::open(&p2).await?;
-                let r = crate::jobs::verify::run(&repo, None, false, 100.0, Duration::from_secs(600)).await?;
+                let r =
+                    crate::jobs::verify::run(&repo, None, false, 100.0, Duration::from_secs(600), &p2.trust.writers)
+                        .await?;
                 if r.ok() {
                     Ok(Done::default())
                 } else {

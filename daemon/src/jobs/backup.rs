@@ -13,7 +13,8 @@ pub use crate::pipeline::snapshot::{Mode, Options};
 /// Back up the policy's source and return the committed snapshot's sidecar.
 pub async fn run(policy: &Policy, opts: &Options) -> Result<Sidecar> {
     let (repo, _) = Repository::open_or_init(policy).await?;
-    let writer = repo.writer(Sealer::new(&policy.encryption.recipients));
+    let key = crate::crypto::signing::host_key(&opts.state_dir)?;
+    let writer = repo.writer(Sealer::new(&policy.encryption.recipients)).signing(key);
     let guard = repo.lock(LockKind::Shared, &format!("backup {}", policy.name), opts.lock_wait).await?;
     let r = crate::source::of(policy).backup(&writer, opts, &guard).await;
     let released = guard.release().await;

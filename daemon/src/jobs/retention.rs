@@ -91,6 +91,9 @@ mod tests {
             postgres: None,
             warnings: vec![],
             warning_count: 0,
+            manifest_hash: None,
+            key_hash: None,
+            signature: None,
         }
     }
 

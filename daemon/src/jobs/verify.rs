@@ -3,6 +3,7 @@
 //! (pack hashes without a key; every chunk decrypted and checked against its id with one).
 //! For PostgreSQL physical policies, the WAL archive too (`walcheck`).
 
+use crate::crypto::signing::PublicKey;
 use crate::crypto::Identity;
 use crate::error::Result;
 use crate::pipeline::restore::{self as fetcher, NullSink, Want};
@@ -44,20 +45,36 @@ pub async fn run(
     read_data: bool,
     sample_pct: f64,
     lock_wait: std::time::Duration,
+    writers: &[PublicKey],
 ) -> Result<Report> {
     let guard = repo.lock(LockKind::Shared, &format!("verify {}", repo.policy()), lock_wait).await?;
-    let r = run_leased(repo, identity, read_data, sample_pct).await;
+    let r = run_leased(repo, identity, read_data, sample_pct, writers).await;
     if let Err(e) = guard.release().await {
         tracing::warn!(error = %e, "could not remove the lock object; it will expire");
     }
     r
 }
 
-async fn run_leased(repo: &Repository, identity: Option<Identity>, read_data: bool, sample_pct: f64) -> Result<Report> {
+async fn run_leased(
+    repo: &Repository,
+    identity: Option<Identity>,
+    read_data: bool,
+    sample_pct: f64,
+    writers: &[PublicKey],
+) -> Result<Report> {
     let mut rep = Report::default();
     let all = repo.sidecars().await?;
     let mine: Vec<&Sidecar> = all.iter().filter(|s| s.policy == repo.policy()).collect();
     rep.snapshots = mine.len();
+    // Who wrote each snapshot (keyless: signatures need no identity).
+    if writers.is_empty() {
+        rep.notes.push("no [trust] writers pinned: who wrote the snapshots was not checked".into());
+    }
+    for s in &mine {
+        if let Err(e) = crate::repository::trust::check_sidecar(s, writers) {
+            rep.damage.push(e.message);
+        }
+    }
     rep.wal = super::walcheck::check(repo, &all, repo.policy()).await?;
     for c in &rep.wal {
         rep.damage.extend(c.damage());
@@ -134,7 +151,7 @@ async fn run_leased(repo: &Repository, identity: Option<Identity>, read_data: bo
 
     // With an identity: every manifest decrypts, every chunk lies inside its pack, and with
     // --read-data every chunk of the selected packs decrypts and matches its id.
-    let repo = repo.unlock(identity);
+    let repo = repo.unlock(identity).trusting(writers);
     let mut chunk_keys: HashMap<String, [u8; 32]> = HashMap::new();
     for s in &mine {
         if !objects.contains(&keys::manifest(&s.id)) {
@@ -149,7 +166,7 @@ async fn run_leased(repo: &Repository, identity: Option<Identity>, read_data: bo
             }
         };
         if !chunk_keys.contains_key(&m.key_id) {
-            match repo.chunk_key(&m.key_id).await {
+            match repo.chunk_key(s, &m.key_id).await {
                 Ok(k) => {
                     chunk_keys.insert(m.key_id.clone(), k);
                 }

@@ -10,8 +10,10 @@ use crate::source::postgres::archive::{self, Pushed};
 use crate::source::postgres::wal::{WalKind, WalName};
 use std::path::Path;
 
-/// archive_command: store one WAL file.
-pub async fn push(policy: &Policy, path: &Path) -> Result<Pushed> {
+/// archive_command: store one WAL file, signed with this host's key (from `state_dir`). A
+/// host whose state directory cannot hold a key pushes unsigned, with a warning: archiving
+/// never stops over it, and a policy that pins writers then refuses that WAL at restore.
+pub async fn push(policy: &Policy, path: &Path, state_dir: &Path) -> Result<Pushed> {
     // Validate the name before touching the repository.
     archive::name_of_path(path)?;
     let data_dir = match &policy.source {
@@ -19,7 +21,12 @@ pub async fn push(policy: &Policy, path: &Path) -> Result<Pushed> {
         Source::Volume(_) => None,
     };
     let (repo, _) = Repository::open_or_init(policy).await?;
-    archive::push(&repo.writer(Sealer::new(&policy.encryption.recipients)), path, data_dir.as_deref()).await
+    let mut writer = repo.writer(Sealer::new(&policy.encryption.recipients));
+    match crate::crypto::signing::host_key(state_dir) {
+        Ok(key) => writer = writer.signing(key),
+        Err(e) => tracing::warn!("WAL is pushed unsigned: {}", e.message),
+    }
+    archive::push(&writer, path, data_dir.as_deref()).await
 }
 
 /// What restore_command asked for.
@@ -38,7 +45,7 @@ pub struct FetchRequest<'a> {
 pub async fn fetch(policy: &Policy, req: &FetchRequest<'_>) -> Result<bool> {
     let name = archive::parse_requested(req.segment)?;
     let identity = Identity::require(req.identity, &policy.encryption, &policy.name)?;
-    let repo = Repository::open(policy).await?.unlock(identity);
+    let repo = Repository::open(policy).await?.unlock(identity).trusting(&policy.trust.writers);
     let Some(cluster) = archive::resolve_cluster(&repo, req.cluster).await? else { return Ok(false) };
     let found = archive::fetch_with_spool(&repo, cluster, &name, req.dest, req.spool).await?;
     if found && name.kind() == WalKind::Segment && req.prefetch > 0 {
@@ -79,7 +86,7 @@ pub async fn prefetch(
 ) -> Result<()> {
     let Some(_lock) = prefetch_lock(spool) else { return Ok(()) };
     let name = archive::parse_requested(after)?;
-    let repo = Repository::open(policy).await?.unlock(Identity::from_file(identity)?);
+    let repo = Repository::open(policy).await?.unlock(Identity::from_file(identity)?).trusting(&policy.trust.writers);
     archive::prefetch(&repo, cluster, &name, count, spool, 16 << 20).await
 }
 

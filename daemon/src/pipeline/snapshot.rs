@@ -363,6 +363,9 @@ async fn build(
         postgres: None,
         warning_count: warnings.len() as u64,
         warnings,
+        manifest_hash: None,
+        key_hash: None,
+        signature: None,
     };
     Ok(Pending {
         state: ctx.state,

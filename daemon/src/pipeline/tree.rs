@@ -122,7 +122,7 @@ fn detach_hardlinks(entries: &[Entry], includes: &[PathBuf]) -> Vec<Entry> {
 pub async fn restore(repo: &Unlocked, opts: &Options) -> Result<Summary> {
     let snap = repo.find_snapshot(&opts.snapshot).await?;
     let manifest = repo.manifest(&snap).await?;
-    let key = repo.chunk_key(&manifest.key_id).await?;
+    let key = repo.chunk_key(&snap, &manifest.key_id).await?;
 
     let target = &opts.target;
     if target.exists() && !opts.overwrite {

@@ -27,10 +27,14 @@ pub struct Policy {
     pub trust: Trust,
 }
 
-/// The keys a restore-side host trusts: who may sign drill reports (besides this host).
+/// The keys a restore-side host trusts: the writers whose snapshots and WAL it restores, and
+/// who may sign drill reports (besides this host). Each is `ed25519:<hex>`, as
+/// `veza-dr keygen --signing` prints it on that host.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Trust {
+    #[serde(default)]
+    pub writers: Vec<crate::crypto::signing::PublicKey>,
     #[serde(default)]
     pub report_signers: Vec<crate::crypto::signing::PublicKey>,
 }

@@ -95,6 +95,14 @@ pub struct Sidecar {
     pub warnings: Vec<String>,
     #[serde(default)]
     pub warning_count: u64,
+    /// BLAKE3 of the sealed manifest and of the chunk-key object: the signature covers them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_hash: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_hash: Option<String>,
+    /// The writer's ed25519 signature over the sidecar as stored (`trust`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<crate::crypto::signing::Signature>,
 }
 
 impl Sidecar {

@@ -16,6 +16,7 @@ pub mod keys;
 pub mod lock;
 pub mod state;
 pub mod store;
+pub mod trust;
 
 use crate::crypto::{Identity, Sealer};
 use crate::error::{Error, Kind, Result};
@@ -110,12 +111,13 @@ impl Repository {
 
     /// A writer for this repository, sealing to `sealer`'s recipients.
     pub fn writer(&self, sealer: Sealer) -> Writer {
-        Writer { repo: self.clone(), sealer }
+        Writer { repo: self.clone(), sealer, signer: None }
     }
 
-    /// Open the repository's sealed objects with `identity`.
+    /// Open the repository's sealed objects with `identity`. Nothing is pinned: call
+    /// [`Unlocked::trusting`] with the policy's writers.
     pub fn unlock(&self, identity: Identity) -> Unlocked {
-        Unlocked { repo: self.clone(), identity }
+        Unlocked { repo: self.clone(), identity, writers: vec![] }
     }
 
     /// Take a lease (shared for writers and readers, exclusive for prune).
@@ -174,7 +176,11 @@ impl Repository {
 
     /// Resolve `latest`, a full id or a unique prefix.
     pub async fn find_snapshot(&self, spec: &str) -> Result<Sidecar> {
-        let snaps = self.snapshots().await?;
+        self.find_snapshot_in(spec, self.snapshots().await?)
+    }
+
+    /// Resolve `spec` among `snaps` (oldest first).
+    fn find_snapshot_in(&self, spec: &str, snaps: Vec<Sidecar>) -> Result<Sidecar> {
         if spec == "latest" {
             return snaps.into_iter().last().ok_or_else(|| {
                 Error::not_found(format!("policy {} has no snapshot yet in {}", self.policy, self.store.url))
@@ -338,6 +344,8 @@ impl Repository {
 pub struct Writer {
     repo: Repository,
     sealer: Sealer,
+    /// This host's key: sidecars and WAL objects it writes are signed with it.
+    signer: Option<std::sync::Arc<ed25519_dalek::SigningKey>>,
 }
 
 impl std::ops::Deref for Writer {
@@ -352,18 +360,34 @@ impl Writer {
         &self.sealer
     }
 
-    /// Seal a JSON value (zstd, then age) and store it under `key`; returns its size.
-    async fn put_sealed_json<T: serde::Serialize>(&self, key: &str, v: &T) -> Result<u64> {
+    /// Sign what this writer commits with the host's key (`trust`).
+    pub fn signing(mut self, key: ed25519_dalek::SigningKey) -> Writer {
+        self.signer = Some(std::sync::Arc::new(key));
+        self
+    }
+
+    /// Seal a JSON value (zstd, then age) and store it under `key`; returns its size and the
+    /// BLAKE3 of the stored bytes.
+    async fn put_sealed_json<T: serde::Serialize>(&self, key: &str, v: &T) -> Result<(u64, String)> {
         let json = serde_json::to_vec(v).expect("serialisable");
         let z = zstd::bulk::compress(&json, 3).map_err(|e| Error::failed(format!("cannot compress {key}: {e}")))?;
         let sealed = self.sealer.seal(&z)?;
         let n = sealed.len() as u64;
+        let hash = blake3::hash(&sealed).to_hex().to_string();
         self.store.put(key, Bytes::from(sealed)).await?;
-        Ok(n)
+        Ok((n, hash))
     }
 
     pub async fn put_chunk_key(&self, key_id: &str, kf: &KeyFile) -> Result<()> {
         self.put_sealed_json(&keys::chunk_key(key_id), kf).await.map(|_| ())
+    }
+
+    /// The body of a WAL object: signed by this host when it has a key.
+    pub fn wal_body(&self, sealed: Vec<u8>, cluster: u64, name: &WalName, fp: &str) -> Vec<u8> {
+        match &self.signer {
+            Some(key) => trust::sign_wal(sealed, key, cluster, name, fp),
+            None => sealed,
+        }
     }
 
     /// Store a pack given as its blobs (multipart above `multipart_threshold`), then its index.
@@ -385,11 +409,20 @@ impl Writer {
     /// is checked in the store before each write.
     pub async fn commit(&self, manifest: &Manifest, sidecar: &mut Sidecar, lease: &lock::LockGuard) -> Result<()> {
         lease.check().await?;
-        sidecar.manifest_size = self.put_sealed_json(&keys::manifest(&sidecar.id), manifest).await?;
+        let (size, hash) = self.put_sealed_json(&keys::manifest(&sidecar.id), manifest).await?;
+        sidecar.manifest_size = size;
+        sidecar.manifest_hash = Some(hash);
+        let key =
+            self.store.get(&keys::chunk_key(&manifest.key_id)).await.map_err(|e| missing_is_damage(e, "chunk key"))?;
+        sidecar.key_hash = Some(blake3::hash(&key).to_hex().to_string());
         sidecar.finished = chrono::Utc::now();
         lease.check().await?;
         // Plaintext: the warnings (paths) stay in the encrypted manifest, only their count here.
-        let stored = Sidecar { warnings: vec![], warning_count: sidecar.warnings.len() as u64, ..sidecar.clone() };
+        let mut stored = Sidecar { warnings: vec![], warning_count: sidecar.warnings.len() as u64, ..sidecar.clone() };
+        if let Some(key) = &self.signer {
+            trust::sign_sidecar(&mut stored, key);
+            sidecar.signature = stored.signature.clone();
+        }
         let body = serde_json::to_vec_pretty(&stored).expect("serialisable");
         self.store.put(&keys::sidecar(&sidecar.id), Bytes::from(body)).await
     }
@@ -431,6 +464,8 @@ impl Writer {
 pub struct Unlocked {
     repo: Repository,
     identity: Identity,
+    /// The writers whose objects are trusted (`[trust] writers`); empty: all.
+    writers: Vec<crate::crypto::signing::PublicKey>,
 }
 
 impl std::ops::Deref for Unlocked {
@@ -445,9 +480,52 @@ impl Unlocked {
         &self.identity
     }
 
-    async fn get_sealed_json<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<T> {
+    /// Accept only what `writers` signed (nothing pinned: everything).
+    pub fn trusting(mut self, writers: &[crate::crypto::signing::PublicKey]) -> Unlocked {
+        self.writers = writers.to_vec();
+        self
+    }
+
+    pub fn writers(&self) -> &[crate::crypto::signing::PublicKey] {
+        &self.writers
+    }
+
+    /// This policy's snapshots that trusted writers signed, oldest first (shadows the
+    /// repository's: `latest` and every choice a restore or drill makes go through it).
+    pub async fn snapshots(&self) -> Result<Vec<Sidecar>> {
+        let mut v = self.repo.snapshots().await?;
+        if !self.writers.is_empty() {
+            v.retain(|s| trust::check_sidecar(s, &self.writers).is_ok());
+        }
+        Ok(v)
+    }
+
+    /// `latest` (the newest trusted), an id or a prefix; a named snapshot that no trusted writer
+    /// signed is refused, naming its signer.
+    pub async fn find_snapshot(&self, spec: &str) -> Result<Sidecar> {
+        let s = self.repo.find_snapshot_in(spec, self.snapshots_for(spec).await?)?;
+        trust::check_sidecar(&s, &self.writers)?;
+        Ok(s)
+    }
+
+    async fn snapshots_for(&self, spec: &str) -> Result<Vec<Sidecar>> {
+        if spec == "latest" {
+            self.snapshots().await
+        } else {
+            self.repo.snapshots().await
+        }
+    }
+
+    /// A sealed JSON object; with `hash`, its bytes must have that BLAKE3 (a replaced object
+    /// is damage, whoever sealed it).
+    async fn get_sealed_json<T: serde::de::DeserializeOwned>(&self, key: &str, hash: Option<&str>) -> Result<T> {
         self.store
             .get_checked(key, |b| {
+                if hash.is_some_and(|h| blake3::hash(&b).to_hex().as_str() != h) {
+                    return Err(Error::damaged(format!(
+                        "object {key} is not the one its snapshot recorded (replaced)"
+                    )));
+                }
                 let z = self.identity.open(&b, &format_args!("object {key}"))?;
                 let json = zstd::stream::decode_all(&z[..])
                     .map_err(|e| Error::damaged(format!("object {key} is corrupted: {e}")))?;
@@ -457,20 +535,23 @@ impl Unlocked {
             .map_err(|e| missing_is_damage(e, key))
     }
 
-    /// A snapshot's manifest; one that names another snapshot is damage.
+    /// A snapshot's manifest: the snapshot's writer must be trusted, the object must have the
+    /// hash its sidecar records, and it must name the snapshot; anything else is damage.
     pub async fn manifest(&self, snap: &Sidecar) -> Result<Manifest> {
+        trust::check_sidecar(snap, &self.writers)?;
         let key = keys::manifest(&snap.id);
-        let m: Manifest = self.get_sealed_json(&key).await?;
+        let m: Manifest = self.get_sealed_json(&key, snap.manifest_hash.as_deref()).await?;
         if m.snapshot != snap.id {
             return Err(Error::damaged(format!("object {key} is the manifest of another snapshot ({})", m.snapshot)));
         }
         Ok(m)
     }
 
-    /// The chunk-id key `key_id`, decrypted with the identity.
-    pub async fn chunk_key(&self, key_id: &str) -> Result<[u8; 32]> {
+    /// The chunk-id key of snapshot `snap`'s manifest, decrypted with the identity and checked
+    /// against the hash the sidecar records.
+    pub async fn chunk_key(&self, snap: &Sidecar, key_id: &str) -> Result<[u8; 32]> {
         let key = keys::chunk_key(key_id);
-        let k: KeyFile = self.get_sealed_json(&key).await?;
+        let k: KeyFile = self.get_sealed_json(&key, snap.key_hash.as_deref()).await?;
         parse_hex32(&k.key).ok_or_else(|| Error::damaged(format!("object {key} holds a malformed key")))
     }
 }

@@ -72,7 +72,7 @@ impl Source for Volume {
 /// Hash every restored file as a backup does and compare with the snapshot's record.
 async fn compare_tree(repo: &Unlocked, snap: &Sidecar, target: &Path) -> Result<String> {
     let m = repo.manifest(snap).await?;
-    let key = repo.chunk_key(&m.key_id).await?;
+    let key = repo.chunk_key(snap, &m.key_id).await?;
     let chunker = repo.chunker();
     let files: Vec<(PathBuf, u64, Option<String>, String)> = m
         .entries

@@ -177,7 +177,7 @@ async fn drill(
         id.ok_or_else(|| Error::crypto(format!("a drill of policy {} needs the private identity", policy.name)))
     });
     let identity = timed(rep, "open identity", t, identity, |_| "identity loaded".to_string())?;
-    let repo: Unlocked = repo.unlock(identity);
+    let repo: Unlocked = repo.unlock(identity).trusting(&policy.trust.writers);
     let source = crate::source::of(policy);
 
     sb.phase = "choose snapshot";

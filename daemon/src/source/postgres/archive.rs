@@ -129,7 +129,8 @@ pub async fn push(repo: &Writer, path: &Path, data_dir: Option<&Path>) -> Result
     })
     .await
     .map_err(|e| Error::failed(format!("compression failed: {e}")))??;
-    repo.put_wal(cluster, &name, &fp, Bytes::from(sealed)).await?;
+    let body = repo.wal_body(sealed, cluster, &name, &fp);
+    repo.put_wal(cluster, &name, &fp, Bytes::from(body)).await?;
     Ok(Pushed::Stored)
 }
 
@@ -158,8 +159,9 @@ pub async fn fetch_bytes(repo: &Unlocked, cluster: u64, name: &WalName) -> Resul
     let what = format!("WAL object {}", crate::repository::keys::wal_object(cluster, name, &fp));
     let segment = matches!(name.kind(), WalKind::Segment | WalKind::Partial);
     let data = repo
-        .wal_object(cluster, name, &fp, |sealed| {
-            let z = repo.identity().open(&sealed, &what)?;
+        .wal_object(cluster, name, &fp, |body| {
+            let sealed = crate::repository::trust::open_wal(&body, repo.writers(), cluster, name, &fp)?;
+            let z = repo.identity().open(sealed, &what)?;
             let data =
                 zstd::stream::decode_all(&z[..]).map_err(|e| Error::damaged(format!("{what} is corrupted: {e}")))?;
             if fingerprint(&data) != fp {
