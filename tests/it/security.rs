@@ -383,3 +383,70 @@ fn only_pinned_writers_are_restored() {
     assert_eq!(o.status.code(), Some(3));
     assert!(stderr(&o).contains("does not match its signature"), "{}", stderr(&o));
 }
+
+/// After a full run (backup, the daemon drilling, a runbook using a secret), none of the
+/// known secret values is in a log, a report, the audit log, the job history, /status or
+/// /metrics.
+#[test]
+fn secrets_never_reach_logs_reports_or_status() {
+    let backend = Backend::start(Kind::Garage);
+    let mut fx = Fixture::new(&backend);
+    let src = fx.path("src");
+    small_tree(&src);
+    let key_text = std::fs::read_to_string(&fx.identity).unwrap();
+    let age_key = key_text.lines().find(|l| l.starts_with("AGE-SECRET-KEY-")).unwrap().to_string();
+    let token = "tok-8c1f0e5a9b7d";
+    fx.env.push(("VEZA_TEST_IDENTITY".into(), key_text));
+    fx.env.push(("TEST_TOKEN".into(), token.into()));
+    fx.volume_policy("vol", &backend, "vol", &src, "");
+    let p = fx.path("policies/vol.toml");
+    let text = std::fs::read_to_string(&p).unwrap().replace(
+        "[encryption]\n",
+        "[schedule]\nverify = \"*/2 * * * * *\"\n[encryption]\nidentity = \"env:VEZA_TEST_IDENTITY\"\n",
+    );
+    std::fs::write(&p, text).unwrap();
+    let port = free_port();
+    std::fs::write(
+        fx.path("policies/books.toml"),
+        format!("[[runbook]]\nname = \"ping\"\nsecrets = {{ token = \"env:TEST_TOKEN\" }}\n[[runbook.step]]\nname = \"call\"\nplugin = \"fixture\"\nwith = {{ mode = \"http\", url = \"http://127.0.0.1:{port}/healthz\", header = \"X-Token: ${{secret:token}}\", needs-secret = \"token\" }}\ngrants = {{ http = [\"127.0.0.1\"], secrets = [\"token\"] }}\n"),
+    )
+    .unwrap();
+    let mut outputs = String::new();
+    outputs += &fx.ok(&["backup", "vol"]);
+    let daemon = fx
+        .cmd(&["daemon", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--plugins")
+        .arg(crate::runbook::plugins_dir())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while fx.json(&["drills", "vol"]).as_array().unwrap().is_empty() {
+        assert!(t.elapsed() < std::time::Duration::from_secs(60), "no drill");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    outputs += &http_full(port, "GET", "/status").1;
+    outputs += &http_full(port, "GET", "/metrics").1;
+    let o =
+        fx.cmd(&["failover", "ping", "--yes"]).arg("--plugins").arg(crate::runbook::plugins_dir()).output().unwrap();
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    outputs += &stdout(&o);
+    outputs += &stderr(&o);
+    outputs += &fx.ok(&["drills", "vol", "--json"]);
+    outputs += &fx.ok(&["history", "vol", "--json"]);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let d = daemon.wait_with_output().unwrap();
+    outputs += &stderr(&d);
+    let secrets = [GARAGE_SECRET, age_key.as_str(), token];
+    for s in secrets {
+        assert!(!outputs.contains(s), "a secret reached the output, /status or /metrics");
+    }
+    for e in walkdir::WalkDir::new(fx.path("state")).into_iter().flatten().filter(|e| e.file_type().is_file()) {
+        let b = String::from_utf8_lossy(&std::fs::read(e.path()).unwrap()).into_owned();
+        for s in secrets {
+            assert!(!b.contains(s), "a secret is in {}", e.path().display());
+        }
+    }
+    let audit = std::fs::read_to_string(fx.path("state/runbooks/audit.log")).unwrap();
+    assert!(audit.contains("\"call\""), "the runbook ran: {audit}");
+}

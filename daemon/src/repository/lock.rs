@@ -155,10 +155,19 @@ async fn list(store: &Store, mine: &str) -> Result<(Vec<Listed>, Option<DateTime
             now = Some(stored);
             continue;
         }
-        let Some(b) = store.get_opt(&k).await? else { continue };
-        match serde_json::from_slice::<Lease>(&b) {
+        // A lease that does not parse is read again first (a short answer must not make a live
+        // lease look absent); a removed one is skipped.
+        let parse = |b: Bytes| {
+            serde_json::from_slice::<Lease>(&b)
+                .map_err(|e| Error::damaged(format!("lock object {k} is unreadable: {e}")))
+        };
+        match store.get_checked(&k, parse).await {
             Ok(lease) => out.push(Listed { key: k, lease, stored }),
-            Err(_) => tracing::warn!(lock = %k, "ignoring unreadable lock object"),
+            Err(e) if e.kind == crate::error::Kind::NotFound => {}
+            Err(e) if e.kind == crate::error::Kind::Damaged => {
+                tracing::warn!(lock = %k, "ignoring unreadable lock object")
+            }
+            Err(e) => return Err(e),
         }
     }
     Ok((out, now))

@@ -58,10 +58,7 @@ impl Repository {
 
     /// Open over any store (tests wrap a real one to inject faults).
     pub async fn open_store(store: Store, policy: &str) -> Result<Repository> {
-        let config = match store.get_opt(keys::CONFIG).await? {
-            Some(b) => parse_config(&store.url, &b)?,
-            None => return Err(no_repository(&store.url)),
-        };
+        let config = read_config(&store).await?.ok_or_else(|| no_repository(&store.url))?;
         Ok(Repository { store, config, policy: policy.to_string() })
     }
 
@@ -69,8 +66,7 @@ impl Repository {
     /// created. Only `init` and writers (backup, wal-push, the daemon) call this.
     pub async fn open_or_init(policy: &Policy) -> Result<(Repository, bool)> {
         let store = Store::open(&policy.repository, true)?;
-        if let Some(b) = store.get_opt(keys::CONFIG).await? {
-            let config = parse_config(&store.url, &b)?;
+        if let Some(config) = read_config(&store).await? {
             return Ok((Repository { store, config, policy: policy.name.clone() }, false));
         }
         let cfg = RepoConfig {
@@ -83,8 +79,7 @@ impl Repository {
         store.put_new(keys::CONFIG, Bytes::from(body)).await?;
         // Read back: on a store without conditional create, a concurrent initialiser may have
         // won; everyone adopts what is stored.
-        let b = store.get(keys::CONFIG).await?;
-        let config = parse_config(&store.url, &b)?;
+        let config = read_config(&store).await?.ok_or_else(|| no_repository(&store.url))?;
         let created = config.id == cfg.id;
         if created {
             tracing::info!(repository = %store.url, id = %config.id, "initialised repository");
@@ -243,10 +238,12 @@ impl Repository {
     }
 
     pub async fn marks(&self) -> Result<Marks> {
-        match self.store.get_opt(keys::MARKS).await? {
-            None => Ok(Default::default()),
-            Some(b) => serde_json::from_slice(&b)
-                .map_err(|e| Error::damaged(format!("object {} is corrupted: {e}", keys::MARKS))),
+        let parse = |b: Bytes| {
+            serde_json::from_slice(&b).map_err(|e| Error::damaged(format!("object {} is corrupted: {e}", keys::MARKS)))
+        };
+        match self.store.get_checked(keys::MARKS, parse).await {
+            Err(e) if e.kind == Kind::NotFound => Ok(Default::default()),
+            r => r,
         }
     }
 
@@ -556,9 +553,21 @@ impl Unlocked {
     }
 }
 
+/// The repository's config, `None` when there is none; a config that does not parse is read
+/// again (a short answer) before it stands as damage.
+async fn read_config(store: &Store) -> Result<Option<RepoConfig>> {
+    match store.get_checked(keys::CONFIG, |b| parse_config(&store.url, &b)).await {
+        Ok(c) => Ok(Some(c)),
+        Err(e) if e.kind == Kind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 fn parse_config(url: &str, b: &[u8]) -> Result<RepoConfig> {
-    let cfg: RepoConfig = serde_json::from_slice(b)
-        .map_err(|e| Error::damaged(format!("object config in {url} is not a veza-dr repository config: {e}")))?;
+    let cfg: RepoConfig = serde_json::from_slice(b).map_err(|e| {
+        Error::damaged(format!("object config in {url} is not a veza-dr repository config: {e}"))
+            .with_hint("the repository url points at something else, or its config was damaged: check the url")
+    })?;
     if cfg.format != FORMAT_VERSION {
         return Err(Error::failed(format!(
             "repository {url} has format {}, this veza-dr reads format {FORMAT_VERSION}",
