@@ -58,30 +58,46 @@ pub fn host_public(state_dir: &Path) -> Option<PublicKey> {
     Some(PublicKey(SigningKey::from_bytes(&b).verifying_key().to_bytes()))
 }
 
-/// This host's report-signing key, creating it on first use.
+/// This host's signing key, creating it on first use. Two processes creating it at once end
+/// up with one key: it is written to a temporary file and linked into place, and the loser
+/// of the link reads the winner's.
 pub fn host_key(state_dir: &Path) -> Result<SigningKey> {
     let path = state_dir.join("signing.key");
-    if let Ok(hexkey) = std::fs::read_to_string(&path) {
-        if let Some(b) = hex::decode(hexkey.trim()).ok().and_then(|v| <[u8; 32]>::try_from(v).ok()) {
-            return Ok(SigningKey::from_bytes(&b));
-        }
-        return Err(Error::crypto(format!("signing key {} is malformed", path.display()))
-            .with_hint("move it away: a new key is created on the next drill (trust the new key where the old was)"));
+    let read = || -> Option<Result<SigningKey>> {
+        let hexkey = std::fs::read_to_string(&path).ok()?;
+        Some(match hex::decode(hexkey.trim()).ok().and_then(|v| <[u8; 32]>::try_from(v).ok()) {
+            Some(b) => Ok(SigningKey::from_bytes(&b)),
+            None => Err(Error::crypto(format!("signing key {} is malformed", path.display()))
+                .with_hint("move it away: a new key is created on next use (trust the new key where the old was)")),
+        })
+    };
+    if let Some(k) = read() {
+        return k;
     }
     std::fs::create_dir_all(state_dir).map_err(|e| Error::io("create state directory", state_dir, e))?;
     let key = SigningKey::from_bytes(&rand::random::<[u8; 32]>());
+    let tmp = state_dir.join(format!(".signing.key.{}.{}", std::process::id(), rand::random::<u32>()));
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
+    let written = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(&path)
-        .map_err(|e| Error::io("create signing key", &path, e))?;
-    f.write_all(hex::encode(key.to_bytes()).as_bytes())
-        .and_then(|_| f.sync_all())
-        .map_err(|e| Error::io("write", &path, e))?;
-    Ok(key)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(hex::encode(key.to_bytes()).as_bytes()).and_then(|_| f.sync_all()));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io("create signing key", &path, e));
+    }
+    let linked = std::fs::hard_link(&tmp, &path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(key),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            read().unwrap_or_else(|| Err(Error::io("read", &path, e)))
+        }
+        Err(e) => Err(Error::io("create signing key", &path, e)),
+    }
 }
 
 /// The public half as the text policies and reports use: `ed25519:<hex>`.
