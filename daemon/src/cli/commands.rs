@@ -16,6 +16,10 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Keygen { output, .. } => keygen(&g, output.as_deref()),
+        Command::Status { names, daemon } => super::health::status(&g, &names, &daemon).await,
+        Command::Check { policy, timeout } => super::health::check(&g, &policy, timeout).await,
+        Command::Completions { shell } => super::health::completions(shell),
+        Command::Man { dir } => super::health::man(&dir),
         Command::Init { policy } => data::init(&g, &load_policy(&g, &policy)?).await,
         Command::Drill { policy, identity, snapshot, report_dir } => {
             let p = load_policy(&g, &policy)?;
@@ -77,6 +81,8 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             immediate,
             start,
             port,
+            socket_dir,
+            listen,
             jobs,
         } => {
             let p = load_policy(&g, &policy)?;
@@ -95,6 +101,8 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
                 },
                 start,
                 port,
+                socket_dir,
+                listen,
                 jobs,
                 progress: Default::default(),
             };

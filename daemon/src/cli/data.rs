@@ -146,13 +146,17 @@ pub async fn restore(g: &Global, p: &Policy, identity: Option<&Path>, req: &Rest
             );
             if s.started {
                 crate::outln!(
-                    "server running on port {}: recovery finished in {:.1}s at {} on timeline {}{}",
+                    "server running on port {} (socket in {}): recovery finished in {:.1}s at {} on timeline {}{}",
                     s.port.unwrap_or(0),
+                    s.socket_dir.as_deref().unwrap_or("?"),
                     s.seconds_recovery,
                     s.recovered_lsn.as_deref().unwrap_or("?"),
                     s.timeline.unwrap_or(0),
                     s.last_transaction.as_deref().map(|t| format!("; last transaction at {t}")).unwrap_or_default()
                 );
+                for c in &s.connect {
+                    crate::outln!("connect: {c}");
+                }
             }
             for w in &s.warnings {
                 crate::outln!("note: {w}");

@@ -6,6 +6,7 @@ mod commands;
 mod data;
 mod demo;
 mod failover;
+mod health;
 mod output;
 
 use crate::error::{Error, Result};
@@ -74,6 +75,29 @@ pub enum Command {
         #[arg(long, conflicts_with = "output")]
         signing: bool,
     },
+    /// Are we OK? Newest backups, WAL and drills against the objectives, next jobs, sizes
+    /// (exit 1 when an objective is breached, naming it)
+    Status {
+        /// Policies to show (default: every policy in --policies)
+        #[arg(value_name = "POLICY")]
+        names: Vec<String>,
+        /// The running daemon, asked for its next jobs ('' not to ask)
+        #[arg(long, env = "VEZA_DR_DAEMON", default_value = "http://127.0.0.1:9187")]
+        daemon: String,
+    },
+    /// Prove a policy's set-up: repository, recipients, PostgreSQL privileges and archiving
+    /// end to end (exit 1 when a check fails)
+    Check {
+        policy: String,
+        /// How long a switched WAL segment may take to reach the repository
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Print a shell completion script (e.g. `veza-dr completions bash > /etc/bash_completion.d/veza-dr`)
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (one per command) into DIR
+    #[command(hide = true)]
+    Man { dir: PathBuf },
     /// Create a policy's repository (read-only commands never create one)
     Init { policy: String },
     /// Back up a policy's source
@@ -100,7 +124,8 @@ pub enum Command {
         /// Logical PostgreSQL backups: the server to load the dumps into (or env:NAME)
         #[arg(long, conflicts_with = "target")]
         target_dsn: Option<String>,
-        /// Recover to this time (RFC 3339)
+        /// Recover to this time: RFC 3339 or PostgreSQL's timestamptz text, as psql prints it
+        /// (`2026-12-01 10:02:10.269957+00`); the zone (+HH, +HH:MM, Z, UTC) is required
         #[arg(long, group = "recovery")]
         to_time: Option<String>,
         /// Recover to this LSN
@@ -121,6 +146,13 @@ pub enum Command {
         /// Port of the started server
         #[arg(long, default_value_t = 5433)]
         port: u16,
+        /// The started server's socket directory (default: /tmp/.veza-dr-PORT, private to
+        /// the data directory's owner)
+        #[arg(long, requires = "start")]
+        socket_dir: Option<PathBuf>,
+        /// The started server's listen_addresses (default 127.0.0.1; '' for the socket only)
+        #[arg(long, requires = "start")]
+        listen: Option<String>,
         /// Parallel jobs for pg_restore
         #[arg(long, default_value_t = 2)]
         jobs: usize,
@@ -311,4 +343,13 @@ pub(crate) fn state_dir(g: &Global) -> PathBuf {
 
 pub(crate) fn load_policy(g: &Global, name: &str) -> Result<crate::policy::Policy> {
     crate::policy::find(&g.policies, name)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        // clap checks names, conflicts and requirements here rather than at a user's first call.
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
 }

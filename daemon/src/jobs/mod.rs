@@ -3,10 +3,12 @@
 //! kind-specific work to the policy's [`crate::source::Source`].
 
 pub mod backup;
+pub mod check;
 pub mod drill;
 pub mod prune;
 pub mod restore;
 pub mod retention;
+pub mod status;
 pub mod verify;
 pub mod wal;
 pub mod walcheck;

@@ -86,7 +86,7 @@ struct SourceFile {
     exclude: Vec<String>,
     // postgres
     method: Option<PgMethod>,
-    dsn: Option<SecretRef>,
+    dsn: Option<crate::source::postgres::Dsn>,
     data_dir: Option<PathBuf>,
     #[serde(default)]
     databases: Vec<String>,
@@ -135,7 +135,7 @@ pub enum PgMethod {
 #[derive(Debug, Clone)]
 pub struct PgSource {
     pub method: PgMethod,
-    pub dsn: SecretRef,
+    pub dsn: crate::source::postgres::Dsn,
     pub data_dir: Option<PathBuf>,
     pub databases: Vec<String>,
     pub bin_dir: PathBuf,
@@ -350,7 +350,7 @@ impl Policy {
             }
             SourceType::Postgres => {
                 let dsn = s.dsn.ok_or_else(|| {
-                    at(span.clone(), "a postgres source needs `dsn` (a reference such as `env:VEZA_PG_DSN`)".into())
+                    at(span.clone(), "a postgres source needs `dsn` (`host=/var/run/postgresql dbname=postgres`, or a reference such as `env:VEZA_PG_DSN` when it holds a password)".into())
                 })?;
                 let method = s.method.unwrap_or(PgMethod::Physical);
                 if method == PgMethod::Physical && s.data_dir.is_none() {
@@ -604,7 +604,12 @@ mod tests {
             recipient()
         );
         let err = Policy::parse(Path::new("p.toml"), &text).unwrap_err();
-        assert!(err.message.contains("p.toml:3:7: secrets must be references"), "{}", err.message);
+        assert!(err.message.contains("p.toml:3:7: this DSN holds a password, so it is a secret"), "{}", err.message);
         assert!(!err.message.contains("pw@h"), "the secret leaked into the error: {}", err.message);
+        // Without a password a literal DSN is fine (peer or certificate authentication).
+        let ok = text.replace("postgres://u:pw@h/db", "host=/var/run/postgresql dbname=postgres");
+        let p = Policy::parse(Path::new("p.toml"), &ok).unwrap();
+        let Source::Postgres(pg) = &p.source else { panic!("a postgres source") };
+        assert_eq!(pg.dsn.to_string(), "DSN `host=/var/run/postgresql dbname=postgres`");
     }
 }

@@ -293,6 +293,12 @@ impl Repository {
         Ok(self.store.list_dirs(keys::WAL).await?.iter().filter_map(|d| keys::parse_wal_cluster(d)).collect())
     }
 
+    /// Objects and bytes the repository holds (every policy's): one listing.
+    pub async fn usage(&self) -> Result<(u64, u64)> {
+        let all = self.store.list("").await?;
+        Ok((all.len() as u64, all.iter().map(|(_, n)| n).sum()))
+    }
+
     /// When the newest WAL object was stored, if any.
     pub async fn newest_wal(&self) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
         self.store.newest(keys::WAL).await

@@ -329,7 +329,7 @@ pub struct StepState {
     runbook: String,
     step: String,
     grants: GrantSpec,
-    connections: BTreeMap<String, SecretRef>,
+    connections: BTreeMap<String, crate::source::postgres::Dsn>,
     secrets: BTreeMap<String, SecretRef>,
     deadline: Instant,
     plan_mode: bool,
@@ -348,7 +348,7 @@ impl StepState {
         runbook: &str,
         step: &str,
         grants: GrantSpec,
-        connections: BTreeMap<String, SecretRef>,
+        connections: BTreeMap<String, crate::source::postgres::Dsn>,
         secrets: BTreeMap<String, SecretRef>,
         timeout: Duration,
         memory_limit: u64,
@@ -636,7 +636,7 @@ impl veza::dr::host::Host for StepState {
             let client = self
                 .rt
                 .block_on(async move {
-                    let c = tokio::time::timeout(remaining, crate::source::postgres::connect_ref(&r))
+                    let c = tokio::time::timeout(remaining, crate::source::postgres::connect_dsn(&r))
                         .await
                         .map_err(|_| Error::new(Kind::Database, format!("connecting with {r} timed out")))??;
                     if plan {

@@ -31,7 +31,7 @@ pub struct RunbookSpec {
     pub objective: Option<Dur>,
     /// Named database connections: name → DSN reference.
     #[serde(default)]
-    pub connections: BTreeMap<String, SecretRef>,
+    pub connections: BTreeMap<String, crate::source::postgres::Dsn>,
     /// Named secrets: name → reference.
     #[serde(default)]
     pub secrets: BTreeMap<String, SecretRef>,

@@ -56,6 +56,10 @@ pub struct RestoreRequest {
     pub recovery: postgres::RecoveryTarget,
     pub start: bool,
     pub port: u16,
+    /// Where the started server puts its socket (default: a private directory).
+    pub socket_dir: Option<PathBuf>,
+    /// The started server's `listen_addresses` (default 127.0.0.1).
+    pub listen: Option<String>,
     pub jobs: usize,
     pub progress: RestoreProgress,
 }

@@ -37,10 +37,7 @@ impl Source for Logical {
             ));
         }
         let dsn = req.target_dsn.clone().ok_or_else(|| Error::usage("a logical restore needs --target-dsn DSN"))?;
-        let dsn = match crate::secret::SecretRef::parse(&dsn) {
-            Ok(r) => r.resolve()?,
-            Err(_) => dsn,
-        };
+        let dsn = super::Dsn::parse(&dsn).map_err(|e| Error::usage(format!("--target-dsn: {e}")))?.config()?;
         let snap = req.snapshot.clone().unwrap_or_else(|| "latest".into());
         let (snapshot, databases) = restore_dumps(repo, &self.pg, &snap, &dsn, req.jobs).await?;
         Ok(Restored::Logical { snapshot, databases })
@@ -73,7 +70,7 @@ pub async fn restore_dumps(
     repo: &Unlocked,
     pg: &PgSource,
     snapshot: &str,
-    target_dsn: &str,
+    target_dsn: &tokio_postgres::Config,
     jobs: usize,
 ) -> Result<(String, Vec<String>)> {
     let tmp = tempfile::tempdir().map_err(|e| Error::failed(format!("cannot create a temporary directory: {e}")))?;
@@ -95,7 +92,7 @@ pub async fn restore_dumps(
 /// (not yet started) and its DSN. Local connections are trusted: the socket directory is
 /// private to the server's owner (and root), and restoring the globals may change the
 /// superuser's password. TCP on 127.0.0.1 needs a random password nobody is told.
-async fn scratch_cluster(pg: &PgSource, env: &mut dyn DrillEnv) -> Result<(Server, String)> {
+async fn scratch_cluster(pg: &PgSource, env: &mut dyn DrillEnv) -> Result<(Server, tokio_postgres::Config)> {
     use std::os::unix::fs::PermissionsExt;
     let data = env.dir().join("data");
     let me = nix::unistd::geteuid();
@@ -121,7 +118,12 @@ async fn scratch_cluster(pg: &PgSource, env: &mut dyn DrillEnv) -> Result<(Serve
         data: data.clone(),
         port,
         uid,
-        dsn: Some(format!("user=postgres password={password}")),
+        dsn: Some({
+            let mut c = tokio_postgres::Config::new();
+            c.user("postgres").password(password.clone());
+            c
+        }),
+        ..Server::default()
     };
     env.adopt(server.clone());
     let out = server
@@ -143,8 +145,8 @@ async fn scratch_cluster(pg: &PgSource, env: &mut dyn DrillEnv) -> Result<(Serve
     let work = data.join("veza-dr-restore");
     std::fs::create_dir_all(&work).map_err(|e| Error::io("create", &work, e))?;
     let _ = std::os::unix::fs::chown(&work, Some(uid), None);
-    let dsn =
-        format!("host={} port={port} user=postgres password={password} dbname=postgres", server.socket_dir().display());
+    let mut dsn = tokio_postgres::Config::new();
+    dsn.host_path(server.socket_dir()).port(port).user("postgres").password(password).dbname("postgres");
     Ok((server, dsn))
 }
 
@@ -154,9 +156,7 @@ pub struct ConnInfo {
     pub password: Option<String>,
 }
 
-pub fn conninfo(dsn: &str, dbname: Option<&str>) -> Result<ConnInfo> {
-    let cfg: tokio_postgres::Config =
-        dsn.parse().map_err(|_| Error::usage("the DSN is not a valid PostgreSQL connection string"))?;
+pub fn conninfo(cfg: &tokio_postgres::Config, dbname: Option<&str>) -> ConnInfo {
     let mut parts = Vec::new();
     let q = |s: &str| format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"));
     let hosts: Vec<String> = cfg
@@ -181,7 +181,7 @@ pub fn conninfo(dsn: &str, dbname: Option<&str>) -> Result<ConnInfo> {
         parts.push(format!("dbname={}", q(d)));
     }
     let password = cfg.get_password().map(|p| String::from_utf8_lossy(p).into_owned());
-    Ok(ConnInfo { conninfo: parts.join(" "), password })
+    ConnInfo { conninfo: parts.join(" "), password }
 }
 
 /// A child's stdout that reports the child's failure (with its stderr) at end of stream.
@@ -290,9 +290,9 @@ async fn backup(policy: &Policy, pg: &PgSource, repo: &Writer, opts: &Options, g
         pg.databases.clone()
     };
     drop(c);
-    let dsn = pg.dsn.resolve()?;
+    let dsn = pg.dsn.config()?;
     let mut streams: Vec<(String, Box<dyn Read + Send>)> = Vec::new();
-    let ci = conninfo(&dsn, Some("postgres"))?;
+    let ci = conninfo(&dsn, Some("postgres"));
     let mut g = tool(pg, "pg_dumpall", &ci);
     g.arg("--globals-only").arg(format!("--dbname={}", ci.conninfo));
     streams.push((
@@ -300,7 +300,7 @@ async fn backup(policy: &Policy, pg: &PgSource, repo: &Writer, opts: &Options, g
         Box::new(Lazy { cmd: Some(g), what: "pg_dumpall --globals-only".into(), out: None }),
     ));
     for db in &databases {
-        let ci = conninfo(&dsn, Some(db))?;
+        let ci = conninfo(&dsn, Some(db));
         let mut d = tool(pg, "pg_dump", &ci);
         d.args(["-Fc", "--create", "--no-sync"]).arg(format!("--dbname={}", ci.conninfo));
         streams.push((
@@ -332,8 +332,8 @@ pub fn db_of_dump(file: &str) -> Option<String> {
 }
 
 /// Load restored dump files from `dir` into the server at `dsn`.
-pub async fn load(pg: &PgSource, dir: &Path, dsn: &str, jobs: usize) -> Result<Vec<String>> {
-    let admin = conninfo(dsn, Some("postgres"))?;
+pub async fn load(pg: &PgSource, dir: &Path, dsn: &tokio_postgres::Config, jobs: usize) -> Result<Vec<String>> {
+    let admin = conninfo(dsn, Some("postgres"));
     let globals = dir.join("globals.sql");
     if globals.exists() {
         let out = tool(pg, "psql", &admin)
@@ -349,7 +349,8 @@ pub async fn load(pg: &PgSource, dir: &Path, dsn: &str, jobs: usize) -> Result<V
             ));
         }
     }
-    let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+    let (client, conn) = dsn
+        .connect(tokio_postgres::NoTls)
         .await
         .map_err(|e| db_error("--target-dsn", "connect to the target server", e))?;
     tokio::spawn(conn);
@@ -366,7 +367,7 @@ pub async fn load(pg: &PgSource, dir: &Path, dsn: &str, jobs: usize) -> Result<V
             .is_some();
         // A missing database is created by pg_restore with its owner and settings (the dump
         // was taken with --create); an existing one is loaded into.
-        let ci = if exists { conninfo(dsn, Some(&db))? } else { conninfo(dsn, Some("postgres"))? };
+        let ci = if exists { conninfo(dsn, Some(&db)) } else { conninfo(dsn, Some("postgres")) };
         let out = tool(pg, "pg_restore", &ci)
             .args(["--exit-on-error", "-j", &jobs.max(1).to_string()])
             .args(if exists { &[][..] } else { &["--create"][..] })

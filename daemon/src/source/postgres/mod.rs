@@ -4,6 +4,7 @@
 //! recovery target of a restore, and the choice of backup for it.
 
 pub mod archive;
+pub mod dsn;
 pub mod logical;
 pub mod physical;
 pub mod recovery;
@@ -14,6 +15,7 @@ use crate::error::{Error, Kind, Result};
 use crate::policy::{PgMethod, PgSource, Policy};
 use std::time::Duration;
 
+pub use dsn::Dsn;
 pub use physical::PhysicalSummary;
 pub use recovery::RecoveryTarget;
 
@@ -27,15 +29,13 @@ pub fn of(policy: &Policy, pg: &PgSource) -> Box<dyn super::Source> {
 
 /// Connect with the policy's DSN. Errors name the reference, never the DSN.
 pub async fn connect(pg: &PgSource) -> Result<tokio_postgres::Client> {
-    connect_ref(&pg.dsn).await
+    connect_dsn(&pg.dsn).await
 }
 
-/// Connect with the DSN behind a secret reference. Errors name the reference, never the DSN.
-pub async fn connect_ref(dsn_ref: &crate::secret::SecretRef) -> Result<tokio_postgres::Client> {
-    let dsn = dsn_ref.resolve()?;
-    let cfg: tokio_postgres::Config = dsn
-        .parse()
-        .map_err(|_| Error::policy(format!("the DSN in {dsn_ref} is not a valid PostgreSQL connection string")))?;
+/// Connect as libpq would with this DSN (see [`Dsn::config`]). Errors name a reference,
+/// never what it holds.
+pub async fn connect_dsn(dsn_ref: &Dsn) -> Result<tokio_postgres::Client> {
+    let cfg = dsn_ref.config()?;
     let (client, conn) = tokio::time::timeout(Duration::from_secs(15), cfg.connect(tokio_postgres::NoTls))
         .await
         .map_err(|_| Error::new(Kind::Database, format!("connecting to PostgreSQL with {dsn_ref} timed out")))?

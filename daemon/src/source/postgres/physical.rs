@@ -59,7 +59,9 @@ impl Source for Physical {
             prepared.identity.keep();
             return Ok(Restored::Physical(out));
         }
-        let server = self.server(&target, req.port, prepared.uid);
+        let mut server = self.server(&target, req.port, prepared.uid);
+        server.socket = req.socket_dir.clone();
+        server.listen = req.listen.clone();
         let t1 = std::time::Instant::now();
         let rec = server.start_and_wait(repo).await;
         out.seconds_recovery = t1.elapsed().as_secs_f64();
@@ -68,6 +70,8 @@ impl Source for Physical {
         let _ = std::fs::remove_dir_all(archive::spool_dir(&target));
         out.started = true;
         out.port = Some(req.port);
+        out.socket_dir = Some(server.socket_dir().display().to_string());
+        out.connect = server.psql();
         out.recovered_lsn = Some(rec.lsn);
         out.timeline = Some(rec.timeline);
         out.last_transaction = rec.last_transaction;
@@ -193,7 +197,8 @@ impl Physical {
             data: data.to_path_buf(),
             port,
             uid,
-            dsn: self.pg.dsn.resolve().ok(),
+            dsn: self.pg.dsn.config().ok(),
+            ..Server::default()
         }
     }
 }
@@ -345,6 +350,9 @@ pub struct PhysicalSummary {
     pub bytes: u64,
     pub started: bool,
     pub port: Option<u16>,
+    /// Where the started server's socket is, and the commands that reach it.
+    pub socket_dir: Option<String>,
+    pub connect: Vec<String>,
     pub recovered_lsn: Option<String>,
     pub timeline: Option<i32>,
     pub last_transaction: Option<String>,
@@ -418,6 +426,8 @@ impl Prepared {
             bytes: self.bytes,
             started: false,
             port: None,
+            socket_dir: None,
+            connect: vec![],
             recovered_lsn: None,
             timeline: None,
             last_transaction: None,

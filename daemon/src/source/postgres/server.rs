@@ -9,14 +9,18 @@ use crate::repository::Repository;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Server {
     pub bin_dir: PathBuf,
     pub data: PathBuf,
     pub port: u16,
     pub uid: u32,
     /// The source's DSN: a physical copy has the same roles, so its user and password work.
-    pub dsn: Option<String>,
+    pub dsn: Option<tokio_postgres::Config>,
+    /// Where the socket goes (default: a private directory, /tmp/.veza-dr-<port>).
+    pub socket: Option<PathBuf>,
+    /// `listen_addresses` (default 127.0.0.1).
+    pub listen: Option<String>,
 }
 
 pub struct Recovered {
@@ -28,7 +32,40 @@ pub struct Recovered {
 
 impl Server {
     pub fn socket_dir(&self) -> PathBuf {
-        PathBuf::from(format!("/tmp/.veza-dr-{}", self.port))
+        self.socket.clone().unwrap_or_else(|| PathBuf::from(format!("/tmp/.veza-dr-{}", self.port)))
+    }
+
+    /// The address the server listens on over TCP.
+    pub fn listen(&self) -> &str {
+        self.listen.as_deref().unwrap_or("127.0.0.1")
+    }
+
+    /// The exact commands that reach the started server: over its socket (as its owner or
+    /// root when the socket directory is the private default) and over TCP.
+    pub fn psql(&self) -> Vec<String> {
+        let user = self.dsn.as_ref().and_then(|c| c.get_user()).unwrap_or("postgres");
+        let bin = self.bin_dir.join("psql");
+        let owner = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(self.uid)).ok().flatten().map(|u| u.name);
+        let sudo = match owner {
+            Some(o) if self.socket.is_none() && o != "root" => format!("sudo -u {o} "),
+            _ => String::new(),
+        };
+        let mut out = vec![format!(
+            "{sudo}{} -h {} -p {} -U {user} -d postgres",
+            bin.display(),
+            self.socket_dir().display(),
+            self.port
+        )];
+        let tcp = match self.listen() {
+            "" => None,
+            "*" | "0.0.0.0" => Some("127.0.0.1"),
+            "::" => Some("::1"),
+            l => l.split(',').next().map(str::trim),
+        };
+        if let Some(h) = tcp {
+            out.push(format!("{} -h {h} -p {} -U {user} -d postgres", bin.display(), self.port));
+        }
+        out
     }
 
     fn log(&self) -> PathBuf {
@@ -56,19 +93,28 @@ impl Server {
 
     pub fn stop(&self) {
         let _ = self.pg_ctl(&["-D", &self.data.display().to_string(), "-m", "fast", "-w", "stop"]).output();
-        let _ = std::fs::remove_dir_all(self.socket_dir());
+        if self.socket.is_none() {
+            let _ = std::fs::remove_dir_all(self.socket_dir());
+        }
     }
 
     /// Start the server on its port (127.0.0.1 and a socket in `socket_dir`) and wait until it
     /// accepts connections. Cancelling the future kills `pg_ctl`; the caller stops the server.
     pub async fn start(&self) -> Result<()> {
         let sock = self.socket_dir();
-        std::fs::create_dir_all(&sock).map_err(|e| Error::io("create", &sock, e))?;
-        let _ = std::os::unix::fs::chown(&sock, Some(self.uid), None);
-        // Restored data is production data: the socket is for the server's owner (and root).
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o700));
-        let opts = format!("-p {} -k {} -c listen_addresses='127.0.0.1'", self.port, sock.display());
+        if self.socket.is_none() {
+            std::fs::create_dir_all(&sock).map_err(|e| Error::io("create", &sock, e))?;
+            let _ = std::os::unix::fs::chown(&sock, Some(self.uid), None);
+            // Restored data is production data: the socket is for the server's owner (and root).
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o700));
+        } else if !sock.is_dir() {
+            return Err(Error::usage(format!("--socket-dir {} is not a directory", sock.display())));
+        }
+        if self.listen().contains(['\'', '"', ' ']) {
+            return Err(Error::usage(format!("--listen {:?} is not a list of addresses", self.listen())));
+        }
+        let opts = format!("-p {} -k {} -c listen_addresses='{}'", self.port, sock.display(), self.listen());
         let cmd = self.pg_ctl(&[
             "-D",
             &self.data.display().to_string(),
@@ -125,11 +171,11 @@ impl Server {
 
     /// A connection to the restored server over its socket, with the source's credentials.
     pub fn config(&self) -> tokio_postgres::Config {
-        let src: Option<tokio_postgres::Config> = self.dsn.as_deref().and_then(|d| d.parse().ok());
+        let src = self.dsn.as_ref();
         let mut cfg = tokio_postgres::Config::new();
         cfg.host_path(self.socket_dir()).port(self.port).dbname("postgres");
-        cfg.user(src.as_ref().and_then(|c| c.get_user()).unwrap_or("postgres"));
-        if let Some(pw) = src.as_ref().and_then(|c| c.get_password()) {
+        cfg.user(src.and_then(|c| c.get_user()).unwrap_or("postgres"));
+        if let Some(pw) = src.and_then(|c| c.get_password()) {
             cfg.password(pw);
         }
         cfg
