@@ -10,6 +10,7 @@ mod deploy;
 mod drill;
 mod faults;
 mod locks;
+mod operator;
 mod policies;
 mod postgres;
 mod runbook;

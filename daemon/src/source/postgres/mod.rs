@@ -66,10 +66,13 @@ pub fn db_error(dsn_ref: &str, what: &str, e: tokio_postgres::Error) -> Error {
         None => {
             let t = e.to_string();
             let src = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default();
-            (
-                format!("{t}{}", if src.is_empty() { String::new() } else { format!(": {src}") }),
-                "check the host/port in the DSN and that the server is running",
-            )
+            let hint = if src.contains("password missing") || t.contains("password missing") {
+                "the server asks for a password: put it in ~/.pgpass (or the file PGPASSFILE names, mode 0600), \
+                 in PGPASSWORD, or in a DSN behind env:/file:"
+            } else {
+                "check the host/port in the DSN and that the server is running"
+            };
+            (format!("{t}{}", if src.is_empty() { String::new() } else { format!(": {src}") }), hint)
         }
     };
     Error::new(Kind::Database, format!("cannot {what} ({dsn_ref}): {msg}")).with_hint(hint)

@@ -40,18 +40,13 @@ impl Server {
         self.listen.as_deref().unwrap_or("127.0.0.1")
     }
 
-    /// The exact commands that reach the started server: over its socket (as its owner or
-    /// root when the socket directory is the private default) and over TCP.
+    /// The exact commands that reach the started server: over its socket (the private
+    /// default is open to the server's owner and root: whoever ran the restore) and over TCP.
     pub fn psql(&self) -> Vec<String> {
         let user = self.dsn.as_ref().and_then(|c| c.get_user()).unwrap_or("postgres");
         let bin = self.bin_dir.join("psql");
-        let owner = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(self.uid)).ok().flatten().map(|u| u.name);
-        let sudo = match owner {
-            Some(o) if self.socket.is_none() && o != "root" => format!("sudo -u {o} "),
-            _ => String::new(),
-        };
         let mut out = vec![format!(
-            "{sudo}{} -h {} -p {} -U {user} -d postgres",
+            "{} -h {} -p {} -U {user} -d postgres",
             bin.display(),
             self.socket_dir().display(),
             self.port
