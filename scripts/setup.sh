@@ -8,7 +8,9 @@
 #   Debian packages: PostgreSQL 15 server and client tools, prometheus (promtool), chromium,
 #                    the wasm32 Rust toolchain for plugins (rustc-web, cargo-web, rust-web-src,
 #                    lld-22), PowerDNS with sqlite (pdns-server, pdns-backend-sqlite3), dig, sqlite3,
-#                    ssh-keygen (openssh-client: the SSH-recipient test), strace (the fsync test)
+#                    ssh-keygen (openssh-client: the SSH-recipient test), strace (the fsync test),
+#                    systemd-analyze (systemd) and readelf (binutils) for the package test
+#   cargo-deb 3.8.0 (crates.io)                   -> ~/.cargo/bin/cargo-deb (builds the .deb)
 set -euo pipefail
 CI_HOME=${VEZA_CI_HOME:-/opt/veza-dr-ci}
 log() { echo "setup: $*" >&2; }
@@ -18,7 +20,7 @@ mkdir -p "$CI_HOME/bin"
 # breaks it).
 APT_PACKAGES=(postgresql-15 postgresql-client-15 util-linux prometheus chromium
   rustc-web cargo-web rust-web-src lld-22 pdns-server pdns-backend-sqlite3 bind9-dnsutils sqlite3
-  openssh-client strace)
+  openssh-client strace systemd binutils)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -47,6 +49,12 @@ if [ -z "$GARAGE" ]; then
   log "building garage 2.5.0 from crates.io (15-40 minutes, once per machine)"
   cargo install garage@2.5.0 --locked --root "$CI_HOME" --quiet
   GARAGE="$CI_HOME/bin/garage"
+fi
+
+# cargo-deb, to build the Debian package.
+if ! cargo deb --version 2>/dev/null | grep -q '3\.8\.0'; then
+  log "installing cargo-deb 3.8.0 from crates.io"
+  cargo install cargo-deb@3.8.0 --locked --quiet
 fi
 
 cat > "$CI_HOME/env.sh" <<ENV

@@ -15,3 +15,5 @@ cargo clippy --release --all-targets --quiet -- -D warnings
 cargo clippy --quiet --manifest-path plugins/Cargo.toml -p kit -- -D warnings
 cargo test --quiet --manifest-path plugins/Cargo.toml -p kit
 cargo test --release --workspace --no-fail-fast "$@"
+# The Debian package: built, installed on this machine, and checked.
+bash scripts/package-test.sh

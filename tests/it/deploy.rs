@@ -37,9 +37,7 @@ fn dashboard_and_service_files_parse() {
         d["panels"].as_array().unwrap().iter().filter_map(|p| p["targets"][0]["expr"].as_str()).collect();
     assert!(exprs.iter().any(|e| e.contains("veza_dr_last_success_timestamp_seconds")));
     let unit = std::fs::read_to_string(deploy().join("systemd/veza-dr.service")).unwrap();
-    assert!(
-        unit.contains("ExecStart=/usr/local/bin/veza-dr daemon") && unit.contains("ExecReload=/bin/kill -HUP $MAINPID")
-    );
+    assert!(unit.contains("ExecStart=/usr/bin/veza-dr daemon") && unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
     let k8s = std::fs::read_to_string(deploy().join("kubernetes/veza-dr.yaml")).unwrap();
     assert!(k8s.contains("path: /healthz") && k8s.contains("secretRef"));
     // The policy embedded in the ConfigMap is a valid policy.

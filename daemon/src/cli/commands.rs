@@ -30,8 +30,15 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
                 snapshot: snapshot.filter(|s| s != "latest"),
                 plugins_dir: g.plugins.clone(),
                 lock_wait: g.lock_wait,
+                phase: Default::default(),
             };
-            let reports = crate::jobs::drill::run_all(&p, &o).await?;
+            let spin = {
+                let (phase, name) = (o.phase.clone(), p.name.clone());
+                super::output::spinner(!g.json, move || format!("drill of {name}: {}", phase.get()))
+            };
+            let reports = crate::jobs::drill::run_all(&p, &o).await;
+            spin.finish().await;
+            let reports = reports?;
             for r in &reports {
                 if g.json {
                     crate::outln!("{}", serde_json::to_string(r).expect("serialisable"));
@@ -172,12 +179,21 @@ async fn drills(g: &Global, p: &crate::policy::Policy) -> Result<i32> {
         print_json(&all);
         return Ok(0);
     }
-    crate::outln!("{:<18} {:<18} {:>10} {:>10}  {}", "DRILL", "VERDICT", "RTO", "RPO", "FAILURE");
+    crate::outln!(
+        "{:<18} {:<20} {:<18} {:>10} {:>10}  {}",
+        "DRILL",
+        "FINISHED (UTC)",
+        "VERDICT",
+        "RTO",
+        "RPO",
+        "FAILURE"
+    );
     for r in &all {
         let s = |v: Option<f64>| v.map(|x| format!("{x:.1}s")).unwrap_or_else(|| "-".into());
         crate::outln!(
-            "{:<18} {:<18} {:>10} {:>10}  {}",
+            "{:<18} {:<20} {:<18} {:>10} {:>10}  {}",
             r.id,
+            r.finished.format("%Y-%m-%d %H:%M:%S"),
             r.verdict.as_str(),
             s(r.rto.measured_seconds),
             s(r.rpo.measured_seconds),

@@ -62,6 +62,28 @@ impl Bar {
     }
 }
 
+/// A spinner naming what is in progress, or nothing when stderr is not a terminal or --json.
+pub fn spinner(enabled: bool, get: impl Fn() -> String + Send + 'static) -> Bar {
+    if !enabled || !std::io::stderr().is_terminal() {
+        return Bar { stop: None, task: None };
+    }
+    let pb = ProgressBar::new_spinner();
+    pb.set_style(ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("valid template"));
+    let (tx, mut rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        loop {
+            pb.set_message(get());
+            pb.tick();
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+                _ = &mut rx => break,
+            }
+        }
+        pb.finish_and_clear();
+    });
+    Bar { stop: Some(tx), task: Some(task) }
+}
+
 /// `println!` that never panics: a closed stdout (`| head`) ends the process quietly.
 #[macro_export]
 macro_rules! outln {

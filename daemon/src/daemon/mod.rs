@@ -142,6 +142,7 @@ async fn run_once(p: &Policy, k: JobKind, state_dir: &std::path::Path, plugins: 
                         snapshot: None,
                         plugins_dir,
                         lock_wait: Duration::from_secs(600),
+                        phase: Default::default(),
                     };
                     let reports = crate::jobs::drill::run_all(&p2, &o).await?;
                     if let Some(r) = reports.iter().find(|r| r.verdict == crate::jobs::drill::Verdict::Fail) {

@@ -38,6 +38,8 @@ pub struct Options {
     pub plugins_dir: PathBuf,
     /// How long to wait for the repository's lease (a prune holding it).
     pub lock_wait: std::time::Duration,
+    /// The phase in progress, for a progress display.
+    pub phase: sandbox::Phase,
 }
 
 /// Drill a policy: the chosen (or newest) snapshot, and with `random-older` also a random
@@ -89,12 +91,12 @@ async fn run(
         policy.verify.time_limit.map(|d| d.0).unwrap_or_else(|| {
             policy.objectives.rto.map(|d| d.0 * 2).unwrap_or(std::time::Duration::from_secs(24 * 3600))
         });
-    let mut sb = Sandbox::new()?;
+    let mut sb = Sandbox::new(o.phase.clone())?;
     let work = drill(repo, policy, o, snapshot, &mut rep, &mut sb);
     let recovered_at = match tokio::time::timeout(limit, work).await {
         Ok(r) => r,
         Err(_) => {
-            let during = sb.phase;
+            let during = sb.phase.get();
             let limit = humantime::format_duration(limit);
             let stopped = Err(Error::failed(format!("stopped: the drill exceeded its time limit of {limit}")));
             rep.phase(during, 0.0, &stopped);
@@ -171,7 +173,7 @@ async fn drill(
     rep: &mut Report,
     sb: &mut Sandbox,
 ) -> Option<DateTime<Utc>> {
-    sb.phase = "open identity";
+    sb.phase.set("open identity");
     let t = Instant::now();
     let identity = Identity::find(o.identity.as_deref(), &policy.encryption).and_then(|id| {
         id.ok_or_else(|| Error::crypto(format!("a drill of policy {} needs the private identity", policy.name)))
@@ -180,7 +182,7 @@ async fn drill(
     let repo: Unlocked = repo.unlock(identity).trusting(&policy.trust.writers);
     let source = crate::source::of(policy);
 
-    sb.phase = "choose snapshot";
+    sb.phase.set("choose snapshot");
     let t = Instant::now();
     let snap = match snapshot.as_deref() {
         Some(id) => repo.find_snapshot(id).await,
@@ -203,7 +205,7 @@ async fn drill(
     match (&drilled.tree, sb.server()) {
         (Some(tree), _) => {
             if !policy.verify.check.is_empty() {
-                sb.phase = "checks";
+                sb.phase.set("checks");
                 let t = Instant::now();
                 let r = checks::run_checks(policy, rep, tree, &[], None).await;
                 timed(rep, "checks", t, r, Clone::clone)?;
@@ -211,12 +213,12 @@ async fn drill(
         }
         (None, Some(server)) => {
             let server = server.clone();
-            sb.phase = "pg_amcheck";
+            sb.phase.set("pg_amcheck");
             let t = Instant::now();
             let r = checks::amcheck(&server).await;
             timed(rep, "pg_amcheck", t, r, Clone::clone)?;
             if !policy.verify.check.is_empty() {
-                sb.phase = "checks";
+                sb.phase.set("checks");
                 let t = Instant::now();
                 let cwd = sb.path().to_path_buf();
                 let r = checks::on_server(&server, policy, rep, &cwd).await;

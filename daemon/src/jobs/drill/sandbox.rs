@@ -12,18 +12,38 @@ pub struct Sandbox {
     dir: tempfile::TempDir,
     server: Option<Server>,
     /// The phase in progress, named when the time limit stops the drill.
-    pub phase: &'static str,
+    pub phase: Phase,
+}
+
+/// The phase a drill is in, shared with whoever shows progress (the CLI's spinner).
+#[derive(Clone, Debug)]
+pub struct Phase(std::sync::Arc<std::sync::Mutex<&'static str>>);
+
+impl Default for Phase {
+    fn default() -> Phase {
+        Phase(std::sync::Arc::new(std::sync::Mutex::new("setup")))
+    }
+}
+
+impl Phase {
+    pub fn set(&self, p: &'static str) {
+        *self.0.lock().expect("not poisoned") = p;
+    }
+    pub fn get(&self) -> &'static str {
+        *self.0.lock().expect("not poisoned")
+    }
 }
 
 impl Sandbox {
-    pub fn new() -> Result<Sandbox> {
+    pub fn new(phase: Phase) -> Result<Sandbox> {
         // tempfile creates the directory 0700: restored production data is never readable
         // by other users, not even for a moment.
         let dir = tempfile::Builder::new()
             .prefix("veza-drill-")
             .tempdir()
             .map_err(|e| Error::failed(format!("cannot create the drill sandbox: {e}")))?;
-        Ok(Sandbox { dir, server: None, phase: "setup" })
+        phase.set("setup");
+        Ok(Sandbox { dir, server: None, phase })
     }
 
     pub fn path(&self) -> &Path {
@@ -69,7 +89,7 @@ impl DrillEnv for Env<'_> {
     }
 
     fn begin(&mut self, phase: &'static str) {
-        self.sandbox.phase = phase;
+        self.sandbox.phase.set(phase);
     }
 
     fn record(&mut self, phase: &str, seconds: f64, outcome: &Result<String>) -> bool {
