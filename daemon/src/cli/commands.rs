@@ -2,7 +2,7 @@
 //! keygen, history, drills and report verification.
 
 use super::output::bytes;
-use super::{data, load_policy, state_dir, Cli, Command, Global, PolicyCmd, ReportCmd};
+use super::{data, load_policy, primary_only, state_dir, Cli, Command, Global, PolicyCmd, ReportCmd};
 use crate::error::{Error, Result};
 use std::path::Path;
 
@@ -20,7 +20,14 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
         Command::Check { policy, timeout } => super::health::check(&g, &policy, timeout).await,
         Command::Completions { shell } => super::health::completions(shell),
         Command::Man { dir } => super::health::man(&dir),
-        Command::Init { policy } => data::init(&g, &load_policy(&g, &policy)?).await,
+        Command::Replicate { policy, replica } => {
+            primary_only(&g, "replicate")?;
+            data::replicate(&g, &load_policy(&g, &policy)?, replica.as_deref()).await
+        }
+        Command::Init { policy } => {
+            primary_only(&g, "init")?;
+            data::init(&g, &load_policy(&g, &policy)?).await
+        }
         Command::Drill { policy, identity, snapshot, report_dir } => {
             let p = load_policy(&g, &policy)?;
             let o = crate::jobs::drill::Options {
@@ -65,6 +72,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Backup { policy, full, incremental } => {
+            primary_only(&g, "backup")?;
             let mode = match (full, incremental) {
                 (true, _) => crate::jobs::backup::Mode::Full,
                 (_, true) => crate::jobs::backup::Mode::Incremental,
@@ -124,6 +132,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
         Command::Prune { policy, dry_run } => data::prune(&g, &load_policy(&g, &policy)?, dry_run).await,
         Command::Demo { dir } => super::demo::run(&g, &dir).await,
         Command::Daemon { listen, max_jobs, grace } => {
+            primary_only(&g, "the daemon")?;
             crate::daemon::run(crate::daemon::Options {
                 policies_dir: g.policies.clone(),
                 state_dir: state_dir(&g),
@@ -136,6 +145,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
         }
         Command::History { policy } => history(&g, &policy),
         Command::WalPush { policy, path } => {
+            primary_only(&g, "wal-push")?;
             crate::jobs::wal::push(&load_policy(&g, &policy)?, &path, &state_dir(&g)).await?;
             Ok(0)
         }

@@ -235,3 +235,50 @@ pub async fn prune(g: &Global, p: &Policy, dry_run: bool) -> Result<i32> {
     }
     Ok(0)
 }
+
+pub async fn replicate(g: &Global, p: &Policy, only: Option<&str>) -> Result<i32> {
+    let replicas: Vec<_> = p.replicas.iter().filter(|r| only.is_none_or(|n| r.name == n)).collect();
+    if replicas.is_empty() {
+        return Err(match only {
+            Some(n) => crate::Error::usage(format!("policy {} has no replica `{n}`", p.name)),
+            None => crate::Error::usage(format!("policy {} declares no [[replica]]", p.name)),
+        }
+        .with_hint("declare one: [[replica]] name = \"dr\", url = \"s3://bucket-dr/prefix\", …"));
+    }
+    let primary = Repository::open(p).await?;
+    let mut all = Vec::new();
+    for r in replicas {
+        let progress: crate::repository::replicate::Progress = Default::default();
+        let bar = {
+            let d = progress.clone();
+            Bar::start(!g.json, "replicate", move || {
+                let n = d.load(Ordering::Relaxed);
+                (n, n)
+            })
+        };
+        let c = crate::repository::replicate::replicate(&primary, r, &progress).await;
+        bar.finish().await;
+        let c = c?;
+        if !g.json {
+            crate::outln!(
+                "replica {}: copied {} objects ({}) in {:.1}s, {} already there; {} snapshots on the replica{}",
+                c.replica,
+                c.objects_copied,
+                bytes(c.bytes_copied),
+                c.seconds,
+                c.objects_present,
+                c.snapshots,
+                if c.snapshots_waiting.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {} waiting for their parts", c.snapshots_waiting.len())
+                }
+            );
+        }
+        all.push(c);
+    }
+    if g.json {
+        print_json(&all);
+    }
+    Ok(0)
+}

@@ -44,6 +44,10 @@ pub struct Global {
     /// Directory of runbook-step plugins (<name>.wasm)
     #[arg(long, global = true, env = "VEZA_DR_PLUGINS", default_value = "plugins/dist")]
     pub plugins: PathBuf,
+    /// Read from this repository: `primary` (the default) or a `[[replica]]` name (snapshots,
+    /// restore, verify, prune, drill, drills, wal-fetch, status, check)
+    #[arg(long, global = true, value_name = "NAME")]
+    pub repository: Option<String>,
     /// How long to wait for a repository lock held by another process
     #[arg(long, global = true, default_value = "0s", value_parser = parse_duration)]
     pub lock_wait: std::time::Duration,
@@ -98,6 +102,13 @@ pub enum Command {
     /// Write the man pages (one per command) into DIR
     #[command(hide = true)]
     Man { dir: PathBuf },
+    /// Copy to each replica (or one) what it lacks of the primary: ciphertext, no key needed
+    Replicate {
+        policy: String,
+        /// Only this replica
+        #[arg(long)]
+        replica: Option<String>,
+    },
     /// Create a policy's repository (read-only commands never create one)
     Init { policy: String },
     /// Back up a policy's source
@@ -341,8 +352,22 @@ pub(crate) fn state_dir(g: &Global) -> PathBuf {
     g.state_dir.clone().unwrap_or_else(crate::repository::state::default_state_dir)
 }
 
+/// The policy, viewed through `--repository` when one is given.
 pub(crate) fn load_policy(g: &Global, name: &str) -> Result<crate::policy::Policy> {
-    crate::policy::find(&g.policies, name)
+    let p = crate::policy::find(&g.policies, name)?;
+    match &g.repository {
+        Some(r) => p.on_repository(r),
+        None => Ok(p),
+    }
+}
+
+/// Writers write to the primary only: a replica is filled by `replicate`.
+pub(crate) fn primary_only(g: &Global, command: &str) -> Result<()> {
+    match g.repository.as_deref() {
+        None | Some(crate::policy::replica::PRIMARY) => Ok(()),
+        Some(r) => Err(Error::usage(format!("{command} writes to the primary repository, not to replica {r}"))
+            .with_hint("replicas are filled by `veza-dr replicate <policy>`")),
+    }
 }
 
 #[cfg(test)]

@@ -97,7 +97,11 @@ fn spawn_prefetch(p: &Policy, cluster: u64, after: &WalName, spool: &Path, ident
     }
     let Ok(exe) = std::env::current_exe() else { return };
     use std::os::unix::process::CommandExt;
-    let _ = std::process::Command::new(exe)
+    let mut cmd = std::process::Command::new(exe);
+    if let Some(r) = &p.via {
+        cmd.arg("--repository").arg(r);
+    }
+    let _ = cmd
         .arg("wal-prefetch")
         .arg(&p.path)
         .arg(after.as_str())

@@ -3,6 +3,7 @@
 //! Parsing rejects unknown keys; a bad value is reported as `file:line:col: message` with a hint.
 //! A policy's name is its file stem (`policies/db.toml` is policy `db`).
 
+pub mod replica;
 pub mod types;
 
 pub use crate::crypto::Recipient;
@@ -25,6 +26,10 @@ pub struct Policy {
     pub objectives: Objectives,
     pub verify: VerifyCfg,
     pub trust: Trust,
+    /// Second repositories (`[[replica]]`), filled by `veza-dr replicate`.
+    pub replicas: Vec<replica::Replica>,
+    /// The replica this view of the policy reads (`--repository NAME`); `None`: the primary.
+    pub via: Option<String>,
 }
 
 /// The keys a restore-side host trusts: the writers whose snapshots and WAL it restores, and
@@ -59,6 +64,8 @@ struct PolicyFile {
     trust: Trust,
     #[serde(default)]
     runbook: Vec<toml::Spanned<crate::runbook::spec::RunbookSpec>>,
+    #[serde(default)]
+    replica: Vec<toml::Spanned<replica::ReplicaFile>>,
 }
 
 /// What one policy file declares: a backup policy, runbooks, or both.
@@ -380,11 +387,14 @@ impl Policy {
                 c.tz = zone;
             }
         }
+        let replicas = replica::build(file.replica, &repository, &at)?;
         let policy = Policy {
             name,
             path: path.to_path_buf(),
             source,
             schedule,
+            replicas,
+            via: None,
             repository,
             encryption,
             retention: file.retention,

@@ -14,6 +14,7 @@ pub mod durable;
 pub mod format;
 pub mod keys;
 pub mod lock;
+pub mod replicate;
 pub mod state;
 pub mod store;
 pub mod trust;

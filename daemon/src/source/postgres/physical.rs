@@ -498,8 +498,10 @@ async fn prepare(
     std::fs::copy(&policy.path, &policy_copy).map_err(|e| io("copy policy", &policy.path, e))?;
     let exe = std::env::current_exe().map_err(|e| Error::failed(format!("cannot find the veza-dr binary: {e}")))?;
     let cluster = snap.pg().map(|p| p.system_identifier.clone()).unwrap_or_default();
+    // A restore from a replica fetches its WAL from the same replica.
+    let via = policy.via.as_deref().map(|r| format!(" --repository {}", shell_quote(r))).unwrap_or_default();
     let restore_command = format!(
-        "{} wal-fetch {} %f %p --identity {} --spool {} --cluster {}",
+        "{} wal-fetch {} %f %p --identity {} --spool {} --cluster {}{via}",
         shell_quote(&exe.display().to_string()),
         shell_quote(&policy_copy.display().to_string()),
         shell_quote(&identity.file.display().to_string()),

@@ -1,0 +1,168 @@
+//! Replication: copy to a replica what it lacks of the primary, as ciphertext, byte for byte.
+//! No key is needed. The order makes every state a crash can leave consistent: the config,
+//! then chunk keys, packs (each checked against its BLAKE3 id on the way), indexes, manifests,
+//! WAL and drill reports, and last the sidecars, each only once every pack, the manifest and
+//! the chunk key it names are on the replica; so a snapshot appears there only when it is
+//! complete there. A copy is a whole-object put: an interrupted run leaves nothing half
+//! written, and the next run copies what is still missing. Nothing is ever deleted on the
+//! replica by replication (a compromised primary cannot empty it); `prune --repository NAME`
+//! applies the policy's retention to the replica, with the same two-phase grace.
+
+use super::format::Sidecar;
+use super::lock::LockKind;
+use super::store::Store;
+use super::{keys, read_config, Repository};
+use crate::error::{Error, Result};
+use crate::policy::replica::Replica;
+use bytes::Bytes;
+use futures::StreamExt;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Objects copied at once: memory is about this many packs.
+const PARALLEL: usize = 8;
+
+#[derive(Debug, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Copied {
+    pub replica: String,
+    pub objects_copied: u64,
+    pub bytes_copied: u64,
+    pub objects_present: u64,
+    /// Snapshots present on the replica after the run, and those still waiting for a part.
+    pub snapshots: u64,
+    pub snapshots_waiting: Vec<String>,
+    pub seconds: f64,
+}
+
+/// Bytes copied so far, for a progress display.
+pub type Progress = std::sync::Arc<AtomicU64>;
+
+pub async fn replicate(primary: &Repository, replica: &Replica, progress: &Progress) -> Result<Copied> {
+    let t = std::time::Instant::now();
+    let dst = Store::open(&replica.repository, true)?;
+    let src = &primary.store;
+    // The same repository, or none yet: a replica holding another repository is refused.
+    match read_config(&dst).await? {
+        Some(c) if c.id != primary.config.id => {
+            return Err(Error::usage(format!(
+                "replica {} ({}) holds another repository (id {}, the primary's is {})",
+                replica.name, dst.url, c.id, primary.config.id
+            ))
+            .with_hint("point the replica at an empty location, or at a copy of this repository"))
+        }
+        Some(_) => {}
+        None => dst.put(keys::CONFIG, src.get(keys::CONFIG).await?).await?,
+    }
+    let target = Repository::open_store(dst.clone(), &primary.policy).await?;
+    // Readers' leases on both sides: a prune of either waits until the copy is done.
+    let lease_src = primary.lock(LockKind::Shared, "replicate", std::time::Duration::ZERO).await?;
+    let lease_dst = target.lock(LockKind::Shared, "replicate", std::time::Duration::ZERO).await?;
+    let mut out = Copied { replica: replica.name.clone(), ..Default::default() };
+    let have: HashSet<String> = dst.list("").await?.into_iter().map(|(k, _)| k).collect();
+    let listing = src.list("").await?;
+    let wanted = |k: &str| {
+        [keys::KEYS, keys::DATA, keys::INDEX, keys::WAL, keys::REPORTS].iter().any(|p| k.starts_with(p))
+            || (k.starts_with(keys::SNAPSHOTS) && k.ends_with(".manifest"))
+    };
+    let mut todo: Vec<(String, u64)> = Vec::new();
+    for (k, size) in &listing {
+        if !wanted(k) {
+            continue;
+        }
+        if have.contains(k) {
+            out.objects_present += 1;
+        } else {
+            todo.push((k.clone(), *size));
+        }
+    }
+    // Keys first, then packs, then the rest: nothing refers to what is not yet there.
+    todo.sort_by_key(|(k, _)| {
+        let rank = if k.starts_with(keys::KEYS) {
+            0
+        } else if k.starts_with(keys::DATA) {
+            1
+        } else {
+            2
+        };
+        (rank, k.clone())
+    });
+    let copied: Vec<Result<(String, u64)>> = futures::stream::iter(todo)
+        .map(|(k, size)| {
+            let (src, dst) = (src.clone(), dst.clone());
+            async move {
+                let b = src.get(&k).await?;
+                check(&k, &b, size)?;
+                let n = b.len() as u64;
+                dst.put(&k, b).await?;
+                progress.fetch_add(n, Ordering::Relaxed);
+                Ok((k, n))
+            }
+        })
+        .buffer_unordered(PARALLEL)
+        .collect()
+        .await;
+    let mut present = have;
+    let mut first_error = None;
+    for r in copied {
+        match r {
+            Ok((k, n)) => {
+                out.objects_copied += 1;
+                out.bytes_copied += n;
+                present.insert(k);
+            }
+            Err(e) => {
+                tracing::warn!(replica = %replica.name, "copy failed: {}", e.message);
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    // Sidecars last, each once what it names is there; none after a failed copy (a chunk key
+    // may be what failed).
+    if let Some(e) = first_error {
+        let _ = lease_dst.release().await;
+        let _ = lease_src.release().await;
+        return Err(e.with_hint("run replicate again: it copies only what is still missing"));
+    }
+    for s in primary.sidecars().await? {
+        let key = keys::sidecar(&s.id);
+        if present.contains(&key) {
+            out.snapshots += 1;
+            continue;
+        }
+        if !complete_on(&s, &present) {
+            out.snapshots_waiting.push(s.id.to_string());
+            continue;
+        }
+        let b = src.get(&key).await?;
+        let n = b.len() as u64;
+        dst.put(&key, b).await?;
+        out.objects_copied += 1;
+        out.bytes_copied += n;
+        out.snapshots += 1;
+    }
+    lease_dst.release().await?;
+    lease_src.release().await?;
+    out.seconds = t.elapsed().as_secs_f64();
+    Ok(out)
+}
+
+/// What the primary serves must be what it listed, and a pack must hash to its id: a damaged
+/// primary object is never spread to the replica.
+fn check(key: &str, b: &Bytes, listed: u64) -> Result<()> {
+    if b.len() as u64 != listed {
+        return Err(Error::damaged(format!("{key}: read {} bytes, the listing says {listed}", b.len())));
+    }
+    if let Some(id) = keys::parse_pack(key) {
+        if blake3::hash(b).as_bytes() != &id {
+            return Err(Error::damaged(format!("pack {key} does not match its id: not copied")));
+        }
+    }
+    Ok(())
+}
+
+fn complete_on(s: &Sidecar, present: &HashSet<String>) -> bool {
+    let packs = s.packs.iter().all(|p| present.contains(&keys::pack(&p.id)));
+    let manifest = present.contains(&keys::manifest(&s.id));
+    packs && manifest
+}
