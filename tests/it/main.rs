@@ -13,6 +13,7 @@ mod locks;
 mod operator;
 mod policies;
 mod postgres;
+mod region;
 mod runbook;
 mod safety;
 mod security;

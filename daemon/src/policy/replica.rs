@@ -62,17 +62,21 @@ pub(super) fn build(
             return Err(at(span, format!("replica `{}` has the primary's url: a replica must be elsewhere", r.name))
                 .with_hint("point it at a bucket in another region"));
         }
-        if let Some(o) = out.iter().find(|o| same_location(&o.repository.url, &r.url) && o.repository.endpoint == r.endpoint)
+        if let Some(o) =
+            out.iter().find(|o| same_location(&o.repository.url, &r.url) && o.repository.endpoint == r.endpoint)
         {
             return Err(at(span, format!("replicas `{}` and `{}` are the same location", o.name, r.name)));
         }
         match url::Url::parse(&r.url) {
             Ok(u) if matches!(u.scheme(), "s3" | "file" | "gs" | "az" | "azure" | "abfs" | "abfss") => {}
-            Ok(u) => return Err(at(span, format!("replica `{}`: url scheme `{}` is not supported", r.name, u.scheme()))),
+            Ok(u) => {
+                return Err(at(span, format!("replica `{}`: url scheme `{}` is not supported", r.name, u.scheme())))
+            }
             Err(e) => return Err(at(span, format!("replica `{}`: url `{}` is invalid: {e}", r.name, r.url))),
         }
         if let Some(ep) = &r.endpoint {
-            url::Url::parse(ep).map_err(|e| at(span.clone(), format!("replica `{}`: endpoint `{ep}` is invalid: {e}", r.name)))?;
+            url::Url::parse(ep)
+                .map_err(|e| at(span.clone(), format!("replica `{}`: endpoint `{ep}` is invalid: {e}", r.name)))?;
         }
         let repository = RepositoryCfg {
             url: r.url,
@@ -106,5 +110,43 @@ impl Policy {
         p.repository = r.repository.clone();
         p.via = Some(r.name.clone());
         Ok(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::policy::Policy;
+    use std::path::Path;
+
+    fn policy(replicas: &str) -> crate::Result<Policy> {
+        let (_, r) = crate::crypto::seal::generate_identity();
+        let text = format!(
+            "[source]\ntype = \"volume\"\npath = \"/srv\"\n[repository]\nurl = \"s3://b/p\"\nendpoint = \"http://127.0.0.1:9000\"\n[encryption]\nrecipients = [\"{r}\"]\n{replicas}"
+        );
+        Policy::parse(Path::new("p.toml"), &text)
+    }
+
+    #[test]
+    fn replicas_are_checked_with_their_position_and_read_through_on_repository() {
+        let dr = "[[replica]]\nname = \"dr\"\nurl = \"s3://b-dr/p\"\nendpoint = \"http://127.0.0.1:9001\"\n";
+        let p = policy(dr).unwrap();
+        let v = p.on_repository("dr").unwrap();
+        assert_eq!((v.repository.url.as_str(), v.via.as_deref()), ("s3://b-dr/p", Some("dr")));
+        assert_eq!(v.repository.pack_size.0, p.repository.pack_size.0, "layout settings follow the primary");
+        assert!(p.on_repository("primary").unwrap().via.is_none());
+        let e = p.on_repository("nope").unwrap_err();
+        assert!(e.hint.unwrap().contains("primary, dr"));
+        for (bad, want) in [
+            (
+                "[[replica]]\nname = \"dr\"\nurl = \"s3://b/p/\"\nendpoint = \"http://127.0.0.1:9000\"\n",
+                "p.toml:9:1: replica `dr` has the primary's url",
+            ),
+            (&format!("{dr}{dr}"), "replica `dr` is declared twice"),
+            ("[[replica]]\nname = \"primary\"\nurl = \"s3://x/p\"\n", "not `primary`"),
+            ("[[replica]]\nname = \"dr\"\nurl = \"s3://x/p\"\nbucket = \"y\"\n", "unknown field `bucket`"),
+        ] {
+            let e = policy(bad).unwrap_err();
+            assert!(e.message.contains(want), "{want}: {}", e.message);
+        }
     }
 }

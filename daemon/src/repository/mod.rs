@@ -416,8 +416,22 @@ impl Writer {
         let (size, hash) = self.put_sealed_json(&keys::manifest(&sidecar.id), manifest).await?;
         sidecar.manifest_size = size;
         sidecar.manifest_hash = Some(hash);
-        let key =
-            self.store.get(&keys::chunk_key(&manifest.key_id)).await.map_err(|e| missing_is_damage(e, "chunk key"))?;
+        // The writer cannot decrypt the key to check what it read, so the body must have the
+        // size the store lists: a short answer would otherwise be hashed into the sidecar and
+        // make the snapshot unrestorable (the S3 fault campaign found this).
+        let kkey = keys::chunk_key(&manifest.key_id);
+        let size = self.store.head_size(&kkey).await?.ok_or_else(|| missing_is_damage(Error::not_found(""), &kkey))?;
+        let key = self
+            .store
+            .get_checked(&kkey, |b| {
+                if b.len() as u64 == size {
+                    Ok(b)
+                } else {
+                    Err(Error::damaged(format!("object {kkey}: read {} bytes of {size}", b.len())))
+                }
+            })
+            .await
+            .map_err(|e| missing_is_damage(e, "chunk key"))?;
         sidecar.key_hash = Some(blake3::hash(&key).to_hex().to_string());
         sidecar.finished = chrono::Utc::now();
         lease.check().await?;
@@ -528,7 +542,8 @@ impl Unlocked {
                 if hash.is_some_and(|h| blake3::hash(&b).to_hex().as_str() != h) {
                     return Err(Error::damaged(format!(
                         "object {key} is not the one its snapshot recorded (replaced)"
-                    )));
+                    ))
+                    .with_hint("run `veza-dr verify --read-data` to see what is affected; restore another snapshot"));
                 }
                 let z = self.identity.open(&b, &format_args!("object {key}"))?;
                 let json = zstd::stream::decode_all(&z[..])

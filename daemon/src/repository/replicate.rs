@@ -52,7 +52,11 @@ pub async fn replicate(primary: &Repository, replica: &Replica, progress: &Progr
             .with_hint("point the replica at an empty location, or at a copy of this repository"))
         }
         Some(_) => {}
-        None => dst.put(keys::CONFIG, src.get(keys::CONFIG).await?).await?,
+        None => {
+            let url = src.url.clone();
+            let b = src.get_checked(keys::CONFIG, |b| super::parse_config(&url, &b).map(|_| b)).await?;
+            dst.put(keys::CONFIG, b).await?
+        }
     }
     let target = Repository::open_store(dst.clone(), &primary.policy).await?;
     // Readers' leases on both sides: a prune of either waits until the copy is done.
@@ -91,8 +95,8 @@ pub async fn replicate(primary: &Repository, replica: &Replica, progress: &Progr
         .map(|(k, size)| {
             let (src, dst) = (src.clone(), dst.clone());
             async move {
-                let b = src.get(&k).await?;
-                check(&k, &b, size)?;
+                // Checked inside the read, so a short answer is read again, not copied.
+                let b = src.get_checked(&k, |b| check(&k, &b, size).map(|_| b)).await?;
                 let n = b.len() as u64;
                 dst.put(&k, b).await?;
                 progress.fetch_add(n, Ordering::Relaxed);
@@ -134,7 +138,13 @@ pub async fn replicate(primary: &Repository, replica: &Replica, progress: &Progr
             out.snapshots_waiting.push(s.id.to_string());
             continue;
         }
-        let b = src.get(&key).await?;
+        let b = src
+            .get_checked(&key, |b| {
+                serde_json::from_slice::<Sidecar>(&b)
+                    .map(|_| b)
+                    .map_err(|e| Error::damaged(format!("snapshot sidecar {key} is corrupted: {e}")))
+            })
+            .await?;
         let n = b.len() as u64;
         dst.put(&key, b).await?;
         out.objects_copied += 1;
