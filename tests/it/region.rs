@@ -143,3 +143,50 @@ fn postgres_recovers_from_the_replica_to_the_last_replicated_wal() {
     let rc = conf.lines().rfind(|l| l.starts_with("restore_command")).unwrap_or_default();
     assert!(rc.contains("--repository ''dr''"), "restore_command does not fetch from the replica: {rc}\n{out}");
 }
+
+#[test]
+fn the_daemon_replicates_on_schedule_and_exports_what_the_replica_holds() {
+    let backend = Backend::start(Kind::File);
+    let fx = Fixture::new(&backend);
+    let src = fx.path("src");
+    tree::generate(&src, 2, 5);
+    let replica = format!("[[replica]]\nname = \"dr\"\nurl = \"file://{}/vol-dr\"\n", backend.dir.path().display());
+    let extra = format!(
+        "[objectives]\nrpo = \"1h\"\n[schedule]\nfull = \"0 3 * * *\"\nreplicate = \"*/2 * * * * *\"\n{replica}"
+    );
+    fx.volume_policy("vol", &backend, "vol", &src, &extra);
+    let snap = fx.json(&["backup", "vol"]);
+    // Before any copy, status names the empty replica.
+    let o = fx.run(&["status", "vol", "--daemon", ""]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stdout(&o).contains("replica dr cannot be read") || stdout(&o).contains("replica dr holds no snapshot"),
+        "{}",
+        stdout(&o)
+    );
+
+    let port = free_port();
+    let mut daemon = fx
+        .cmd(&["daemon", "--listen", &format!("127.0.0.1:{port}")])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    let metric = "veza_dr_replica_last_snapshot_timestamp_seconds{policy=\"vol\",replica=\"dr\"}";
+    let body = loop {
+        let (_, m) = http_full(port, "GET", "/metrics");
+        if m.contains(metric) {
+            break m;
+        }
+        assert!(t.elapsed().as_secs() < 150, "no replica metric:\n{m}");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert!(body.contains("veza_dr_job_runs_total{policy=\"vol\",kind=\"replicate\"}"), "{body}");
+    let on_dr = fx.json(&["snapshots", "vol", "--repository", "dr"]);
+    assert_eq!(on_dr[0]["id"], snap["id"], "{on_dr}");
+    let st = fx.json(&["status", "vol", "--daemon", ""]);
+    assert_eq!(st["ok"], true, "{st}");
+    assert_eq!(st["policies"][0]["replicas"][0]["newest"]["id"], snap["id"], "{st}");
+}

@@ -89,6 +89,19 @@ pub async fn status(g: &Global, names: &[String], daemon: &str) -> Result<i32> {
         if let (Some(b), Some(o)) = (p.repository_bytes, p.repository_objects) {
             crate::outln!("  {:<12} {} in {o} objects", "repository", bytes(b));
         }
+        for r in &p.replicas {
+            match (&r.recovery_point, r.recovery_point_age_seconds) {
+                (Some(t), Some(a)) => crate::outln!(
+                    "  {:<12} {}: recoverable {}  {} ago ({})",
+                    "replica",
+                    r.name,
+                    utc(*t),
+                    human(a),
+                    r.repository
+                ),
+                _ => crate::outln!("  {:<12} {}: no snapshot yet ({})", "replica", r.name, r.repository),
+            }
+        }
         if p.untrusted_snapshots > 0 {
             crate::outln!(
                 "  {:<12} {} snapshots signed by no trusted writer (ignored)",

@@ -51,7 +51,14 @@ pub struct PolicyLabels {
     pub policy: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReplicaLabels {
+    pub policy: String,
+    pub replica: String,
+}
+
 type G = Family<JobLabels, Gauge<f64, AtomicU64>>;
+type RG = Family<ReplicaLabels, Gauge<f64, AtomicU64>>;
 type PG = Family<PolicyLabels, Gauge<f64, AtomicU64>>;
 
 pub struct Metrics {
@@ -70,6 +77,8 @@ pub struct Metrics {
     pub drill_passed: PG,
     pub drill_rto: PG,
     pub drill_rpo: PG,
+    pub replica_snapshot: RG,
+    pub replica_wal: RG,
 }
 
 impl Metrics {
@@ -90,6 +99,8 @@ impl Metrics {
             drill_passed: PG::default(),
             drill_rto: PG::default(),
             drill_rpo: PG::default(),
+            replica_snapshot: RG::default(),
+            replica_wal: RG::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -125,6 +136,16 @@ impl Metrics {
             "veza_dr_wal_last_archived_timestamp_seconds",
             "Unix time of the newest WAL file in the repository (PostgreSQL physical policies)",
             m.wal_last_archived.clone(),
+        );
+        registry.register(
+            "veza_dr_replica_last_snapshot_timestamp_seconds",
+            "Unix time the newest snapshot on a replica finished",
+            m.replica_snapshot.clone(),
+        );
+        registry.register(
+            "veza_dr_replica_wal_last_archived_timestamp_seconds",
+            "Unix time of the newest WAL file on a replica",
+            m.replica_wal.clone(),
         );
         Metrics { registry, ..m }
     }

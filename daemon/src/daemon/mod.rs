@@ -127,6 +127,17 @@ async fn run_once(p: &Policy, k: JobKind, state_dir: &std::path::Path, plugins: 
                     bytes_stored: s.stats.bytes_uploaded,
                 })
             }
+            JobKind::Replicate => {
+                let primary = crate::repository::Repository::open(&p2).await?;
+                let mut done = Done::default();
+                for r in &p2.replicas {
+                    let c = crate::repository::replicate::replicate(&primary, r, &Default::default()).await?;
+                    tracing::info!(policy = %p2.name, replica = %r.name, objects = c.objects_copied, bytes = c.bytes_copied, "replicated");
+                    done.bytes_read += c.bytes_copied;
+                    done.bytes_stored += c.bytes_copied;
+                }
+                Ok(done)
+            }
             JobKind::Prune => {
                 let r = crate::jobs::prune::run(&p2, false, Duration::from_secs(600)).await?;
                 Ok(Done { bytes_stored: r.bytes_deleted, ..Default::default() })
@@ -255,6 +266,13 @@ pub async fn run(o: Options) -> Result<i32> {
                         tracing::warn!(policy = %p.name, "cannot read the WAL archive: {}", e.message);
                     }
                 }
+                for p in current.iter() {
+                    for r in &p.replicas {
+                        if let Err(e) = replica_metrics(p, &r.name, &metrics).await {
+                            tracing::warn!(policy = %p.name, replica = %r.name, "cannot read the replica: {}", e.message);
+                        }
+                    }
+                }
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_secs(60)) => {}
@@ -336,6 +354,20 @@ async fn wal_metrics(p: &Policy, metrics: &metrics::Metrics) -> Result<()> {
     let snaps = repo.sidecars().await?;
     let gap = crate::jobs::walcheck::check(&repo, &snaps, &p.name).await?.iter().map(|c| c.newest_gap()).max();
     metrics.wal_gap.get_or_create(&l).set(gap.unwrap_or(0) as f64);
+    Ok(())
+}
+
+/// What a replica holds, as metrics: when its newest snapshot of the policy finished and when
+/// its newest WAL object was stored (its lag behind the primary, for the alert rules).
+async fn replica_metrics(p: &Policy, replica: &str, metrics: &metrics::Metrics) -> Result<()> {
+    let repo = crate::repository::Repository::open(&p.on_repository(replica)?).await?;
+    let l = metrics::ReplicaLabels { policy: p.name.clone(), replica: replica.to_string() };
+    if let Some(s) = repo.snapshots().await?.last() {
+        metrics.replica_snapshot.get_or_create(&l).set(s.finished.timestamp() as f64);
+    }
+    if let Some(t) = repo.newest_wal().await? {
+        metrics.replica_wal.get_or_create(&l).set(t.timestamp() as f64);
+    }
     Ok(())
 }
 

@@ -23,6 +23,7 @@ pub enum JobKind {
     Incremental,
     Verify,
     Prune,
+    Replicate,
 }
 
 impl JobKind {
@@ -32,6 +33,7 @@ impl JobKind {
             JobKind::Incremental => "incremental",
             JobKind::Verify => "verify",
             JobKind::Prune => "prune",
+            JobKind::Replicate => "replicate",
         }
     }
 }
@@ -66,6 +68,7 @@ pub fn jobs_of(p: &Policy) -> Vec<(JobKind, CronExpr)> {
         (JobKind::Incremental, &s.incremental),
         (JobKind::Verify, &s.verify),
         (JobKind::Prune, &s.prune),
+        (JobKind::Replicate, &s.replicate),
     ]
     .into_iter()
     .filter_map(|(k, c)| c.clone().map(|c| (k, c)))

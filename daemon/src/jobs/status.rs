@@ -43,6 +43,8 @@ pub struct PolicyStatus {
     pub next: Vec<NextJob>,
     pub repository_bytes: Option<u64>,
     pub repository_objects: Option<u64>,
+    /// What each DR-region replica holds.
+    pub replicas: Vec<ReplicaStatus>,
     /// Snapshots that no trusted writer signed (left out of everything above).
     pub untrusted_snapshots: usize,
     /// Each objective that does not hold, as one sentence.
@@ -56,6 +58,18 @@ pub struct Backup {
     pub started: DateTime<Utc>,
     pub finished: DateTime<Utc>,
     pub age_seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ReplicaStatus {
+    pub name: String,
+    pub repository: String,
+    pub newest: Option<Backup>,
+    pub wal_stored_at: Option<DateTime<Utc>>,
+    /// The newest point a restore from this replica reaches, and how old it is.
+    pub recovery_point: Option<DateTime<Utc>>,
+    pub recovery_point_age_seconds: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -147,8 +161,32 @@ async fn policy(p: &Policy, now: DateTime<Utc>, daemon: Option<&serde_json::Valu
         repository_bytes: None,
         repository_objects: None,
         untrusted_snapshots: 0,
+        replicas: Vec::new(),
         breaches: Vec::new(),
     };
+    for r in &p.replicas {
+        match replica(p, &r.name, source, now).await {
+            Ok(rs) => {
+                if let (Some(a), Some(rpo)) = (rs.recovery_point_age_seconds, p.objectives.rpo) {
+                    if a > rpo.0.as_secs_f64() {
+                        st.breaches.push(format!(
+                            "replica {} is behind: its newest recovery point is {} old (RPO {}): run `veza-dr replicate {}`",
+                            r.name,
+                            human(a),
+                            human(rpo.0.as_secs_f64()),
+                            p.name
+                        ));
+                    }
+                }
+                if rs.recovery_point.is_none() {
+                    st.breaches
+                        .push(format!("replica {} holds no snapshot yet: run `veza-dr replicate {}`", r.name, p.name));
+                }
+                st.replicas.push(rs);
+            }
+            Err(e) => st.breaches.push(format!("replica {} cannot be read: {}", r.name, e.message)),
+        }
+    }
     let repo = match Repository::open(p).await {
         Ok(r) => r,
         Err(e) => {
@@ -242,6 +280,28 @@ async fn fill(st: &mut PolicyStatus, p: &Policy, repo: &Repository, now: DateTim
     st.repository_objects = Some(objects);
     st.repository_bytes = Some(bytes);
     Ok(())
+}
+
+async fn replica(p: &Policy, name: &str, source: SourceKind, now: DateTime<Utc>) -> crate::Result<ReplicaStatus> {
+    let view = p.on_repository(name)?;
+    let repo = Repository::open(&view).await?;
+    let mut snaps = repo.snapshots().await?;
+    if !p.trust.writers.is_empty() {
+        snaps.retain(|s| trust::check_sidecar(s, &p.trust.writers).is_ok());
+    }
+    let newest = snaps.last();
+    let wal = if source == SourceKind::PostgresPhysical { repo.newest_wal().await? } else { None };
+    let point = newest
+        .map(|s| if source == SourceKind::PostgresPhysical { s.finished } else { s.started })
+        .map(|t| wal.map_or(t, |w| t.max(w)));
+    Ok(ReplicaStatus {
+        name: name.to_string(),
+        repository: view.repository.url.clone(),
+        newest: newest.map(|s| backup(now, s)),
+        wal_stored_at: wal,
+        recovery_point: point,
+        recovery_point_age_seconds: point.map(|t| age(now, t)),
+    })
 }
 
 /// The time between the next two slots of a schedule.

@@ -155,6 +155,8 @@ pub struct Schedule {
     pub incremental: Option<CronExpr>,
     pub verify: Option<CronExpr>,
     pub prune: Option<CronExpr>,
+    /// Catch-up copy to every `[[replica]]` of what it lacks.
+    pub replicate: Option<CronExpr>,
     pub timezone: Option<String>,
     pub jitter: Option<Dur>,
 }
@@ -380,9 +382,15 @@ impl Policy {
                 Error::policy(format!("{}:{line}:{col}: unknown timezone `{tz}`", path.display()))
                     .with_hint("use an IANA name such as `UTC` or `Europe/Paris`")
             })?;
-            for c in [&mut schedule.full, &mut schedule.incremental, &mut schedule.verify, &mut schedule.prune]
-                .into_iter()
-                .flatten()
+            for c in [
+                &mut schedule.full,
+                &mut schedule.incremental,
+                &mut schedule.verify,
+                &mut schedule.prune,
+                &mut schedule.replicate,
+            ]
+            .into_iter()
+            .flatten()
             {
                 c.tz = zone;
             }
@@ -463,6 +471,10 @@ impl Policy {
                 }
                 _ => {}
             }
+        }
+        if self.schedule.replicate.is_some() && self.replicas.is_empty() {
+            return Err(here("replicate", "`schedule.replicate` is set but the policy declares no [[replica]]".into())
+                .with_hint("add a [[replica]] table, or remove the schedule"));
         }
         if r.upload_concurrency == 0 || r.upload_concurrency > 64 {
             return Err(here("upload-concurrency", "upload-concurrency must be between 1 and 64".into()));
