@@ -123,22 +123,11 @@ fn status_names_each_breach_and_asks_the_daemon_for_the_next_jobs() {
     assert!(breaches.contains("RPO 3s breached: the newest recovery point"), "{breaches}");
 
     // With the daemon up, its next runs are the ones shown.
-    let port = free_port();
-    let mut daemon = fx
-        .cmd(&["daemon", "--listen", &format!("127.0.0.1:{port}")])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let t = std::time::Instant::now();
-    while http(port, "GET", "/healthz") != 200 {
-        assert!(t.elapsed().as_secs() < 30, "the daemon did not come up");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let (_, body) = http_full(port, "GET", "/status");
+    let daemon = Daemon::start(&fx);
+    let (_, body) = http_full(daemon.port, "GET", "/status");
     let d: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let o = fx.run(&["status", "vol", "--daemon", &format!("http://127.0.0.1:{port}"), "--json"]);
-    let _ = daemon.kill();
-    let _ = daemon.wait();
+    let o = fx.run(&["status", "vol", "--daemon", &daemon.url(), "--json"]);
+    drop(daemon);
     let st: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(st["next-from"], "daemon", "{st}");
     let next = &st["policies"][0]["next"];

@@ -165,24 +165,18 @@ fn the_daemon_replicates_on_schedule_and_exports_what_the_replica_holds() {
         stdout(&o)
     );
 
-    let port = free_port();
-    let mut daemon = fx
-        .cmd(&["daemon", "--listen", &format!("127.0.0.1:{port}")])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let daemon = Daemon::start(&fx);
     let t = std::time::Instant::now();
     let metric = "veza_dr_replica_last_snapshot_timestamp_seconds{policy=\"vol\",replica=\"dr\"}";
     let body = loop {
-        let (_, m) = http_full(port, "GET", "/metrics");
+        let (_, m) = http_full(daemon.port, "GET", "/metrics");
         if m.contains(metric) {
             break m;
         }
         assert!(t.elapsed().as_secs() < 150, "no replica metric:\n{m}");
         std::thread::sleep(std::time::Duration::from_millis(500));
     };
-    let _ = daemon.kill();
-    let _ = daemon.wait();
+    drop(daemon);
     assert!(body.contains("veza_dr_job_runs_total{policy=\"vol\",kind=\"replicate\"}"), "{body}");
     let on_dr = fx.json(&["snapshots", "vol", "--repository", "dr"]);
     assert_eq!(on_dr[0]["id"], snap["id"], "{on_dr}");

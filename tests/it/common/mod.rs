@@ -372,3 +372,39 @@ pub fn stderr(o: &Output) -> String {
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
+
+/// A fixture's `veza-dr daemon` on a free port, up (its /healthz answers) once `start` returns;
+/// killed on drop.
+pub struct Daemon {
+    pub port: u16,
+    child: std::process::Child,
+}
+
+impl Daemon {
+    pub fn start(fx: &Fixture) -> Daemon {
+        let port = free_port();
+        let child = fx
+            .cmd(&["daemon", "--listen", &format!("127.0.0.1:{port}")])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let d = Daemon { port, child };
+        let t = std::time::Instant::now();
+        while http(port, "GET", "/healthz") != 200 {
+            assert!(t.elapsed().as_secs() < 30, "the daemon did not come up");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        d
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
