@@ -98,6 +98,24 @@ fn a_volume_replica_in_another_region_restores_when_the_primary_is_gone() {
     let out = fx.path("restored");
     fx.ok(&["restore", "vol", "--repository", "dr", "--target", out.to_str().unwrap(), "--identity", &id]);
     tree::assert_same(&src, &out);
+    // The drill proves the region path: from the replica alone, its report stored there.
+    let reports = fx.path("reports");
+    let o = fx.run(&[
+        "drill",
+        "vol",
+        "--repository",
+        "dr",
+        "--identity",
+        &id,
+        "--report-dir",
+        reports.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let r: serde_json::Value = serde_json::from_str(stdout(&o).lines().next().unwrap()).unwrap();
+    assert_eq!(r["verdict"], "pass", "{r}");
+    let drills = fx.json(&["drills", "vol", "--repository", "dr"]);
+    assert_eq!(drills[0]["id"], r["id"], "{drills}");
 
     // Tampering on the replica is caught by verify and by restore there.
     tamper_with_a_pack(&garage, "vol");
