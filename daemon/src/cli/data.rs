@@ -250,11 +250,8 @@ pub async fn replicate(g: &Global, p: &Policy, only: Option<&str>) -> Result<i32
     for r in replicas {
         let progress: crate::repository::replicate::Progress = Default::default();
         let bar = {
-            let d = progress.clone();
-            Bar::start(!g.json, "replicate", move || {
-                let n = d.load(Ordering::Relaxed);
-                (n, n)
-            })
+            let p = progress.clone();
+            Bar::start(!g.json, "replicate", move || (p.done.load(Ordering::Relaxed), p.total.load(Ordering::Relaxed)))
         };
         let c = crate::repository::replicate::replicate(&primary, r, &progress).await;
         bar.finish().await;

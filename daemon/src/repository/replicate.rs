@@ -35,8 +35,12 @@ pub struct Copied {
     pub seconds: f64,
 }
 
-/// Bytes copied so far, for a progress display.
-pub type Progress = std::sync::Arc<AtomicU64>;
+/// Bytes copied so far and bytes to copy, for a progress display.
+#[derive(Clone, Default)]
+pub struct Progress {
+    pub done: std::sync::Arc<AtomicU64>,
+    pub total: std::sync::Arc<AtomicU64>,
+}
 
 pub async fn replicate(primary: &Repository, replica: &Replica, progress: &Progress) -> Result<Copied> {
     let t = std::time::Instant::now();
@@ -80,6 +84,7 @@ pub async fn replicate(primary: &Repository, replica: &Replica, progress: &Progr
             todo.push((k.clone(), *size));
         }
     }
+    progress.total.store(todo.iter().map(|(_, n)| n).sum(), Ordering::Relaxed);
     // Keys first, then packs, then the rest: nothing refers to what is not yet there.
     todo.sort_by_key(|(k, _)| {
         let rank = if k.starts_with(keys::KEYS) {
@@ -99,7 +104,7 @@ pub async fn replicate(primary: &Repository, replica: &Replica, progress: &Progr
                 let b = src.get_checked(&k, |b| check(&k, &b, size).map(|_| b)).await?;
                 let n = b.len() as u64;
                 dst.put(&k, b).await?;
-                progress.fetch_add(n, Ordering::Relaxed);
+                progress.done.fetch_add(n, Ordering::Relaxed);
                 Ok((k, n))
             }
         })
