@@ -320,3 +320,29 @@ fn crash_campaign_physical() {
     assert!(v["damage"].as_array().unwrap().is_empty(), "{v}");
     println!("crash campaign, physical PostgreSQL on Moto: rounds {kills}, kills {killed}, losses 0, blocked runs 0");
 }
+
+/// The defect the fault campaign found at 12 rounds, made deterministic: a backup that reads
+/// its chunk key back at commit gets a short answer. The hash it records must be of the whole
+/// object (it used to hash the half, and the snapshot never restored: "not the one its
+/// snapshot recorded").
+#[test]
+fn a_short_answer_reading_the_chunk_key_at_commit_is_read_again() {
+    let backend = Backend::start(Kind::Moto);
+    let proxy = proxy::Proxy::targeted(backend.port, "/keys/", proxy::Fault::ShortBody, 1);
+    let fx = Fixture::new(&backend);
+    let src = fx.path("src");
+    tree::generate(&src, 2, 7);
+    fx.volume_policy("vol", &backend, "repo", &src, "");
+    let text = std::fs::read_to_string(fx.path("policies/vol.toml"))
+        .unwrap()
+        .replace(&format!("127.0.0.1:{}", backend.port), &format!("127.0.0.1:{}", proxy.port));
+    std::fs::create_dir_all(fx.path("proxied")).unwrap();
+    let proxied = fx.path("proxied/vol.toml");
+    std::fs::write(&proxied, text).unwrap();
+    fx.ok(&["init", "vol"]);
+    fx.ok(&["backup", proxied.to_str().unwrap()]);
+    assert_eq!(proxy.injected.lock().unwrap().get(&proxy::Fault::ShortBody), Some(&1), "{}", proxy.summary());
+    let out = fx.path("out");
+    fx.ok(&["restore", "vol", "--target", out.to_str().unwrap(), "--identity", fx.identity.to_str().unwrap()]);
+    tree::assert_same(&src, &out);
+}

@@ -78,7 +78,41 @@ impl Proxy {
                         (roll < rate).then(|| FAULTS[(r.next() % FAULTS.len() as u64) as usize])
                     };
                     reqs.fetch_add(1, Ordering::SeqCst);
-                    if let Ok(Some(f)) = serve(conn, upstream, fault) {
+                    if let Ok(Some(f)) = serve(conn, upstream, &|_| fault) {
+                        *inj.lock().unwrap().entry(f).or_default() += 1;
+                    }
+                });
+            }
+        });
+        Proxy { port, stop, injected, requests }
+    }
+
+    /// Forward to 127.0.0.1:`upstream`, injecting `fault` into the first `times` GETs whose
+    /// request line contains `path`, and nothing else: one fault, where a test wants it.
+    pub fn targeted(upstream: u16, path: &'static str, fault: Fault, times: u64) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let injected: Arc<Mutex<std::collections::HashMap<Fault, u64>>> = Arc::default();
+        let requests = Arc::new(AtomicU64::new(0));
+        let left = Arc::new(AtomicU64::new(times));
+        let (stop2, inj, reqs) = (stop.clone(), injected.clone(), requests.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop2.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(conn) = conn else { continue };
+                let (inj, reqs, left) = (inj.clone(), reqs.clone(), left.clone());
+                std::thread::spawn(move || {
+                    reqs.fetch_add(1, Ordering::SeqCst);
+                    let decide = |head: &str| {
+                        let line = head.lines().next().unwrap_or("");
+                        let hit = line.starts_with("GET ") && line.contains(path);
+                        (hit && left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok())
+                            .then_some(fault)
+                    };
+                    if let Ok(Some(f)) = serve(conn, upstream, &decide) {
                         *inj.lock().unwrap().entry(f).or_default() += 1;
                     }
                 });
@@ -150,9 +184,15 @@ fn error(s: &mut TcpStream, status: &str, code: &str) -> std::io::Result<()> {
     )
 }
 
-fn serve(mut client: TcpStream, upstream: u16, fault: Option<Fault>) -> std::io::Result<Option<Fault>> {
+/// Serve one request; `decide` picks the fault (if any) from the request head.
+fn serve(
+    mut client: TcpStream,
+    upstream: u16,
+    decide: &dyn Fn(&str) -> Option<Fault>,
+) -> std::io::Result<Option<Fault>> {
     client.set_read_timeout(Some(Duration::from_secs(60)))?;
     let (head, body) = read_message(&mut client, false)?;
+    let fault = decide(&head);
     match fault {
         Some(Fault::Status500) => {
             return error(&mut client, "500 Internal Server Error", "InternalError").map(|_| fault)
