@@ -117,12 +117,7 @@ fn drills_pass_fail_and_sign_their_reports() {
     assert_eq!(leftovers(&fx), (0, String::new()), "the sandbox was not removed");
 
     // The report in the report directory verifies; an edited copy does not.
-    let file = std::fs::read_dir(&reports)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "json"))
-        .unwrap();
+    let file = json_report(&reports);
     let md = file.with_extension("md");
     assert!(std::fs::read_to_string(&md).unwrap().contains("**PASS**"));
     fx.ok(&["report", "verify", file.to_str().unwrap()]);

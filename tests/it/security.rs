@@ -36,6 +36,16 @@ fn edit_manifest(fx: &Fixture, backend: &Backend, policy: &str, id: &str, edit: 
     rt.block_on(store.put(&skey, bytes::Bytes::from(serde_json::to_vec(&side).unwrap()))).unwrap();
 }
 
+/// A file:// repository and a fixture with policy `vol` over a small tree at `src`.
+fn small_volume() -> (Backend, Fixture, std::path::PathBuf) {
+    let backend = Backend::start(Kind::File);
+    let fx = Fixture::new(&backend);
+    let src = fx.path("src");
+    small_tree(&src);
+    fx.volume_policy("vol", &backend, "vol", &src, "");
+    (backend, fx, src)
+}
+
 fn small_tree(src: &Path) {
     std::fs::create_dir_all(src.join("conf")).unwrap();
     std::fs::write(src.join("conf/app.yaml"), "listen: 8080\n").unwrap();
@@ -46,11 +56,7 @@ fn small_tree(src: &Path) {
 /// `restore --overwrite` used to write the snapshot's files there.
 #[test]
 fn restore_never_writes_through_links_planted_in_the_target() {
-    let backend = Backend::start(Kind::File);
-    let fx = Fixture::new(&backend);
-    let src = fx.path("src");
-    small_tree(&src);
-    fx.volume_policy("vol", &backend, "vol", &src, "");
+    let (_backend, fx, _src) = small_volume();
     fx.ok(&["backup", "vol"]);
     let outside = fx.path("outside");
     std::fs::create_dir_all(&outside).unwrap();
@@ -93,11 +99,7 @@ fn restore_never_writes_through_links_planted_in_the_target() {
 /// a duplicate path. Each used to reach outside the target; now nothing is restored.
 #[test]
 fn crafted_manifests_cannot_escape_the_target() {
-    let backend = Backend::start(Kind::File);
-    let fx = Fixture::new(&backend);
-    let src = fx.path("src");
-    small_tree(&src);
-    fx.volume_policy("vol", &backend, "vol", &src, "");
+    let (backend, fx, _src) = small_volume();
     let s = fx.json(&["backup", "vol"]);
     let id = s["id"].as_str().unwrap().to_string();
     let outside = fx.path("outside");
@@ -178,11 +180,7 @@ fn crafted_manifests_cannot_escape_the_target() {
 /// key, printed "signature ok". Only this host's key and the policy's report-signers count.
 #[test]
 fn report_verify_trusts_only_known_signers() {
-    let backend = Backend::start(Kind::File);
-    let fx = Fixture::new(&backend);
-    let src = fx.path("src");
-    small_tree(&src);
-    fx.volume_policy("vol", &backend, "vol", &src, "");
+    let (_backend, fx, _src) = small_volume();
     fx.ok(&["backup", "vol"]);
     let reports = fx.path("reports");
     let o = fx.run(&[
@@ -195,12 +193,7 @@ fn report_verify_trusts_only_known_signers() {
         "--json",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let file = std::fs::read_dir(&reports)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "json"))
-        .unwrap();
+    let file = json_report(&reports);
     let signer = fx.ok(&["keygen", "--signing"]).trim().to_string();
     assert!(signer.starts_with("ed25519:") && signer.len() == 8 + 64, "{signer}");
     // This host trusts its own key.

@@ -408,3 +408,13 @@ impl Drop for Daemon {
         let _ = self.child.wait();
     }
 }
+
+/// The JSON drill report a `drill --report-dir DIR` wrote.
+pub fn json_report(dir: &Path) -> PathBuf {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "json"))
+        .unwrap_or_else(|| panic!("no JSON report in {}", dir.display()))
+}
