@@ -5,6 +5,7 @@
 
 use crate::common::pg::{psql, switch_and_wait_archived, table_hashes, Restored};
 use crate::common::*;
+use std::path::Path;
 
 /// A `[[replica]]` named `dr` on `garage` under `prefix`, its keys in DR_KEY / DR_SECRET.
 fn replica_toml(garage: &Backend, prefix: &str) -> String {
@@ -126,8 +127,23 @@ fn a_volume_replica_in_another_region_restores_when_the_primary_is_gone() {
     assert_eq!(o.status.code(), Some(3), "{}{}", stdout(&o), stderr(&o));
 }
 
+/// The region-failover runbook of the seeds, as `policies/failover.toml` ships it: restore
+/// from the replica into the DR cluster and start it (built-in `restore`), wait until it takes
+/// reads (built-in `wait-sql`), switch DNS on a real PowerDNS, notify a real webhook.
+fn region_runbook(target: &Path, port: u16, identity: &str, pdns_api: u16, hook_port: u16) -> String {
+    let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../policies/failover.toml")).unwrap();
+    let at = shipped.find("[[runbook]]\nname = \"region-failover\"").expect("the shipped region-failover runbook");
+    shipped[at..]
+        .replace("/var/lib/postgresql/15/dr", target.to_str().unwrap())
+        .replace("port = 5432", &format!("port = {port}, identity = \"{identity}\""))
+        .replace("127.0.0.1:8081", &format!("127.0.0.1:{pdns_api}"))
+        .replace("${secret:chat-webhook}", &format!("http://127.0.0.1:{hook_port}/hook"))
+        .replace("\"hooks.slack.com\"", &format!("\"127.0.0.1:{hook_port}\""))
+        .replace("\"10.20.0.5\"", "\"10.0.0.2\"")
+}
+
 #[test]
-fn postgres_recovers_from_the_replica_to_the_last_replicated_wal() {
+fn the_region_failover_runbook_brings_up_postgres_from_the_replica_to_the_last_replicated_wal() {
     let mut moto = Backend::start(Kind::Moto);
     let garage = Backend::start(Kind::Garage);
     let mut fx = Fixture::new(&moto);
@@ -146,20 +162,57 @@ fn postgres_recovers_from_the_replica_to_the_last_replicated_wal() {
     let c = fx.json(&["replicate", "db"]);
     assert_eq!(c[0]["snapshots"], 1, "{c}");
 
+    // The region is lost: its object store and its database.
     moto.stop();
+    drop(pg);
+    let dns = crate::runbook::pdns();
+    let hooks = crate::runbook::web(free_port());
     let port = free_port();
     let target = fx.path("dr-data");
     let id = fx.identity.to_str().unwrap().to_string();
-    let args = ["restore", "db", "--repository", "dr", "--target", target.to_str().unwrap(), "--start"];
-    let mut a: Vec<&str> = args.to_vec();
-    let p = port.to_string();
-    a.extend(["--port", &p, "--identity", &id]);
-    let out = fx.ok(&a);
     let srv = Restored { data: target.clone(), port };
+    fx.env.push(("VEZA_DR_DB_DSN".into(), srv.dsn()));
+    fx.env.push(("VEZA_PDNS_API_KEY".into(), crate::runbook::PDNS_KEY.into()));
+    fx.env.push(("VEZA_CHAT_WEBHOOK".into(), "unused: the test points notify at its own server".into()));
+    std::fs::write(fx.path("policies/failover.toml"), region_runbook(&target, port, &id, dns.api_port, hooks.port))
+        .unwrap();
+    let plugins = crate::runbook::plugins_dir();
+    let plugins = plugins.to_str().unwrap();
+
+    // The dry run reads the replica (it names the snapshot it would restore) and changes nothing.
+    let plan = fx.ok(&["--plugins", plugins, "failover", "region-failover", "--dry-run"]);
+    assert!(plan.contains("of policy db from repository dr"), "{plan}");
+    assert!(plan.contains("change db.example.org. A in zone example.org. from 10.0.0.1 to 10.0.0.2"), "{plan}");
+    assert!(!target.exists(), "a dry run created the target");
+    assert_eq!(crate::runbook::dig(dns.dns_port, "db.example.org"), "10.0.0.1");
+
+    let out = fx.ok(&["--plugins", plugins, "failover", "region-failover", "--yes"]);
+    assert!(out.contains("runbook region-failover: done"), "{out}");
+    assert!(out.contains("(objective 4h: met)"), "{out}");
     assert_eq!(table_hashes(&srv.dsn(), &["orders"]), want, "the replica did not reach the last replicated WAL");
+    assert_eq!(crate::runbook::dig(dns.dns_port, "db.example.org"), "10.0.0.2");
+    let hook = hooks.hooks.lock().unwrap().join("\n");
+    assert!(hook.contains("restored from repository dr") && hook.contains("10.0.0.2"), "{hook}");
     let conf = std::fs::read_to_string(target.join("postgresql.auto.conf")).unwrap();
     let rc = conf.lines().rfind(|l| l.starts_with("restore_command")).unwrap_or_default();
     assert!(rc.contains("--repository ''dr''"), "restore_command does not fetch from the replica: {rc}\n{out}");
+
+    // The audit log holds the measured RTO and RPO of the run.
+    let audit: Vec<serde_json::Value> = std::fs::read_to_string(fx.path("state/runbooks/audit.log"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let whole = audit.iter().rfind(|r| r["step"] == "*" && r["mode"] == "run").expect("a record of the run");
+    let (rto, rpo) = (whole["rto-seconds"].as_f64().unwrap(), whole["rpo-seconds"].as_f64().unwrap());
+    assert!(rto > 0.0 && rto < 4.0 * 3600.0, "{whole}");
+    assert!(rpo > 0.0 && rpo < 600.0, "{whole}");
+    assert_eq!(whole["within-objective"], true, "{whole}");
+    let restore = audit.iter().rfind(|r| r["step"] == "restore" && r["mode"] == "run").unwrap();
+    assert_eq!(restore["plugin"], format!("builtin:restore@{}", env!("CARGO_PKG_VERSION")), "{restore}");
+    assert_eq!(restore["facts"]["repository"], "dr", "{restore}");
+    assert!(rto * 1000.0 >= restore["duration-ms"].as_f64().unwrap(), "the RTO covers the restore: {whole}");
+    assert!(out.contains(&format!("measured: RTO {rto:.1}s, RPO {rpo:.1}s")), "{out}");
 }
 
 #[test]

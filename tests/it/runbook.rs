@@ -261,6 +261,8 @@ fn one_process_survives_every_fault_and_caches_compiled_plugins() {
         dry_run: false,
         from: None,
         who: "test".into(),
+        policies_dir: state.path().to_path_buf(),
+        state_dir: state.path().to_path_buf(),
     };
     for (name, want) in
         [("spin", "timed out"), ("hog", "ran out of memory"), ("crash", "trapped"), ("spin", "timed out")]
@@ -295,14 +297,14 @@ fn one_process_survives_every_fault_and_caches_compiled_plugins() {
 
 /// A small HTTP server: `/health` answers 503 twice then 200 "status: ready"; `/hook` records
 /// POST bodies; `/echo` returns the X-Token header.
-struct Web {
-    port: u16,
-    hooks: Arc<Mutex<Vec<String>>>,
+pub(crate) struct Web {
+    pub(crate) port: u16,
+    pub(crate) hooks: Arc<Mutex<Vec<String>>>,
     health_calls: Arc<Mutex<u32>>,
     _rt: tokio::runtime::Runtime,
 }
 
-fn web(port: u16) -> Web {
+pub(crate) fn web(port: u16) -> Web {
     use axum::routing::{get, post};
     let rt = tokio::runtime::Runtime::new().unwrap();
     let hooks: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -583,11 +585,11 @@ fn plugins_cannot_read_secrets_reach_loopback_by_name_or_exhaust_the_host() {
 }
 
 /// A PowerDNS authoritative server with the sqlite backend and the HTTP API on 127.0.0.1.
-struct Pdns {
+pub(crate) struct Pdns {
     _dir: tempfile::TempDir,
     child: std::process::Child,
-    dns_port: u16,
-    api_port: u16,
+    pub(crate) dns_port: u16,
+    pub(crate) api_port: u16,
 }
 
 impl Drop for Pdns {
@@ -597,9 +599,9 @@ impl Drop for Pdns {
     }
 }
 
-const PDNS_KEY: &str = "pdns-test-key-31337";
+pub(crate) const PDNS_KEY: &str = "pdns-test-key-31337";
 
-fn pdns() -> Pdns {
+pub(crate) fn pdns() -> Pdns {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let db = d.join("pdns.sqlite3");
@@ -640,7 +642,7 @@ fn pdns() -> Pdns {
     p
 }
 
-fn dig(port: u16, name: &str) -> String {
+pub(crate) fn dig(port: u16, name: &str) -> String {
     let out = Command::new("dig").args(["@127.0.0.1", "-p", &port.to_string(), name, "A", "+short"]).output().unwrap();
     stdout(&out).trim().to_string()
 }
@@ -811,4 +813,60 @@ fn on_a_terminal_failover_asks_before_running() {
     assert!(out.contains("ok (fixture 0.1.0): ok in") && out.contains("runbook fine: done"), "{out}");
     let ran = b.audit().into_iter().find(|r| r["mode"] == "run" && r["step"] == "ok").unwrap();
     assert_eq!(ran["facts"]["answer"], "42");
+}
+
+/// Built-in steps keep the plugin steps' contract: a bad `with` fails before step 1 runs,
+/// wait-sql only reads, and a wait that never comes true fails with what it last saw.
+#[test]
+fn built_in_steps_are_checked_before_anything_runs() {
+    let dead = free_port();
+    let book = |steps: &str| {
+        format!(
+            "[[runbook]]\nname = \"rb\"\nconnections = {{ db = \"host=127.0.0.1 port={dead} user=nobody dbname=postgres connect_timeout=1\" }}\n\
+             [[runbook.step]]\nname = \"first\"\nplugin = \"fixture\"\nwith = {{ mode = \"ok\" }}\n{steps}"
+        )
+    };
+    let cases = [
+        ("[[runbook.step]]\nname = \"s\"\nbuiltin = \"restor\"\n", "there is no built-in step `restor`"),
+        (
+            "[[runbook.step]]\nname = \"s\"\nbuiltin = \"restore\"\nplugin = \"fixture\"\n",
+            "`plugin` and `builtin` exclude each other",
+        ),
+        (
+            "[[runbook.step]]\nname = \"s\"\nbuiltin = \"restore\"\nwith = { policy = \"nope\", target = \"/tmp/x\" }\n",
+            "step `s` (built-in `restore`): validate: invalid config: policy `nope`",
+        ),
+        (
+            "[[runbook.step]]\nname = \"s\"\nbuiltin = \"restore\"\nwith = { policy = \"nope\", tagret = \"/tmp/x\" }\n",
+            "unknown field `tagret`",
+        ),
+        (
+            "[[runbook.step]]\nname = \"s\"\nbuiltin = \"wait-sql\"\nwith = { connection = \"db\", query = \"DELETE FROM users\" }\ngrants = { connections = [\"db\"] }\n",
+            "invalid config: query:",
+        ),
+        (
+            "[[runbook.step]]\nname = \"s\"\nbuiltin = \"wait-sql\"\nwith = { connection = \"db\", query = \"SELECT true\" }\n",
+            "connection `db` is not granted",
+        ),
+    ];
+    for (steps, want) in cases {
+        let b = Books::new(&book(steps));
+        let out = b.run(&["failover", "rb", "--yes"]);
+        // A declaration serde refuses makes the file unparsable (exit 1, the runbook not found,
+        // the file's error in the hint); a `with` the step refuses is a policy error (exit 2).
+        assert!(matches!(out.status.code(), Some(1 | 2)), "{steps}\n{}{}", stdout(&out), stderr(&out));
+        assert!(stderr(&out).contains(want), "{steps}\nwant {want}\n{}", stderr(&out));
+        assert!(b.audit().is_empty(), "step 1 ran before a later step was checked: {:?}", b.audit());
+    }
+    // A wait that never comes true fails after `within`, naming what it last saw.
+    let wait = "[[runbook.step]]\nname = \"ready\"\nbuiltin = \"wait-sql\"\nwith = { connection = \"db\", query = \"SELECT NOT pg_is_in_recovery()\", within = \"3s\", interval = \"500ms\" }\ngrants = { connections = [\"db\"] }\n";
+    let b = Books::new(&book(wait));
+    let plan = b.ok(&["failover", "rb", "--dry-run"]);
+    assert!(plan.contains("poll connection `db` every 500ms with `SELECT NOT pg_is_in_recovery()`"), "{plan}");
+    let t = Instant::now();
+    let out = b.run(&["failover", "rb", "--yes"]);
+    assert_eq!(out.status.code(), Some(1), "{}{}", stdout(&out), stderr(&out));
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    assert!(stderr(&out).contains("did not return true within 3s"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("step `ready` (built-in `wait-sql`)"), "{}", stderr(&out));
 }

@@ -15,6 +15,8 @@ fn options(g: &Global, dry_run: bool, from: Option<String>, audit_log: Option<Pa
         dry_run,
         from,
         who: runbook::who(),
+        policies_dir: g.policies.clone(),
+        state_dir: state,
     }
 }
 
@@ -114,15 +116,26 @@ pub async fn failover(
             _ => String::new(),
         };
         crate::outln!("runbook {}: {verdict} in {:.1}s{objective}", report.runbook, report.seconds);
+        if !report.dry_run {
+            let rpo = report.rpo_seconds.map(|r| format!("{r:.1}s (from the last recovered transaction to the start)"));
+            crate::outln!(
+                "measured: RTO {:.1}s, RPO {}",
+                report.seconds,
+                rpo.unwrap_or_else(|| "not measured (no restore step)".into())
+            );
+        }
     }
     match report.steps.iter().find(|s| s.status == Status::Failed) {
         None => Ok(0),
         Some(f) => {
             let err = Error::failed(format!(
-                "runbook `{}` step `{}` (plugin `{}`): {}",
+                "runbook `{}` step `{}` ({}): {}",
                 report.runbook,
                 f.name,
-                f.plugin,
+                match f.plugin.strip_prefix("builtin:") {
+                    Some(b) => format!("built-in `{b}`"),
+                    None => format!("plugin `{}`", f.plugin),
+                },
                 f.error.as_deref().unwrap_or("failed")
             ));
             Err(if report.dry_run {

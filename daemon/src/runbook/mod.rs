@@ -9,16 +9,19 @@
 //! A run calls `run`, with retries for retryable failures and timeouts, then `verify` when the
 //! plugin offers it. Every step's outcome is appended to the audit log (JSON lines).
 
+mod audit;
+pub mod builtin;
 pub mod host;
 pub mod readonly;
 pub mod spec;
 
 use crate::error::{Error, Kind, Result};
+use audit::Audit;
+pub use audit::{read_audit, AuditRecord};
 use host::{CallError, Context, Host, Plugin, StepState};
 use serde::{Deserialize, Serialize};
 use spec::{OnFailure, RunbookSpec, StepSpec};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -36,6 +39,9 @@ pub struct Options {
     pub from: Option<String>,
     /// Who runs it, for the audit log.
     pub who: String,
+    /// Where built-in steps find the policies they name, and veza-dr's state.
+    pub policies_dir: PathBuf,
+    pub state_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -80,6 +86,10 @@ pub struct RunReport {
     pub objective_seconds: Option<f64>,
     /// Whether the run finished within the objective (`None` for dry runs or no objective).
     pub within_objective: Option<bool>,
+    /// The data lost at most, as the steps measured it (`rpo-seconds`: the failover's start
+    /// minus the last transaction recovered).
+    #[serde(default)]
+    pub rpo_seconds: Option<f64>,
     pub ok: bool,
     pub steps: Vec<StepReport>,
 }
@@ -115,17 +125,38 @@ pub fn find(dir: &Path, name: &str) -> Result<RunbookSpec> {
     Err(Error::not_found(format!("runbook `{name}` not found in {}", dir.display())).with_hint(hint))
 }
 
-/// A step ready to run: plugin loaded, config validated, grants checked.
+/// A step ready to run: plugin loaded (or built-in step checked), config validated, grants
+/// checked.
 struct Prepared<'a> {
     spec: &'a StepSpec,
-    plugin: Plugin,
+    engine: Engine,
     version: String,
-    verifies: bool,
     config: Vec<(String, String)>,
+    /// The deadline of one attempt.
+    timeout: Duration,
+}
+
+enum Engine {
+    Wasm { plugin: Plugin, verifies: bool },
+    Builtin(builtin::Builtin),
+}
+
+impl Engine {
+    /// What the audit log records as the code that ran.
+    fn hash(&self) -> String {
+        match self {
+            Engine::Wasm { plugin, .. } => plugin.hash.clone(),
+            Engine::Builtin(_) => format!("veza-dr {}", env!("CARGO_PKG_VERSION")),
+        }
+    }
 }
 
 fn step_error(rb: &RunbookSpec, st: &StepSpec, kind: Kind, msg: impl std::fmt::Display) -> Error {
-    Error::new(kind, format!("runbook `{}` step `{}` (plugin `{}`): {msg}", rb.name, st.name, st.plugin))
+    let what = match &st.builtin {
+        Some(b) => format!("built-in `{b}`"),
+        None => format!("plugin `{}`", st.plugin),
+    };
+    Error::new(kind, format!("runbook `{}` step `{}` ({what}): {msg}", rb.name, st.name))
 }
 
 impl Options {
@@ -159,6 +190,24 @@ fn prepare<'a>(
     opts: &Options,
     rt: &tokio::runtime::Handle,
 ) -> Result<Prepared<'a>> {
+    if let Some(name) = &st.builtin {
+        let b = builtin::Builtin::prepare(name, st, rb, &opts.policies_dir).map_err(|e| {
+            let kind = if matches!(e, CallError::Step(host::StepError::InvalidConfig(_))) {
+                Kind::Policy
+            } else {
+                Kind::Failed
+            };
+            step_error(rb, st, kind, format!("validate: {e}"))
+        })?;
+        let timeout = st.timeout.map(|d| d.0).unwrap_or_else(|| b.default_timeout(rb));
+        return Ok(Prepared {
+            spec: st,
+            engine: Engine::Builtin(b),
+            version: env!("CARGO_PKG_VERSION").into(),
+            config: st.config(),
+            timeout,
+        });
+    }
     let plugin = host.load(&st.plugin).map_err(|e| {
         let hint = e.hint.clone();
         let mut err = step_error(rb, st, e.kind, &e.message);
@@ -198,7 +247,8 @@ fn prepare<'a>(
                 grant_example(&missing)
             )));
     }
-    Ok(Prepared { spec: st, plugin, version: desc.version, verifies: desc.verifies, config })
+    let engine = Engine::Wasm { plugin, verifies: desc.verifies };
+    Ok(Prepared { spec: st, engine, version: desc.version, config, timeout: st.timeout() })
 }
 
 fn grant_example(missing: &[String]) -> String {
@@ -245,7 +295,7 @@ pub fn execute(
         let earlier = audit.last_facts(&st.name);
         let report = StepReport {
             name: st.name.clone(),
-            plugin: st.plugin.clone(),
+            plugin: st.engine(),
             plugin_version: String::new(),
             status: Status::Skipped,
             attempts: 0,
@@ -266,7 +316,7 @@ pub fn execute(
         let st = p.spec;
         let mut report = StepReport {
             name: st.name.clone(),
-            plugin: st.plugin.clone(),
+            plugin: st.engine(),
             plugin_version: p.version.clone(),
             status: Status::NotRun,
             attempts: 0,
@@ -291,18 +341,24 @@ pub fn execute(
             step: st.name.clone(),
             config: p.config.clone(),
             facts: fact_list.clone(),
-            deadline_ms: st.timeout().as_millis() as u64,
+            deadline_ms: p.timeout.as_millis() as u64,
             attempt,
         };
         let result = if opts.dry_run {
             report.attempts = 1;
-            let state = opts.state(rb, st, st.timeout(), true, rt);
-            call(&host, &p.plugin, state, &mut report.logs, |i| i.plan(&ctx(1))).map(|plan| {
+            let planned = match &p.engine {
+                Engine::Wasm { plugin, .. } => {
+                    let state = opts.state(rb, st, p.timeout, true, rt);
+                    call(&host, plugin, state, &mut report.logs, |i| i.plan(&ctx(1)))
+                }
+                Engine::Builtin(b) => b.plan(&builtin_env(rb, st, opts, rt, &facts)),
+            };
+            planned.map(|plan| {
                 report.plan = plan;
                 String::new()
             })
         } else {
-            run_with_retries(&host, rb, p, opts, rt, &ctx, &mut report)
+            run_with_retries(&host, rb, p, opts, rt, &ctx, &facts, &mut report)
         };
         report.seconds = t.elapsed().as_secs_f64();
         match result {
@@ -317,13 +373,18 @@ pub fn execute(
                 aborted = st.on_failure == OnFailure::Abort;
             }
         }
-        audit.append(&report, &p.plugin, &p.config);
+        audit.append(&report, &p.engine.hash(), &p.config);
         progress(&report);
         steps.push(report);
     }
     let seconds = start.elapsed().as_secs_f64();
     let objective_seconds = rb.objective.map(|d| d.0.as_secs_f64());
     let ok = steps.iter().all(|s| s.status != Status::Failed);
+    let rpo_seconds = if opts.dry_run {
+        None
+    } else {
+        steps.iter().rev().find_map(|s| s.facts.get("rpo-seconds").and_then(|v| v.parse::<f64>().ok()))
+    };
     let report = RunReport {
         runbook: rb.name.clone(),
         dry_run: opts.dry_run,
@@ -331,6 +392,7 @@ pub fn execute(
         seconds,
         within_objective: if opts.dry_run { None } else { objective_seconds.map(|o| ok && seconds <= o) },
         objective_seconds,
+        rpo_seconds,
         ok,
         steps,
     };
@@ -384,7 +446,18 @@ fn call<T>(
     r
 }
 
+fn builtin_env<'a>(
+    rb: &'a RunbookSpec,
+    st: &'a StepSpec,
+    opts: &'a Options,
+    rt: &'a tokio::runtime::Handle,
+    facts: &'a BTreeMap<String, String>,
+) -> builtin::Env<'a> {
+    builtin::Env { rb, st, state_dir: &opts.state_dir, plugins_dir: &opts.plugins_dir, rt, facts }
+}
+
 /// Run a step's attempts; `Ok` carries the summary and fills the report's facts.
+#[allow(clippy::too_many_arguments)]
 fn run_with_retries(
     host: &Host,
     rb: &RunbookSpec,
@@ -392,26 +465,31 @@ fn run_with_retries(
     opts: &Options,
     rt: &tokio::runtime::Handle,
     ctx: &dyn Fn(u32) -> Context,
+    facts: &BTreeMap<String, String>,
     report: &mut StepReport,
 ) -> Result<String, CallError> {
     let st = p.spec;
     let attempts = st.retries + 1;
     for attempt in 1..=attempts {
         report.attempts = attempt;
-        let state = opts.state(rb, st, st.timeout(), false, rt);
-        let out = call(host, &p.plugin, state, &mut report.logs, |i| i.run(&ctx(attempt)));
+        let out = match &p.engine {
+            Engine::Wasm { plugin, .. } => {
+                let state = opts.state(rb, st, p.timeout, false, rt);
+                call(host, plugin, state, &mut report.logs, |i| i.run(&ctx(attempt)))
+                    .map(|o| (o.summary, o.facts.into_iter().collect::<BTreeMap<_, _>>()))
+            }
+            Engine::Builtin(b) => b.run(&builtin_env(rb, st, opts, rt, facts), p.timeout).map(|o| (o.summary, o.facts)),
+        };
         match out {
-            Ok(outcome) => {
-                report.facts = outcome.facts.into_iter().collect();
-                if !p.verifies {
-                    return Ok(outcome.summary);
-                }
+            Ok((summary, facts)) => {
+                report.facts = facts;
+                let Engine::Wasm { plugin, verifies: true } = &p.engine else { return Ok(summary) };
                 let mut vctx = ctx(attempt);
                 vctx.facts.extend(report.facts.clone());
-                let state = opts.state(rb, st, st.timeout(), false, rt);
-                let v = call(host, &p.plugin, state, &mut report.logs, |i| i.verify(&vctx));
+                let state = opts.state(rb, st, p.timeout, false, rt);
+                let v = call(host, plugin, state, &mut report.logs, |i| i.verify(&vctx));
                 return match v {
-                    Ok(v) => Ok(format!("{}; verified: {}", outcome.summary, v.summary)),
+                    Ok(v) => Ok(format!("{summary}; verified: {}", v.summary)),
                     Err(e) => Err(CallError::Step(host::StepError::Failed(format!("ran, but verify {e}")))),
                 };
             }
@@ -424,140 +502,6 @@ fn run_with_retries(
         }
     }
     unreachable!("the loop returns on the last attempt")
-}
-
-/// The audit log: one JSON line per step outcome and one per runbook, appended and synced.
-struct Audit<'a> {
-    path: &'a Path,
-    who: &'a str,
-    runbook: &'a str,
-    dry_run: bool,
-}
-
-#[derive(Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct AuditRecord {
-    pub time: chrono::DateTime<chrono::Utc>,
-    pub who: String,
-    pub host: String,
-    pub runbook: String,
-    /// The step, or `*` for the runbook as a whole.
-    pub step: String,
-    pub mode: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub plugin: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub plugin_hash: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub config_hash: Option<String>,
-    pub outcome: Status,
-    pub duration_ms: u64,
-    #[serde(default)]
-    pub attempts: u32,
-    #[serde(default)]
-    pub summary: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    #[serde(default)]
-    pub facts: BTreeMap<String, String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub objective_seconds: Option<f64>,
-    /// What the plugin logged during the step.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub logs: Vec<String>,
-}
-
-impl Audit<'_> {
-    fn record(&self, step: &str) -> AuditRecord {
-        AuditRecord {
-            time: chrono::Utc::now(),
-            who: self.who.into(),
-            host: nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
-            runbook: self.runbook.into(),
-            step: step.into(),
-            mode: if self.dry_run { "dry-run" } else { "run" }.into(),
-            plugin: None,
-            plugin_hash: None,
-            config_hash: None,
-            outcome: Status::Ok,
-            duration_ms: 0,
-            attempts: 0,
-            summary: String::new(),
-            error: None,
-            facts: BTreeMap::new(),
-            objective_seconds: None,
-            logs: vec![],
-        }
-    }
-
-    fn append(&self, r: &StepReport, plugin: &Plugin, config: &[(String, String)]) {
-        let mut rec = self.record(&r.name);
-        rec.plugin = Some(format!("{}@{}", r.plugin, r.plugin_version));
-        rec.plugin_hash = Some(plugin.hash.clone());
-        rec.config_hash =
-            Some(blake3::hash(serde_json::to_string(config).unwrap_or_default().as_bytes()).to_hex()[..16].to_string());
-        rec.outcome = r.status.clone();
-        rec.duration_ms = (r.seconds * 1000.0) as u64;
-        rec.attempts = r.attempts;
-        rec.summary = if r.plan.is_empty() { r.summary.clone() } else { r.plan.join("; ") };
-        rec.error = r.error.clone();
-        rec.facts = r.facts.clone();
-        rec.logs = r.logs.clone();
-        self.write(&rec);
-    }
-
-    fn finish(&self, r: &RunReport) {
-        let mut rec = self.record("*");
-        rec.outcome = if r.ok {
-            if r.dry_run {
-                Status::Planned
-            } else {
-                Status::Ok
-            }
-        } else {
-            Status::Failed
-        };
-        rec.duration_ms = (r.seconds * 1000.0) as u64;
-        rec.objective_seconds = r.objective_seconds;
-        rec.summary = format!(
-            "{} of {} steps ok",
-            r.steps.iter().filter(|s| matches!(s.status, Status::Ok | Status::Planned)).count(),
-            r.steps.len()
-        );
-        self.write(&rec);
-    }
-
-    /// Writing the audit log must not stop a failover: a failure is logged loudly instead.
-    fn write(&self, rec: &AuditRecord) {
-        let res = (|| -> std::io::Result<()> {
-            if let Some(d) = self.path.parent() {
-                std::fs::create_dir_all(d)?;
-            }
-            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(self.path)?;
-            let mut line = serde_json::to_vec(rec).map_err(std::io::Error::other)?;
-            line.push(b'\n');
-            f.write_all(&line)?;
-            f.sync_data()
-        })();
-        if let Err(e) = res {
-            tracing::error!(file = %self.path.display(), error = %e, "cannot append to the runbook audit log");
-        }
-    }
-
-    /// The facts of the newest successful real run of `step` of this runbook.
-    fn last_facts(&self, step: &str) -> BTreeMap<String, String> {
-        read_audit(self.path)
-            .into_iter()
-            .rev()
-            .find(|r| r.runbook == self.runbook && r.step == step && r.mode == "run" && r.outcome == Status::Ok)
-            .map(|r| r.facts)
-            .unwrap_or_default()
-    }
-}
-
-/// Every record of an audit log (unreadable lines are skipped).
-pub fn read_audit(path: &Path) -> Vec<AuditRecord> {
-    std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
 /// Who is running this, for the audit log: the invoking user behind sudo, else the user.

@@ -15,6 +15,11 @@
 //! timeout = "2m"
 //! retries = 1
 //! on-failure = "abort"                  # or "continue"
+//!
+//! [[runbook.step]]
+//! name = "restore"
+//! builtin = "restore"                   # a host step: restore, drill or wait-sql
+//! with = { policy = "db", repository = "dr", target = "/var/lib/postgresql/15/dr" }
 //! ```
 
 use crate::policy::{Dur, Size};
@@ -43,7 +48,11 @@ pub struct RunbookSpec {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct StepSpec {
     pub name: String,
+    /// A WASM plugin: `plugins/dist/<plugin>.wasm`, or a path.
+    #[serde(default)]
     pub plugin: String,
+    /// Or a step built into the host: `restore`, `drill` or `wait-sql`.
+    pub builtin: Option<String>,
     #[serde(default)]
     pub with: toml::Table,
     #[serde(default)]
@@ -103,8 +112,19 @@ impl RunbookSpec {
             if self.steps[..i].iter().any(|o| o.name == st.name) {
                 return Err(format!("step `{}` is declared twice", st.name));
             }
-            if st.plugin.is_empty() {
-                return Err(format!("step `{}`: `plugin` is empty", st.name));
+            match (&st.builtin, st.plugin.is_empty()) {
+                (None, true) => return Err(format!("step `{}`: name a `plugin` or a `builtin`", st.name)),
+                (Some(_), false) => {
+                    return Err(format!("step `{}`: `plugin` and `builtin` exclude each other", st.name))
+                }
+                (Some(b), true) if !super::builtin::NAMES.contains(&b.as_str()) => {
+                    return Err(format!(
+                        "step `{}`: there is no built-in step `{b}` (built in: {})",
+                        st.name,
+                        super::builtin::NAMES.join(", ")
+                    ))
+                }
+                _ => {}
             }
             for c in &st.grants.connections {
                 if !self.connections.contains_key(c) {
@@ -154,6 +174,14 @@ impl StepSpec {
                 (k.clone(), text)
             })
             .collect()
+    }
+
+    /// What runs the step, as reports name it: the plugin, or `builtin:<name>`.
+    pub fn engine(&self) -> String {
+        match &self.builtin {
+            Some(b) => format!("builtin:{b}"),
+            None => self.plugin.clone(),
+        }
     }
 
     pub fn timeout(&self) -> std::time::Duration {

@@ -133,6 +133,8 @@ async fn rehearse(policy: &Policy, name: &str, o: &Options) -> Result<String> {
         dry_run: true,
         from: None,
         who: format!("drill of policy {}", policy.name),
+        policies_dir: dir.to_path_buf(),
+        state_dir: o.state_dir.clone(),
     };
     let rt = tokio::runtime::Handle::current();
     let report = tokio::task::spawn_blocking(move || crate::runbook::execute(&rb, &opts, &rt, |_| {}))
