@@ -21,17 +21,27 @@ fn with_replica_keys(fx: &mut Fixture, garage: &Backend) {
     fx.env.push(("DR_SECRET".into(), garage.secret.clone()));
 }
 
-/// Flip one byte of the biggest pack on the replica, as a fault or an attacker would.
-fn tamper_with_a_pack(garage: &Backend, prefix: &str) {
+/// The raw object store under `prefix` of a backend, and a runtime to drive it.
+fn raw_store(b: &Backend, prefix: &str) -> (veza_dr::repository::Store, tokio::runtime::Runtime) {
     let dir = tempfile::tempdir().unwrap();
     let (_, recipient) = veza_dr::crypto::seal::generate_identity();
     let text = format!(
         "[source]\ntype = \"volume\"\npath = \"/srv\"\n{}\n[encryption]\nrecipients = [\"{recipient}\"]\n",
-        garage.repository_toml_files(prefix, dir.path())
+        b.repository_toml_files(prefix, dir.path())
     );
     let p = veza_dr::policy::Policy::parse(&dir.path().join("raw.toml"), &text).unwrap();
-    let store = veza_dr::repository::Store::open(&p.repository, false).unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
+    (veza_dr::repository::Store::open(&p.repository, false).unwrap(), tokio::runtime::Runtime::new().unwrap())
+}
+
+/// The WAL object keys a backend holds under `prefix`.
+fn wal_keys(b: &Backend, prefix: &str) -> std::collections::BTreeSet<String> {
+    let (store, rt) = raw_store(b, prefix);
+    rt.block_on(store.list("wal/")).unwrap().into_iter().map(|(k, _)| k).collect()
+}
+
+/// Flip one byte of the biggest pack on the replica, as a fault or an attacker would.
+fn tamper_with_a_pack(garage: &Backend, prefix: &str) {
+    let (store, rt) = raw_store(garage, prefix);
     rt.block_on(async {
         let packs = store.list("data/").await.unwrap();
         let (key, _) = packs.iter().max_by_key(|(_, n)| *n).unwrap().clone();
@@ -249,9 +259,87 @@ fn the_daemon_replicates_on_schedule_and_exports_what_the_replica_holds() {
     };
     drop(daemon);
     assert!(body.contains("veza_dr_job_runs_total{policy=\"vol\",kind=\"replicate\"}"), "{body}");
+    // The WAL queue depth of each replica is exported (nothing queued here: a volume policy).
+    assert!(body.contains("veza_dr_replica_wal_spool_segments{policy=\"vol\",replica=\"dr\"} 0"), "{body}");
     let on_dr = fx.json(&["snapshots", "vol", "--repository", "dr"]);
     assert_eq!(on_dr[0]["id"], snap["id"], "{on_dr}");
     let st = fx.json(&["status", "vol", "--daemon", ""]);
     assert_eq!(st["ok"], true, "{st}");
     assert_eq!(st["policies"][0]["replicas"][0]["newest"]["id"], snap["id"], "{st}");
+}
+
+/// WAL reaches the replica continuously, not at the next replicate: wal-push stores on the
+/// primary, queues the segment and a detached sender copies it. A replica that is down
+/// never blocks or fails archiving; its queue grows and drains when it returns.
+#[test]
+fn wal_reaches_the_replica_continuously_and_a_dead_replica_never_blocks_archiving() {
+    let moto = Backend::start(Kind::Moto);
+    let mut garage = Backend::start(Kind::Garage);
+    let mut fx = Fixture::new(&moto);
+    with_replica_keys(&mut fx, &garage);
+    // wal-push runs as the server's user: its state (and so its spool) where the test sees it.
+    let pg_state = fx.path("pg-state");
+    std::fs::create_dir_all(&pg_state).unwrap();
+    std::process::Command::new("chown").arg("postgres").arg(&pg_state).status().unwrap();
+    let mut env = fx.env.clone();
+    env.push(("VEZA_DR_STATE_DIR".into(), pg_state.to_str().unwrap().into()));
+    let pg = crate::common::pg::Pg::start(&fx.archive_command("db"), env);
+    fx.env.push(("VEZA_PG_DSN".into(), pg.dsn()));
+    fx.pg_policy("db", &moto, "db", "physical", &pg.data, &replica_toml(&garage, "db"));
+    let dsn = pg.dsn();
+    psql(&dsn, "CREATE TABLE t (id int)");
+    fx.ok(&["backup", "db", "--full"]);
+    fx.ok(&["replicate", "db"]);
+    let spool = pg_state.join("replica-spool/db/dr");
+    let queued = || std::fs::read_dir(&spool).map(|d| d.count()).unwrap_or(0);
+
+    // Each segment is on the replica within seconds of being archived: the lag, measured.
+    let mut lags = Vec::new();
+    for i in 0..5 {
+        psql(&dsn, &format!("INSERT INTO t SELECT g FROM generate_series(1, {}) g", 1000 * (i + 1)));
+        switch_and_wait_archived(&dsn);
+        let archived = std::time::Instant::now();
+        let want = wal_keys(&moto, "db");
+        loop {
+            if wal_keys(&garage, "db").is_superset(&want) {
+                break;
+            }
+            assert!(archived.elapsed().as_secs() < 30, "WAL did not reach the replica; {} queued", queued());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        lags.push(archived.elapsed().as_secs_f64());
+    }
+    lags.sort_by(f64::total_cmp);
+    println!("WAL replication lag after archiving: median {:.2}s, max {:.2}s", lags[2], lags[4]);
+    assert_eq!(queued(), 0);
+
+    // The replica's region goes down: archiving goes on at its usual pace, nothing fails.
+    garage.stop();
+    let failed = |dsn: &str| psql(dsn, "SELECT failed_count FROM pg_stat_archiver");
+    let failed_before = failed(&dsn);
+    let t = std::time::Instant::now();
+    for _ in 0..4 {
+        psql(&dsn, "INSERT INTO t SELECT g FROM generate_series(1, 1000) g");
+        switch_and_wait_archived(&dsn);
+    }
+    assert!(t.elapsed().as_secs() < 30, "archiving slowed down with the replica gone: {:?}", t.elapsed());
+    assert_eq!(failed(&dsn), failed_before, "archiving failed because the replica is down");
+    assert!(queued() >= 4, "the segments were not queued for the replica: {}", queued());
+    let mut status = std::process::Command::new(bin());
+    status.arg("--policies").arg(fx.path("policies")).arg("--state-dir").arg(&pg_state);
+    let o = status.args(["status", "db", "--daemon", "", "--json"]).envs(fx.env.iter().cloned()).output().unwrap();
+    let st: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(st["policies"][0]["replicas"][0]["wal-queued"].as_u64().unwrap() >= 4, "{st}");
+
+    // It returns: the next push's sender drains the queue, and the replica has every segment.
+    garage.restart();
+    psql(&dsn, "INSERT INTO t SELECT g FROM generate_series(1, 10) g");
+    switch_and_wait_archived(&dsn);
+    let t = std::time::Instant::now();
+    while queued() > 0 {
+        assert!(t.elapsed().as_secs() < 60, "the queue did not drain: {} left", queued());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let (primary, replica) = (wal_keys(&moto, "db"), wal_keys(&garage, "db"));
+    assert!(replica.is_superset(&primary), "missing on the replica: {:?}", primary.difference(&replica));
 }

@@ -175,6 +175,14 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             let p = load_policy(&g, &policy)?;
             crate::jobs::wal::prefetch(&p, cluster, &after, &spool, &identity, count).await.map(|_| 0)
         }
+        Command::WalSend { policy } => {
+            primary_only(&g, "wal-send")?;
+            let d = crate::jobs::walsend::send(&load_policy(&g, &policy)?, &state_dir(&g)).await?;
+            if g.json {
+                print_json(&d);
+            }
+            Ok(if d.iter().any(|d| d.error.is_some()) { 1 } else { 0 })
+        }
     }
 }
 

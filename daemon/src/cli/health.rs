@@ -28,7 +28,7 @@ pub async fn status(g: &Global, names: &[String], daemon: &str) -> Result<i32> {
             .with_hint("pass --policies DIR or set VEZA_DR_POLICIES"));
     }
     let daemon = (!daemon.is_empty()).then_some(daemon);
-    let st = crate::jobs::status::run(&policies, daemon).await;
+    let st = crate::jobs::status::run(&policies, daemon, &super::state_dir(g)).await;
     let ok = st.ok && invalid.is_empty();
     if g.json {
         let mut v = serde_json::to_value(&st).expect("serialisable");
@@ -100,6 +100,14 @@ pub async fn status(g: &Global, names: &[String], daemon: &str) -> Result<i32> {
                     r.repository
                 ),
                 _ => crate::outln!("  {:<12} {}: no snapshot yet ({})", "replica", r.name, r.repository),
+            }
+            if r.wal_queued > 0 {
+                crate::outln!(
+                    "  {:<12} {}: {} WAL segments queued on this host, not sent yet",
+                    "",
+                    r.name,
+                    r.wal_queued
+                );
             }
         }
         if p.untrusted_snapshots > 0 {

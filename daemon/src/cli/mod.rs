@@ -226,6 +226,9 @@ pub enum Command {
         #[arg(long, default_value_t = 8)]
         count: usize,
     },
+    /// Send the WAL that wal-push queued for the replicas (wal-push starts it detached)
+    #[command(hide = true)]
+    WalSend { policy: String },
     /// Run the scheduler: every policy's jobs, /metrics, /healthz, /status
     Daemon {
         /// Address of the HTTP endpoints

@@ -79,6 +79,7 @@ pub struct Metrics {
     pub drill_rpo: PG,
     pub replica_snapshot: RG,
     pub replica_wal: RG,
+    pub replica_spool: RG,
 }
 
 impl Metrics {
@@ -101,6 +102,7 @@ impl Metrics {
             drill_rpo: PG::default(),
             replica_snapshot: RG::default(),
             replica_wal: RG::default(),
+            replica_spool: RG::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -146,6 +148,11 @@ impl Metrics {
             "veza_dr_replica_wal_last_archived_timestamp_seconds",
             "Unix time of the newest WAL file on a replica",
             m.replica_wal.clone(),
+        );
+        registry.register(
+            "veza_dr_replica_wal_spool_segments",
+            "WAL segments stored on the primary and queued on this host for a replica, not sent yet",
+            m.replica_spool.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -281,6 +281,37 @@ pub async fn run(o: Options) -> Result<i32> {
         });
     }
 
+    // Every 5 s: send the WAL that wal-push queued for the replicas (when wal-push runs with
+    // this state directory; its own detached sender does the same otherwise), and export how
+    // much waits. An unreachable replica costs this loop a timeout, never archiving.
+    {
+        let (rx, metrics, stop, state) = (rx.clone(), metrics.clone(), stop.clone(), o.state_dir.clone());
+        tokio::spawn(async move {
+            loop {
+                let current = rx.borrow().clone();
+                for p in current.iter() {
+                    if p.replicas.is_empty() {
+                        continue;
+                    }
+                    let depths = crate::jobs::walsend::depths(p, &state);
+                    if depths.iter().any(|(_, n)| *n > 0) {
+                        if let Err(e) = crate::jobs::walsend::drain(p, &state).await {
+                            tracing::warn!(policy = %p.name, "cannot send WAL to the replicas: {}", e.message);
+                        }
+                    }
+                    for (r, n) in crate::jobs::walsend::depths(p, &state) {
+                        let l = metrics::ReplicaLabels { policy: p.name.clone(), replica: r };
+                        metrics.replica_spool.get_or_create(&l).set(n as f64);
+                    }
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+            }
+        });
+    }
+
     // Signals.
     {
         use tokio::signal::unix::{signal, SignalKind};

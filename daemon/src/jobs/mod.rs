@@ -12,3 +12,4 @@ pub mod status;
 pub mod verify;
 pub mod wal;
 pub mod walcheck;
+pub mod walsend;

@@ -70,6 +70,8 @@ pub struct ReplicaStatus {
     /// The newest point a restore from this replica reaches, and how old it is.
     pub recovery_point: Option<DateTime<Utc>>,
     pub recovery_point_age_seconds: Option<f64>,
+    /// WAL segments stored on the primary and queued on this host for the replica.
+    pub wal_queued: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -105,7 +107,8 @@ pub struct NextJob {
 /// for hours on a large cluster, and a failed one is retried.
 const DRILL_SLACK: Duration = Duration::from_secs(24 * 3600);
 
-pub async fn run(policies: &[Policy], daemon: Option<&str>) -> Status {
+/// `state_dir` is this host's: its replica WAL spools are counted.
+pub async fn run(policies: &[Policy], daemon: Option<&str>, state_dir: &std::path::Path) -> Status {
     let now = Utc::now();
     let from_daemon = match daemon {
         Some(url) => daemon_next(url).await,
@@ -113,7 +116,13 @@ pub async fn run(policies: &[Policy], daemon: Option<&str>) -> Status {
     };
     let mut out = Vec::new();
     for p in policies {
-        out.push(policy(p, now, from_daemon.as_ref()).await);
+        let mut st = policy(p, now, from_daemon.as_ref()).await;
+        for (name, n) in crate::jobs::walsend::depths(p, state_dir) {
+            if let Some(r) = st.replicas.iter_mut().find(|r| r.name == name) {
+                r.wal_queued = n;
+            }
+        }
+        out.push(st);
     }
     Status {
         checked_at: now,
@@ -184,7 +193,18 @@ async fn policy(p: &Policy, now: DateTime<Utc>, daemon: Option<&serde_json::Valu
                 }
                 st.replicas.push(rs);
             }
-            Err(e) => st.breaches.push(format!("replica {} cannot be read: {}", r.name, e.message)),
+            Err(e) => {
+                st.breaches.push(format!("replica {} cannot be read: {}", r.name, e.message));
+                st.replicas.push(ReplicaStatus {
+                    name: r.name.clone(),
+                    repository: r.repository.url.clone(),
+                    newest: None,
+                    wal_stored_at: None,
+                    recovery_point: None,
+                    recovery_point_age_seconds: None,
+                    wal_queued: 0,
+                });
+            }
         }
     }
     let repo = match Repository::open(p).await {
@@ -301,6 +321,7 @@ async fn replica(p: &Policy, name: &str, source: SourceKind, now: DateTime<Utc>)
         wal_stored_at: wal,
         recovery_point: point,
         recovery_point_age_seconds: point.map(|t| age(now, t)),
+        wal_queued: 0,
     })
 }
 

@@ -10,7 +10,9 @@ use crate::source::postgres::archive::{self, Pushed};
 use crate::source::postgres::wal::{WalKind, WalName};
 use std::path::Path;
 
-/// archive_command: store one WAL file, signed with this host's key (from `state_dir`). A
+/// archive_command: store one WAL file, signed with this host's key (from `state_dir`), then
+/// queue it for the replicas (`walsend`). Never acknowledged on a replica alone: if the
+/// primary cannot store it, the push fails and PostgreSQL keeps the segment and retries. A
 /// host whose state directory cannot hold a key pushes unsigned, with a warning: archiving
 /// never stops over it, and a policy that pins writers then refuses that WAL at restore.
 pub async fn push(policy: &Policy, path: &Path, state_dir: &Path) -> Result<Pushed> {
@@ -26,7 +28,14 @@ pub async fn push(policy: &Policy, path: &Path, state_dir: &Path) -> Result<Push
         Ok(key) => writer = writer.signing(key),
         Err(e) => tracing::warn!("WAL is pushed unsigned: {}", e.message),
     }
-    archive::push(&writer, path, data_dir.as_deref()).await
+    let (pushed, key) = archive::push(&writer, path, data_dir.as_deref()).await?;
+    // Stored on the primary: PostgreSQL may now be told. The replicas get it from the spool,
+    // after the acknowledgement's work is done and never in its way.
+    if !policy.replicas.is_empty() {
+        super::walsend::enqueue(state_dir, policy, &key);
+        super::walsend::spawn_sender(policy, state_dir);
+    }
+    Ok(pushed)
 }
 
 /// What restore_command asked for.

@@ -162,6 +162,73 @@ pub async fn replicate(primary: &Repository, replica: &Replica, progress: &Progr
     Ok(out)
 }
 
+/// WAL objects the sender copied to one replica, and the failure that stopped it.
+#[derive(Debug, Default)]
+pub struct SentWal {
+    /// Keys now on the replica (copied, or already there), and keys the primary no longer
+    /// has (pruned since they were queued): either way nothing is left to send.
+    pub done: Vec<String>,
+    pub copied: u64,
+    pub error: Option<Error>,
+}
+
+/// Copy the named WAL objects to a replica that already holds this repository (only
+/// `replicate` makes a replica; the sender never writes into an empty or foreign location).
+pub async fn copy_wal(primary: &Repository, replica: &Replica, wanted: &[String]) -> Result<SentWal> {
+    let dst = Store::open(&replica.repository, true)?;
+    match read_config(&dst).await? {
+        Some(c) if c.id == primary.config.id => {}
+        Some(c) => {
+            return Err(Error::usage(format!(
+                "replica {} ({}) holds another repository (id {}): WAL is not sent there",
+                replica.name, dst.url, c.id
+            )))
+        }
+        None => {
+            return Err(Error::not_found(format!("replica {} ({}) holds no repository yet", replica.name, dst.url))
+                .with_hint(format!("run `veza-dr replicate {}` once: it creates the replica", primary.policy)))
+        }
+    }
+    let src = &primary.store;
+    let todo: Vec<String> = wanted.iter().filter(|k| keys::parse_wal(k).is_some()).cloned().collect();
+    let results: Vec<(String, Result<bool>)> = futures::stream::iter(todo)
+        .map(|k| {
+            let (src, dst) = (src.clone(), dst.clone());
+            async move {
+                let r = copy_one(&src, &dst, &k).await;
+                (k, r)
+            }
+        })
+        .buffer_unordered(4)
+        .collect()
+        .await;
+    let mut out = SentWal::default();
+    for (k, r) in results {
+        match r {
+            Ok(copied) => {
+                out.copied += copied as u64;
+                out.done.push(k);
+            }
+            Err(e) => {
+                out.error.get_or_insert(e);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One WAL object to the replica unless it is there; `false` when nothing was copied (there
+/// already, or pruned from the primary since it was queued).
+async fn copy_one(src: &Store, dst: &Store, k: &str) -> Result<bool> {
+    if dst.head_size(k).await?.is_some() {
+        return Ok(false);
+    }
+    let Some(size) = src.head_size(k).await? else { return Ok(false) };
+    let b = src.get_checked(k, |b| check(k, &b, size).map(|_| b)).await?;
+    dst.put(k, b).await?;
+    Ok(true)
+}
+
 /// What the primary serves must be what it listed, and a pack must hash to its id: a damaged
 /// primary object is never spread to the replica.
 fn check(key: &str, b: &Bytes, listed: u64) -> Result<()> {

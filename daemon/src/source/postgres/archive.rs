@@ -12,7 +12,7 @@
 
 use super::wal::{WalKind, WalName};
 use crate::error::{Error, Result};
-use crate::repository::{Repository, Unlocked, Writer};
+use crate::repository::{keys, Repository, Unlocked, Writer};
 use bytes::Bytes;
 use futures::StreamExt;
 use std::path::{Path, PathBuf};
@@ -93,14 +93,16 @@ pub async fn check_cluster(repo: &Repository, cluster: u64) -> Result<()> {
 
 /// Store one WAL file of the cluster in `data_dir`. Returns only after the object store
 /// acknowledged the write.
-pub async fn push(repo: &Writer, path: &Path, data_dir: Option<&Path>) -> Result<Pushed> {
+/// Also returns the object's key (the replica sender copies it).
+pub async fn push(repo: &Writer, path: &Path, data_dir: Option<&Path>) -> Result<(Pushed, String)> {
     let name = name_of_path(path)?;
     let data = std::fs::read(path).map_err(|e| Error::io("read WAL file", path, e))?;
     let cluster = cluster_of(&name, &data, path, data_dir)?;
     let fp = fingerprint(&data);
     let existing = repo.wal_fingerprints(cluster, &name).await?;
+    let key = keys::wal_object(cluster, &name, &fp);
     if existing.contains(&fp) {
-        return Ok(Pushed::AlreadyStored);
+        return Ok((Pushed::AlreadyStored, key));
     }
     if !existing.is_empty() {
         return Err(Error::failed(format!("WAL file {name} is already archived with different content in {}", repo.url()))
@@ -131,7 +133,7 @@ pub async fn push(repo: &Writer, path: &Path, data_dir: Option<&Path>) -> Result
     .map_err(|e| Error::failed(format!("compression failed: {e}")))??;
     let body = repo.wal_body(sealed, cluster, &name, &fp);
     repo.put_wal(cluster, &name, &fp, Bytes::from(body)).await?;
-    Ok(Pushed::Stored)
+    Ok((Pushed::Stored, key))
 }
 
 /// Which cluster's WAL a restore reads: the one named, else the only one in the repository.
