@@ -226,14 +226,16 @@ fn the_region_failover_runbook_brings_up_postgres_from_the_replica_to_the_last_r
 }
 
 #[test]
-fn the_daemon_replicates_on_schedule_and_exports_what_the_replica_holds() {
+fn the_daemon_replicates_and_drills_the_replica_on_schedule_and_exports_what_it_holds() {
     let backend = Backend::start(Kind::File);
-    let fx = Fixture::new(&backend);
+    let mut fx = Fixture::new(&backend);
+    // The daemon has the restore-side identity, so its scheduled drills run.
+    fx.env.push(("VEZA_DR_IDENTITY".into(), fx.identity.to_str().unwrap().into()));
     let src = fx.path("src");
     tree::generate(&src, 2, 5);
     let replica = format!("[[replica]]\nname = \"dr\"\nurl = \"file://{}/vol-dr\"\n", backend.dir.path().display());
     let extra = format!(
-        "[objectives]\nrpo = \"1h\"\n[schedule]\nfull = \"0 3 * * *\"\nreplicate = \"*/2 * * * * *\"\n{replica}"
+        "[objectives]\nrpo = \"1h\"\n[schedule]\nfull = \"0 3 * * *\"\nreplicate = \"*/2 * * * * *\"\ndrill-replicas = \"*/3 * * * * *\"\n{replica}"
     );
     fx.volume_policy("vol", &backend, "vol", &src, &extra);
     let snap = fx.json(&["backup", "vol"]);
@@ -249,9 +251,10 @@ fn the_daemon_replicates_on_schedule_and_exports_what_the_replica_holds() {
     let daemon = Daemon::start(&fx);
     let t = std::time::Instant::now();
     let metric = "veza_dr_replica_last_snapshot_timestamp_seconds{policy=\"vol\",replica=\"dr\"}";
+    let drilled = "veza_dr_replica_drill_passed{policy=\"vol\",replica=\"dr\"} 1";
     let body = loop {
         let (_, m) = http_full(daemon.port, "GET", "/metrics");
-        if m.contains(metric) {
+        if m.contains(metric) && m.contains(drilled) {
             break m;
         }
         assert!(t.elapsed().as_secs() < 150, "no replica metric:\n{m}");
@@ -263,6 +266,10 @@ fn the_daemon_replicates_on_schedule_and_exports_what_the_replica_holds() {
     assert!(body.contains("veza_dr_replica_wal_spool_segments{policy=\"vol\",replica=\"dr\"} 0"), "{body}");
     let on_dr = fx.json(&["snapshots", "vol", "--repository", "dr"]);
     assert_eq!(on_dr[0]["id"], snap["id"], "{on_dr}");
+    // The replica's drill ran from the replica and its report is stored there.
+    let drills = fx.json(&["drills", "vol", "--repository", "dr"]);
+    assert_eq!(drills[0]["snapshot"], snap["id"], "{drills}");
+    assert_eq!(drills[0]["verdict"], "pass", "{drills}");
     let st = fx.json(&["status", "vol", "--daemon", ""]);
     assert_eq!(st["ok"], true, "{st}");
     assert_eq!(st["policies"][0]["replicas"][0]["newest"]["id"], snap["id"], "{st}");

@@ -80,6 +80,8 @@ pub struct Metrics {
     pub replica_snapshot: RG,
     pub replica_wal: RG,
     pub replica_spool: RG,
+    pub replica_drill_last: RG,
+    pub replica_drill_passed: RG,
 }
 
 impl Metrics {
@@ -103,6 +105,8 @@ impl Metrics {
             replica_snapshot: RG::default(),
             replica_wal: RG::default(),
             replica_spool: RG::default(),
+            replica_drill_last: RG::default(),
+            replica_drill_passed: RG::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -153,6 +157,16 @@ impl Metrics {
             "veza_dr_replica_wal_spool_segments",
             "WAL segments stored on the primary and queued on this host for a replica, not sent yet",
             m.replica_spool.clone(),
+        );
+        registry.register(
+            "veza_dr_replica_drill_last_timestamp_seconds",
+            "Unix time of the newest restore drill run from a replica",
+            m.replica_drill_last.clone(),
+        );
+        registry.register(
+            "veza_dr_replica_drill_passed",
+            "1 if the newest drill from a replica passed (with or without warning), else 0",
+            m.replica_drill_passed.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -142,46 +142,56 @@ async fn run_once(p: &Policy, k: JobKind, state_dir: &std::path::Path, plugins: 
                 let r = crate::jobs::prune::run(&p2, false, Duration::from_secs(600)).await?;
                 Ok(Done { bytes_stored: r.bytes_deleted, ..Default::default() })
             }
-            JobKind::Verify => {
-                // With a restore-side identity on this host (a file, an env variable, or
-                // VEZA_DR_IDENTITY): the drill.
-                if crate::crypto::identity::is_named(&p2.encryption) {
-                    let o = crate::jobs::drill::Options {
-                        state_dir: sd.clone(),
-                        report_dir: sd.join("drill-reports"),
-                        identity: None,
-                        snapshot: None,
-                        plugins_dir,
-                        lock_wait: Duration::from_secs(600),
-                        phase: Default::default(),
-                    };
-                    let reports = crate::jobs::drill::run_all(&p2, &o).await?;
-                    if let Some(r) = reports.iter().find(|r| r.verdict == crate::jobs::drill::Verdict::Fail) {
-                        return Err(Error::failed(format!(
-                            "drill of policy {} failed: {}",
-                            p2.name,
-                            r.failure.clone().unwrap_or_default()
-                        )));
+            JobKind::Verify => drill_or_verify(&p2, &sd, &plugins_dir).await,
+            JobKind::DrillReplicas => {
+                // Each replica from itself alone, as a region failover would read it; one
+                // failing replica does not keep the others from being drilled.
+                let mut first_error = None;
+                for r in &p2.replicas {
+                    let view = p2.on_repository(&r.name)?;
+                    if let Err(e) = drill_or_verify(&view, &sd, &plugins_dir).await {
+                        tracing::error!(policy = %p2.name, replica = %r.name, "replica drill failed: {}", e.message);
+                        first_error.get_or_insert(Error::new(e.kind, format!("replica {}: {}", r.name, e.message)));
                     }
-                    return Ok(Done {
-                        snapshot: reports.into_iter().next().and_then(|r| r.snapshot),
-                        ..Default::default()
-                    });
                 }
-                // Otherwise (no key on this host) the keyless structural verify.
-                let repo = crate::repository::Repository::open(&p2).await?;
-                let r =
-                    crate::jobs::verify::run(&repo, None, false, 100.0, Duration::from_secs(600), &p2.trust.writers)
-                        .await?;
-                if r.ok() {
-                    Ok(Done::default())
-                } else {
-                    Err(Error::damaged(format!("verify of policy {} found damage: {}", p2.name, r.damage.join("; "))))
-                }
+                first_error.map_or(Ok(Done::default()), Err)
             }
         }
     });
     h.await.unwrap_or_else(|e| Err(Error::failed(format!("job {} of policy {} crashed: {e}", k.as_str(), p.name))))
+}
+
+/// The scheduled verify: a drill when this host has a restore-side identity (a file, an env
+/// variable, or VEZA_DR_IDENTITY), else the keyless structural verify.
+async fn drill_or_verify(p2: &Policy, sd: &std::path::Path, plugins_dir: &std::path::Path) -> Result<Done> {
+    if crate::crypto::identity::is_named(&p2.encryption) {
+        let o = crate::jobs::drill::Options {
+            state_dir: sd.to_path_buf(),
+            report_dir: sd.join("drill-reports"),
+            identity: None,
+            snapshot: None,
+            plugins_dir: plugins_dir.to_path_buf(),
+            lock_wait: Duration::from_secs(600),
+            phase: Default::default(),
+        };
+        let reports = crate::jobs::drill::run_all(p2, &o).await?;
+        if let Some(r) = reports.iter().find(|r| r.verdict == crate::jobs::drill::Verdict::Fail) {
+            return Err(Error::failed(format!(
+                "drill of policy {} failed: {}",
+                p2.name,
+                r.failure.clone().unwrap_or_default()
+            )));
+        }
+        return Ok(Done { snapshot: reports.into_iter().next().and_then(|r| r.snapshot), ..Default::default() });
+    }
+    // Otherwise (no key on this host) the keyless structural verify.
+    let repo = crate::repository::Repository::open(p2).await?;
+    let r = crate::jobs::verify::run(&repo, None, false, 100.0, Duration::from_secs(600), &p2.trust.writers).await?;
+    if r.ok() {
+        Ok(Done::default())
+    } else {
+        Err(Error::damaged(format!("verify of policy {} found damage: {}", p2.name, r.damage.join("; "))))
+    }
 }
 
 /// Load every policy at start-up; any error stops the daemon before it schedules anything.
@@ -395,6 +405,11 @@ async fn replica_metrics(p: &Policy, replica: &str, metrics: &metrics::Metrics) 
     let l = metrics::ReplicaLabels { policy: p.name.clone(), replica: replica.to_string() };
     if let Some(s) = repo.snapshots().await?.last() {
         metrics.replica_snapshot.get_or_create(&l).set(s.finished.timestamp() as f64);
+    }
+    if let Some(r) = metrics::NewestDrills::default().newest(&repo, &p.name).await? {
+        metrics.replica_drill_last.get_or_create(&l).set(r.finished.timestamp() as f64);
+        let passed = r.verdict != crate::jobs::drill::Verdict::Fail;
+        metrics.replica_drill_passed.get_or_create(&l).set(if passed { 1.0 } else { 0.0 });
     }
     if let Some(t) = repo.newest_wal().await? {
         metrics.replica_wal.get_or_create(&l).set(t.timestamp() as f64);

@@ -24,6 +24,8 @@ pub enum JobKind {
     Verify,
     Prune,
     Replicate,
+    /// A drill of each replica, from the replica.
+    DrillReplicas,
 }
 
 impl JobKind {
@@ -34,6 +36,7 @@ impl JobKind {
             JobKind::Verify => "verify",
             JobKind::Prune => "prune",
             JobKind::Replicate => "replicate",
+            JobKind::DrillReplicas => "drill-replicas",
         }
     }
 }
@@ -69,6 +72,7 @@ pub fn jobs_of(p: &Policy) -> Vec<(JobKind, CronExpr)> {
         (JobKind::Verify, &s.verify),
         (JobKind::Prune, &s.prune),
         (JobKind::Replicate, &s.replicate),
+        (JobKind::DrillReplicas, &s.drill_replicas),
     ]
     .into_iter()
     .filter_map(|(k, c)| c.clone().map(|c| (k, c)))

@@ -157,6 +157,8 @@ pub struct Schedule {
     pub prune: Option<CronExpr>,
     /// Catch-up copy to every `[[replica]]` of what it lacks.
     pub replicate: Option<CronExpr>,
+    /// A drill of every `[[replica]]`, from the replica alone: the region path, proven.
+    pub drill_replicas: Option<CronExpr>,
     pub timezone: Option<String>,
     pub jitter: Option<Dur>,
 }
@@ -388,6 +390,7 @@ impl Policy {
                 &mut schedule.verify,
                 &mut schedule.prune,
                 &mut schedule.replicate,
+                &mut schedule.drill_replicas,
             ]
             .into_iter()
             .flatten()
@@ -475,6 +478,13 @@ impl Policy {
         if self.schedule.replicate.is_some() && self.replicas.is_empty() {
             return Err(here("replicate", "`schedule.replicate` is set but the policy declares no [[replica]]".into())
                 .with_hint("add a [[replica]] table, or remove the schedule"));
+        }
+        if self.schedule.drill_replicas.is_some() && self.replicas.is_empty() {
+            return Err(here(
+                "drill-replicas",
+                "`schedule.drill-replicas` is set but the policy declares no [[replica]]".into(),
+            )
+            .with_hint("add a [[replica]] table, or remove the schedule"));
         }
         if r.upload_concurrency == 0 || r.upload_concurrency > 64 {
             return Err(here("upload-concurrency", "upload-concurrency must be between 1 and 64".into()));
