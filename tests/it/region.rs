@@ -235,7 +235,7 @@ fn the_daemon_replicates_and_drills_the_replica_on_schedule_and_exports_what_it_
     tree::generate(&src, 2, 5);
     let replica = format!("[[replica]]\nname = \"dr\"\nurl = \"file://{}/vol-dr\"\n", backend.dir.path().display());
     let extra = format!(
-        "[objectives]\nrpo = \"1h\"\n[schedule]\nfull = \"0 3 * * *\"\nreplicate = \"*/2 * * * * *\"\ndrill-replicas = \"*/3 * * * * *\"\n{replica}"
+        "[objectives]\nrpo = \"1h\"\n[schedule]\nfull = \"0 3 * * *\"\nreplicate = \"*/2 * * * * *\"\ndrill-replicas = \"*/3 * * * * *\"\nprune = \"*/4 * * * * *\"\n{replica}"
     );
     fx.volume_policy("vol", &backend, "vol", &src, &extra);
     let snap = fx.json(&["backup", "vol"]);
@@ -262,6 +262,14 @@ fn the_daemon_replicates_and_drills_the_replica_on_schedule_and_exports_what_it_
     };
     drop(daemon);
     assert!(body.contains("veza_dr_job_runs_total{policy=\"vol\",kind=\"replicate\"}"), "{body}");
+    // The scheduled prune runs on the primary and on the replica, without failing.
+    assert!(body.contains("veza_dr_job_runs_total{policy=\"vol\",kind=\"prune\"}"), "{body}");
+    let failed = |kind: &str| {
+        body.lines()
+            .filter(|l| l.starts_with(&format!("veza_dr_job_failures_total{{policy=\"vol\",kind=\"{kind}\"}}")))
+            .any(|l| !l.ends_with(" 0"))
+    };
+    assert!(!failed("prune") && !failed("drill-replicas") && !failed("replicate"), "{body}");
     // The WAL queue depth of each replica is exported (nothing queued here: a volume policy).
     assert!(body.contains("veza_dr_replica_wal_spool_segments{policy=\"vol\",replica=\"dr\"} 0"), "{body}");
     let on_dr = fx.json(&["snapshots", "vol", "--repository", "dr"]);
@@ -349,4 +357,48 @@ fn wal_reaches_the_replica_continuously_and_a_dead_replica_never_blocks_archivin
     }
     let (primary, replica) = (wal_keys(&moto, "db"), wal_keys(&garage, "db"));
     assert!(replica.is_superset(&primary), "missing on the replica: {:?}", primary.difference(&replica));
+}
+
+/// Each replica applies the policy's retention itself (replication never deletes, so a
+/// compromised primary cannot empty it), and replicate copies only what that retention keeps:
+/// what the replica's prune forgot is not copied back while the primary, not pruned yet,
+/// still holds it.
+#[test]
+fn a_replica_prunes_itself_and_replicate_does_not_copy_back_what_it_forgot() {
+    let backend = Backend::start(Kind::File);
+    let fx = Fixture::new(&backend);
+    let src = fx.path("src");
+    tree::generate(&src, 4, 11);
+    let replica = format!("[[replica]]\nname = \"dr\"\nurl = \"file://{}/vol-dr\"\n", backend.dir.path().display());
+    let extra = format!("[retention]\nkeep-last = 1\nprune-grace = \"0s\"\n{replica}");
+    fx.volume_policy("vol", &backend, "vol", &src, &extra);
+    fx.ok(&["backup", "vol"]);
+    std::fs::remove_dir_all(&src).unwrap();
+    tree::generate(&src, 4, 12);
+    fx.ok(&["backup", "vol"]);
+    let c = fx.json(&["replicate", "vol"]);
+    // Retention keeps one: the older snapshot (and the packs only it needs) are not copied.
+    assert_eq!(c[0]["snapshots"], 1, "{c}");
+    let count = |repo: &str| fx.json(&["snapshots", "vol", "--repository", repo]).as_array().unwrap().len();
+    assert_eq!((count("primary"), count("dr")), (2, 1));
+    let bytes_first = c[0]["bytes-copied"].as_u64().unwrap();
+
+    // A third backup; the replica's prune forgets the second there (twice: mark, then delete).
+    std::fs::remove_dir_all(&src).unwrap();
+    tree::generate(&src, 4, 13);
+    fx.ok(&["backup", "vol"]);
+    let c = fx.json(&["replicate", "vol"]);
+    assert!(c[0]["bytes-copied"].as_u64().unwrap() < bytes_first * 2, "{c}");
+    fx.ok(&["prune", "vol", "--repository", "dr"]);
+    fx.ok(&["prune", "vol", "--repository", "dr"]);
+    assert_eq!((count("primary"), count("dr")), (3, 1), "the replica's prune touched the primary");
+    let again = fx.json(&["replicate", "vol"]);
+    assert_eq!(again[0]["objects-copied"], 0, "replicate copied back what the replica pruned: {again}");
+    assert_eq!(count("dr"), 1);
+    // What the replica keeps is whole.
+    let id = fx.identity.to_str().unwrap().to_string();
+    fx.ok(&["verify", "vol", "--repository", "dr", "--read-data", "--identity", &id]);
+    let out = fx.path("restored");
+    fx.ok(&["restore", "vol", "--repository", "dr", "--target", out.to_str().unwrap(), "--identity", &id]);
+    tree::assert_same(&src, &out);
 }

@@ -253,7 +253,7 @@ pub async fn replicate(g: &Global, p: &Policy, only: Option<&str>) -> Result<i32
             let p = progress.clone();
             Bar::start(!g.json, "replicate", move || (p.done.load(Ordering::Relaxed), p.total.load(Ordering::Relaxed)))
         };
-        let c = crate::repository::replicate::replicate(&primary, r, &progress).await;
+        let c = crate::repository::replicate::replicate(&primary, r, &p.retention, &progress).await;
         bar.finish().await;
         let c = c?;
         if !g.json {

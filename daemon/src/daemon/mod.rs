@@ -131,7 +131,8 @@ async fn run_once(p: &Policy, k: JobKind, state_dir: &std::path::Path, plugins: 
                 let primary = crate::repository::Repository::open(&p2).await?;
                 let mut done = Done::default();
                 for r in &p2.replicas {
-                    let c = crate::repository::replicate::replicate(&primary, r, &Default::default()).await?;
+                    let c = crate::repository::replicate::replicate(&primary, r, &p2.retention, &Default::default())
+                        .await?;
                     tracing::info!(policy = %p2.name, replica = %r.name, objects = c.objects_copied, bytes = c.bytes_copied, "replicated");
                     done.bytes_read += c.bytes_copied;
                     done.bytes_stored += c.bytes_copied;
@@ -140,7 +141,21 @@ async fn run_once(p: &Policy, k: JobKind, state_dir: &std::path::Path, plugins: 
             }
             JobKind::Prune => {
                 let r = crate::jobs::prune::run(&p2, false, Duration::from_secs(600)).await?;
-                Ok(Done { bytes_stored: r.bytes_deleted, ..Default::default() })
+                // Each replica applies the retention itself (replication never deletes).
+                let mut deleted = r.bytes_deleted;
+                let mut first_error = None;
+                for rep in &p2.replicas {
+                    match crate::jobs::prune::run(&p2.on_repository(&rep.name)?, false, Duration::from_secs(600)).await
+                    {
+                        Ok(r) => deleted += r.bytes_deleted,
+                        Err(e) if e.kind == crate::error::Kind::NotFound => {} // not replicated yet
+                        Err(e) => {
+                            first_error
+                                .get_or_insert(Error::new(e.kind, format!("replica {}: {}", rep.name, e.message)));
+                        }
+                    }
+                }
+                first_error.map_or(Ok(Done { bytes_stored: deleted, ..Default::default() }), Err)
             }
             JobKind::Verify => drill_or_verify(&p2, &sd, &plugins_dir).await,
             JobKind::DrillReplicas => {

@@ -4,11 +4,16 @@
 //! WAL and drill reports, and last the sidecars, each only once every pack, the manifest and
 //! the chunk key it names are on the replica; so a snapshot appears there only when it is
 //! complete there. A copy is a whole-object put: an interrupted run leaves nothing half
-//! written, and the next run copies what is still missing. Nothing is ever deleted on the
-//! replica by replication (a compromised primary cannot empty it); `prune --repository NAME`
-//! applies the policy's retention to the replica, with the same two-phase grace.
+//! written, and the next run copies what is still missing.
+//!
+//! Nothing is ever deleted on the replica by replication, so a compromised primary cannot
+//! empty it: each replica applies the policy's retention itself (`prune --repository NAME`,
+//! and the daemon's scheduled prune), with the same two-phase grace. Replication copies only
+//! what that retention keeps (the snapshots it retains, their packs, the WAL from the oldest
+//! retained backup on), so what a replica's prune forgot is not copied back while the
+//! primary still has it.
 
-use super::format::Sidecar;
+use super::format::{PackId, Sidecar, SnapshotId};
 use super::lock::LockKind;
 use super::store::Store;
 use super::{keys, read_config, Repository};
@@ -42,7 +47,12 @@ pub struct Progress {
     pub total: std::sync::Arc<AtomicU64>,
 }
 
-pub async fn replicate(primary: &Repository, replica: &Replica, progress: &Progress) -> Result<Copied> {
+pub async fn replicate(
+    primary: &Repository,
+    replica: &Replica,
+    retention: &crate::policy::Retention,
+    progress: &Progress,
+) -> Result<Copied> {
     let t = std::time::Instant::now();
     let dst = Store::open(&replica.repository, true)?;
     let src = &primary.store;
@@ -67,11 +77,34 @@ pub async fn replicate(primary: &Repository, replica: &Replica, progress: &Progr
     let lease_src = primary.lock(LockKind::Shared, "replicate", std::time::Duration::ZERO).await?;
     let lease_dst = target.lock(LockKind::Shared, "replicate", std::time::Duration::ZERO).await?;
     let mut out = Copied { replica: replica.name.clone(), ..Default::default() };
+    // What the retention keeps, as of now: the snapshots to copy (a snapshot committed after
+    // this listing waits for the next run) and everything they need.
+    let sidecars = primary.sidecars().await?;
+    let mine: Vec<Sidecar> = sidecars.iter().filter(|s| s.policy == primary.policy).cloned().collect();
+    let (_, forgotten) = crate::jobs::retention::select(&mine, retention, chrono::Utc::now());
+    let to_copy: Vec<&Sidecar> = sidecars.iter().filter(|s| !forgotten.contains(&s.id)).collect();
+    let packs: HashSet<PackId> = to_copy.iter().flat_map(|s| s.packs.iter().map(|p| p.id)).collect();
+    let snapshots: HashSet<&SnapshotId> = to_copy.iter().map(|s| &s.id).collect();
+    let oldest_wal = oldest_wal(&to_copy);
     let have: HashSet<String> = dst.list("").await?.into_iter().map(|(k, _)| k).collect();
     let listing = src.list("").await?;
     let wanted = |k: &str| {
-        [keys::KEYS, keys::DATA, keys::INDEX, keys::WAL, keys::REPORTS].iter().any(|p| k.starts_with(p))
-            || (k.starts_with(keys::SNAPSHOTS) && k.ends_with(".manifest"))
+        if k.starts_with(keys::KEYS) || k.starts_with(keys::REPORTS) {
+            return true;
+        }
+        if let Some(id) = keys::parse_pack(k).or_else(|| keys::parse_index(k)) {
+            return packs.contains(&id);
+        }
+        if let Some(id) = keys::parse_manifest(k) {
+            return snapshots.contains(&id);
+        }
+        match keys::parse_wal(k) {
+            Some((cluster, name, _)) => match (oldest_wal.get(&cluster), name.position()) {
+                (Some(from), Some(pos)) => pos >= from.as_str(),
+                _ => true,
+            },
+            None => false,
+        }
     };
     let mut todo: Vec<(String, u64)> = Vec::new();
     for (k, size) in &listing {
@@ -133,13 +166,13 @@ pub async fn replicate(primary: &Repository, replica: &Replica, progress: &Progr
         let _ = lease_src.release().await;
         return Err(e.with_hint("run replicate again: it copies only what is still missing"));
     }
-    for s in primary.sidecars().await? {
+    for s in to_copy {
         let key = keys::sidecar(&s.id);
         if present.contains(&key) {
             out.snapshots += 1;
             continue;
         }
-        if !complete_on(&s, &present) {
+        if !complete_on(s, &present) {
             out.snapshots_waiting.push(s.id.to_string());
             continue;
         }
@@ -241,6 +274,21 @@ fn check(key: &str, b: &Bytes, listed: u64) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Per cluster, the position of the oldest retained physical backup's first segment: older WAL
+/// can no longer be replayed from any backup (prune's rule). A cluster without one: all.
+fn oldest_wal(snaps: &[&Sidecar]) -> std::collections::HashMap<u64, String> {
+    let mut oldest: std::collections::HashMap<u64, String> = Default::default();
+    for s in snaps.iter().filter(|s| s.source == crate::policy::SourceKind::PostgresPhysical) {
+        let Some(pg) = s.pg() else { continue };
+        let (Ok(cluster), Some(pos)) = (pg.system_identifier.parse::<u64>(), pg.start_wal.position()) else { continue };
+        let e = oldest.entry(cluster).or_insert_with(|| pos.to_string());
+        if pos < e.as_str() {
+            *e = pos.to_string();
+        }
+    }
+    oldest
 }
 
 fn complete_on(s: &Sidecar, present: &HashSet<String>) -> bool {
