@@ -249,7 +249,7 @@ fn policy_check(g: &Global, dir: &Path) -> Result<i32> {
                     );
                     if !g.json {
                         let steps: Vec<String> =
-                            rb.steps.iter().map(|s| format!("{} ({})", s.name, s.plugin)).collect();
+                            rb.steps.iter().map(|s| format!("{} ({})", s.name, s.engine())).collect();
                         crate::outln!("ok    runbook {}: {}", rb.name, steps.join(" -> "));
                     }
                 }
