@@ -849,8 +849,23 @@ fn built_in_steps_are_checked_before_anything_runs() {
             "connection `db` is not granted",
         ),
     ];
+    let (_, recipient) = veza_dr::crypto::seal::generate_identity();
+    let db = format!(
+        "[source]\ntype = \"postgres\"\nmethod = \"physical\"\ndsn = \"host=/tmp\"\ndata-dir = \"/tmp/none\"\n\
+         [repository]\nurl = \"file:///tmp/none\"\n[encryption]\nrecipients = [\"{recipient}\"]\n"
+    );
+    let restore = |with: &str| {
+        format!("[[runbook.step]]\nname = \"s\"\nbuiltin = \"restore\"\nwith = {{ policy = \"db\", target = \"/tmp/x\", {with} }}\n")
+    };
+    let bad_lsn = restore("to-lsn = \"zz\"");
+    let two_targets = restore("to-lsn = \"0/3000000\", immediate = true");
+    let cases = cases.into_iter().chain([
+        (bad_lsn.as_str(), "step `s` (built-in `restore`): validate: invalid config:"),
+        (two_targets.as_str(), "name at most one recovery target"),
+    ]);
     for (steps, want) in cases {
         let b = Books::new(&book(steps));
+        std::fs::write(b.path("policies/db.toml"), &db).unwrap();
         let out = b.run(&["failover", "rb", "--yes"]);
         // A declaration serde refuses makes the file unparsable (exit 1, the runbook not found,
         // the file's error in the hint); a `with` the step refuses is a policy error (exit 2).

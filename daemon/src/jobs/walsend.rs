@@ -88,29 +88,53 @@ pub struct Drained {
     pub error: Option<String>,
 }
 
-/// Send what is queued, once per replica; `None` when another sender holds the spool.
+/// Send what is queued, per replica, until the spool holds only entries that failed this
+/// time; `None` when another sender holds the spool. A push that finds the lock held starts
+/// no sender, so the holder looks again before it lets go: nothing queued meanwhile waits.
 pub async fn drain(policy: &Policy, state_dir: &Path) -> Result<Option<Vec<Drained>>> {
     let Some(_lock) = sender_lock(state_dir, &policy.name) else { return Ok(None) };
-    let mut out = Vec::new();
+    let mut out: Vec<Drained> = Vec::new();
     let mut primary: Option<Repository> = None;
-    for r in &policy.replicas {
-        let keys = queued(state_dir, &policy.name, &r.name);
-        if keys.is_empty() {
-            continue;
+    let mut failed: std::collections::HashSet<String> = Default::default();
+    loop {
+        let mut sent_any = false;
+        for r in &policy.replicas {
+            if failed.contains(&r.name) {
+                continue;
+            }
+            let keys = queued(state_dir, &policy.name, &r.name);
+            if keys.is_empty() {
+                continue;
+            }
+            if primary.is_none() {
+                primary = Some(Repository::open(policy).await?);
+            }
+            let repo = primary.as_ref().expect("opened above");
+            let d = drain_one(repo, r, state_dir, &policy.name, &keys).await;
+            sent_any = true;
+            if d.error.is_some() {
+                failed.insert(r.name.clone());
+            }
+            match out.iter_mut().find(|o| o.replica == d.replica) {
+                Some(o) => {
+                    o.sent += d.sent;
+                    o.left = d.left;
+                    o.error = d.error;
+                }
+                None => out.push(d),
+            }
         }
-        if primary.is_none() {
-            primary = Some(Repository::open(policy).await?);
+        if !sent_any {
+            return Ok(Some(out));
         }
-        let repo = primary.as_ref().expect("opened above");
-        out.push(drain_one(repo, r, state_dir, &policy.name, &keys).await);
     }
-    Ok(Some(out))
 }
 
 async fn drain_one(primary: &Repository, r: &Replica, state_dir: &Path, policy: &str, keys: &[String]) -> Drained {
     let dir = spool_dir(state_dir, policy, &r.name);
     let mut d = Drained { replica: r.name.clone(), sent: 0, left: keys.len(), error: None };
-    // In slices, so a long backlog shows progress and a failure keeps what was sent.
+    // In slices, so a long backlog shows progress. One entry that fails does not hold back
+    // the others; a replica that cannot be opened stops the drain.
     for part in keys.chunks(64) {
         match crate::repository::replicate::copy_wal(primary, r, part).await {
             Ok(sent) => {
@@ -120,8 +144,7 @@ async fn drain_one(primary: &Repository, r: &Replica, state_dir: &Path, policy: 
                 d.sent += sent.copied;
                 d.left -= sent.done.len();
                 if let Some(e) = sent.error {
-                    d.error = Some(e.message);
-                    break;
+                    d.error.get_or_insert(e.message);
                 }
             }
             Err(e) => {

@@ -128,11 +128,48 @@ impl Builtin {
             "restore" => {
                 let c: RestoreCfg = table.try_into().map_err(parse)?;
                 let p = policy_for(policies, &c.policy, c.repository.as_deref())?;
-                if crate::source::of(&p).kind() == SourceKind::PostgresLogical {
-                    return Err(invalid(format!(
-                        "policy {} is a logical PostgreSQL backup: restore it with `veza-dr restore --target-dsn`",
-                        p.name
-                    )));
+                match crate::source::of(&p).kind() {
+                    SourceKind::PostgresLogical => {
+                        return Err(invalid(format!(
+                            "policy {} is a logical PostgreSQL backup: restore it with `veza-dr restore --target-dsn`",
+                            p.name
+                        )))
+                    }
+                    SourceKind::Volume => {
+                        let pg_only = [
+                            ("to-time", c.to_time.is_some()),
+                            ("to-lsn", c.to_lsn.is_some()),
+                            ("to-xid", c.to_xid.is_some()),
+                            ("to-name", c.to_name.is_some()),
+                            ("immediate", c.immediate),
+                            ("start", c.start.is_some()),
+                            ("port", c.port.is_some()),
+                            ("socket-dir", c.socket_dir.is_some()),
+                            ("listen", c.listen.is_some()),
+                        ];
+                        if let Some((k, _)) = pg_only.iter().find(|(_, set)| *set) {
+                            return Err(invalid(format!(
+                                "`{k}` applies to PostgreSQL physical policies; {} is a volume",
+                                p.name
+                            )));
+                        }
+                    }
+                    SourceKind::PostgresPhysical => {
+                        let targets = [
+                            c.to_time.is_some(),
+                            c.to_lsn.is_some(),
+                            c.to_xid.is_some(),
+                            c.to_name.is_some(),
+                            c.immediate,
+                        ];
+                        if targets.iter().filter(|t| **t).count() > 1 {
+                            return Err(invalid(
+                                "name at most one recovery target: to-time, to-lsn, to-xid, to-name or immediate",
+                            ));
+                        }
+                        // A malformed target fails here, before step 1, not in the middle of the run.
+                        recovery(&c).settings().map_err(|e| invalid(e.message))?;
+                    }
                 }
                 Cfg::Restore(Box::new(c), Box::new(p))
             }
@@ -163,11 +200,12 @@ impl Builtin {
         Ok(Builtin { cfg })
     }
 
-    /// The deadline of one attempt when the step sets none: a restore or a drill takes as
-    /// long as the data does, so the runbook's objective bounds it.
-    pub fn default_timeout(&self, rb: &RunbookSpec) -> Duration {
+    /// The deadline of one attempt when the step sets none. A restore or a drill takes as long
+    /// as the data does: cutting it at the objective would turn a late failover into a failed
+    /// one, so it gets a day (the objective is judged on the whole run anyway).
+    pub fn default_timeout(&self, _rb: &RunbookSpec) -> Duration {
         match &self.cfg {
-            Cfg::Restore(..) | Cfg::Drill(..) => rb.objective.map(|d| d.0).unwrap_or(Duration::from_secs(4 * 3600)),
+            Cfg::Restore(..) | Cfg::Drill(..) => Duration::from_secs(24 * 3600),
             Cfg::WaitSql(c) => wait_within(c) + Duration::from_secs(30),
         }
     }
@@ -195,7 +233,23 @@ impl Builtin {
                 Cfg::WaitSql(c) => run_wait_sql(c, env).await,
             }
         };
-        env.rt.block_on(async { tokio::time::timeout(timeout, fut).await.unwrap_or(Err(CallError::Timeout)) })
+        let r = env.rt.block_on(async { tokio::time::timeout(timeout, fut).await.unwrap_or(Err(CallError::Timeout)) });
+        match (&self.cfg, r) {
+            // A restore that wrote part of its target cannot be tried again over it: keep its
+            // own error, and say how to go on.
+            (Cfg::Restore(c, _), Err(e)) => {
+                let why = match e {
+                    CallError::Timeout => format!("timed out after {}", humantime::format_duration(timeout)),
+                    CallError::Step(StepError::Retryable(m) | StepError::Failed(m) | StepError::InvalidConfig(m)) => m,
+                    other => other.to_string(),
+                };
+                Err(CallError::Step(StepError::Failed(format!(
+                    "{why}; if {} was written to, empty it before running the step again",
+                    c.target.display()
+                ))))
+            }
+            (_, r) => r,
+        }
     }
 }
 
@@ -348,6 +402,7 @@ fn drill_options(c: &DrillCfg, env: &Env) -> crate::jobs::drill::Options {
 }
 
 async fn plan_drill(c: &DrillCfg, p: &Policy) -> std::result::Result<Vec<String>, CallError> {
+    crate::crypto::Identity::require(c.identity.as_deref(), &p.encryption, &p.name).map_err(step_failure)?;
     let repo = crate::repository::Repository::open(p).await.map_err(step_failure)?;
     let snap = repo.find_snapshot("latest").await.map_err(step_failure)?;
     Ok(vec![format!(
@@ -361,7 +416,12 @@ async fn plan_drill(c: &DrillCfg, p: &Policy) -> std::result::Result<Vec<String>
 
 async fn run_drill(c: &DrillCfg, p: &Policy, env: &Env<'_>) -> std::result::Result<Outcome, CallError> {
     let reports = crate::jobs::drill::run_all(p, &drill_options(c, env)).await.map_err(step_failure)?;
-    let r = reports.first().ok_or_else(|| CallError::Step(StepError::Failed("the drill gave no report".into())))?;
+    // The first report is the newest snapshot's; a failing one of any (random-older) fails.
+    let r = reports
+        .iter()
+        .find(|r| r.verdict == crate::jobs::drill::report::Verdict::Fail)
+        .or(reports.first())
+        .ok_or_else(|| CallError::Step(StepError::Failed("the drill gave no report".into())))?;
     let mut facts = BTreeMap::new();
     facts.insert("drill-id".into(), r.id.clone());
     facts.insert("verdict".into(), r.verdict.as_str().to_string());
