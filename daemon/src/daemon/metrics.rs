@@ -82,6 +82,7 @@ pub struct Metrics {
     pub replica_spool: RG,
     pub replica_drill_last: RG,
     pub replica_drill_passed: RG,
+    pub page_checksum_failures: PG,
 }
 
 impl Metrics {
@@ -107,6 +108,7 @@ impl Metrics {
             replica_spool: RG::default(),
             replica_drill_last: RG::default(),
             replica_drill_passed: RG::default(),
+            page_checksum_failures: PG::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -167,6 +169,11 @@ impl Metrics {
             "veza_dr_replica_drill_passed",
             "1 if the newest drill from a replica passed (with or without warning), else 0",
             m.replica_drill_passed.clone(),
+        );
+        registry.register(
+            "veza_dr_backup_page_checksum_failures",
+            "Pages whose checksum failed in the newest physical backup (named in its warnings)",
+            m.page_checksum_failures.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -79,6 +79,10 @@ impl Runner for JobRunner {
                     metrics.last_success.get_or_create(&labels).set(chrono::Utc::now().timestamp() as f64);
                     metrics.last_bytes_read.get_or_create(&labels).set(done.bytes_read as f64);
                     metrics.last_bytes_stored.get_or_create(&labels).set(done.bytes_stored as f64);
+                    if let Some(n) = done.page_checksum_failures {
+                        let l = metrics::PolicyLabels { policy: p.name.clone() };
+                        metrics.page_checksum_failures.get_or_create(&l).set(n as f64);
+                    }
                     Ok(())
                 }
                 Err(e) => {
@@ -101,6 +105,8 @@ struct Done {
     snapshot: Option<String>,
     bytes_read: u64,
     bytes_stored: u64,
+    /// A physical backup's pages that failed their checksum.
+    page_checksum_failures: Option<u64>,
 }
 
 async fn run_once(p: &Policy, k: JobKind, state_dir: &std::path::Path, plugins: &std::path::Path) -> Result<Done> {
@@ -121,10 +127,12 @@ async fn run_once(p: &Policy, k: JobKind, state_dir: &std::path::Path, plugins: 
                 for w in &s.warnings {
                     tracing::warn!(policy = %p2.name, snapshot = %s.id, "{w}");
                 }
+                let physical = s.source == crate::policy::SourceKind::PostgresPhysical;
                 Ok(Done {
                     snapshot: Some(s.id.to_string()),
                     bytes_read: s.stats.bytes_read,
                     bytes_stored: s.stats.bytes_uploaded,
+                    page_checksum_failures: physical.then_some(s.stats.page_checksum_failures),
                 })
             }
             JobKind::Replicate => {

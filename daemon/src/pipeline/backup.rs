@@ -28,6 +28,9 @@ pub struct EngineConfig {
     /// Fail on a file that cannot be read (PostgreSQL: a copy missing one is no backup);
     /// only a file that vanished is skipped. Otherwise unreadable files are warnings.
     pub strict_reads: bool,
+    /// PostgreSQL with data checksums: the backup's start LSN. Pages of relation files older
+    /// than it are checked (`source::postgres::pagecheck`).
+    pub page_check_lsn: Option<u64>,
 }
 
 /// The FastCDC gear seed of a chunk-id key. Boundaries then depend on a secret: chunk (and so
@@ -117,6 +120,8 @@ pub struct ReadJob {
     /// The file's metadata as walked, to detect change while reading.
     pub size: u64,
     pub mtime_ns: i128,
+    /// A relation segment's first block number, when its pages are to be checked.
+    pub first_block: Option<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -128,6 +133,8 @@ pub struct ReadResult {
     pub changed: bool,
     /// The file could not be read (vanished, permission): a warning, not a failure.
     pub skipped: Option<String>,
+    /// Blocks whose page checksum failed.
+    pub bad_pages: Vec<u64>,
 }
 
 #[derive(Debug)]
@@ -281,6 +288,11 @@ fn read_all(
                     break;
                 }
             };
+            if let (Some(first), Some(lsn)) = (job.first_block, cfg.page_check_lsn) {
+                // Chunks are fixed and page-aligned for relation files: block = offset / 8 KiB.
+                let at = first + r.size / crate::source::postgres::pagecheck::BLCKSZ as u64;
+                r.bad_pages.extend(crate::source::postgres::pagecheck::failing_pages(&c, at, lsn));
+            }
             let id = chunk_id(key, &c);
             hasher.update(&id);
             r.size += c.len() as u64;

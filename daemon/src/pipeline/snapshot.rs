@@ -42,6 +42,7 @@ pub fn engine_config(policy: &Policy, kind: SourceKind, repo: &Writer) -> Engine
         // Page-structured relation files never shift: fixed chunks, no CDC cost.
         fixed_chunks: (kind == SourceKind::PostgresPhysical).then_some(1 << 20),
         strict_reads: kind == SourceKind::PostgresPhysical,
+        page_check_lsn: None,
     }
 }
 
@@ -117,6 +118,7 @@ pub fn unchanged(parent: &Entry, now: &Entry, parent_started: chrono::DateTime<c
 }
 
 /// Walk `root` and upload what changed since the parent.
+#[allow(clippy::too_many_arguments)]
 pub async fn prepare_tree(
     policy: &Policy,
     repo: &Writer,
@@ -125,6 +127,7 @@ pub async fn prepare_tree(
     root: &Path,
     exclude: &[String],
     extra_roots: &[(String, PathBuf)],
+    page_check: Option<u64>,
 ) -> Result<Pending> {
     let ctx = context(policy, repo, opts).await?;
     // PostgreSQL's data directory is read strictly: only a file that vanished is tolerated.
@@ -185,9 +188,12 @@ pub async fn prepare_tree(
             }
         }
         let mtime_ns = e.mtime as i128 * 1_000_000_000 + e.mtime_ns as i128;
-        jobs.push(ReadJob { idx: i, input: Input::Path(sources[i].clone()), size: e.size, mtime_ns });
+        // Relation files of a cluster with data checksums have their pages checked as read.
+        let first_block = page_check.and_then(|_| crate::source::postgres::pagecheck::first_block(&e.display()));
+        jobs.push(ReadJob { idx: i, input: Input::Path(sources[i].clone()), size: e.size, mtime_ns, first_block });
     }
-    let extra = Tree { kind, root: root.display().to_string(), warnings: walked.warnings, skipped: walked.skipped };
+    let extra =
+        Tree { kind, root: root.display().to_string(), warnings: walked.warnings, skipped: walked.skipped, page_check };
     build(policy, repo, opts, ctx, entries, jobs, reused, extra).await
 }
 
@@ -208,10 +214,10 @@ pub async fn prepare_streams(
         let mut e = dir_entry(&name, now);
         e.kind = EntryKind::File;
         e.mode = 0o600;
-        jobs.push(ReadJob { idx: entries.len(), input: Input::Stream(r), size: 0, mtime_ns: 0 });
+        jobs.push(ReadJob { idx: entries.len(), input: Input::Stream(r), size: 0, mtime_ns: 0, first_block: None });
         entries.push(e);
     }
-    let extra = Tree { kind, root: label.to_string(), warnings: vec![], skipped: 0 };
+    let extra = Tree { kind, root: label.to_string(), warnings: vec![], skipped: 0, page_check: None };
     build(policy, repo, opts, ctx, entries, jobs, HashMap::new(), extra).await
 }
 
@@ -235,11 +241,24 @@ fn dir_entry(path: &str, mtime: i64) -> Entry {
     }
 }
 
+/// One line per file: its failing blocks (the first ten, then how many more).
+fn page_warning(path: &str, blocks: &[u64]) -> String {
+    let shown: Vec<String> = blocks.iter().take(10).map(|b| b.to_string()).collect();
+    let more = if blocks.len() > 10 { format!(" and {} more", blocks.len() - 10) } else { String::new() };
+    format!(
+        "page checksum mismatch in {path}: block{} {}{more} (not written since the backup started: damaged on disk; the snapshot holds the damaged copy)",
+        if blocks.len() == 1 { "" } else { "s" },
+        shown.join(", ")
+    )
+}
+
 struct Tree {
     kind: SourceKind,
     root: String,
     warnings: Vec<String>,
     skipped: u64,
+    /// The backup's start LSN when pages are checked (PostgreSQL with data checksums).
+    page_check: Option<u64>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -255,7 +274,7 @@ async fn build(
 ) -> Result<Pending> {
     let total: u64 = jobs.iter().map(|j| j.size).sum();
     opts.progress.bytes_total.store(total, std::sync::atomic::Ordering::Relaxed);
-    let cfg = engine_config(policy, tree.kind, repo);
+    let cfg = EngineConfig { page_check_lsn: tree.page_check, ..engine_config(policy, tree.kind, repo) };
     let known: HashSet<ChunkId> = ctx.cache.keys().copied().collect();
     let out = {
         let (writer, progress, key) = (repo.clone(), opts.progress.clone(), ctx.key);
@@ -287,6 +306,10 @@ async fn build(
         stats.bytes_read += r.size;
         e.size = r.size;
         e.hash = Some(hex::encode(r.hash));
+        if !r.bad_pages.is_empty() {
+            stats.page_checksum_failures += r.bad_pages.len() as u64;
+            warnings.push(page_warning(&e.display(), &r.bad_pages));
+        }
         if r.changed {
             e.changed = true;
             stats.files_changed_during_read += 1;

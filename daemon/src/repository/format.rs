@@ -241,6 +241,9 @@ pub struct Stats {
     pub bytes_uploaded: u64,
     pub files_changed_during_read: u64,
     pub skipped: u64,
+    /// Pages whose checksum failed (PostgreSQL with data checksums), named in the warnings.
+    #[serde(default)]
+    pub page_checksum_failures: u64,
 }
 
 /// `snapshots/<id>.manifest`: the encrypted tree.

@@ -24,7 +24,8 @@ impl Source for Volume {
     }
 
     async fn backup(&self, repo: &Writer, opts: &BackupOptions, guard: &LockGuard) -> Result<Sidecar> {
-        let p = prepare_tree(&self.policy, repo, opts, self.kind(), &self.cfg.path, &self.cfg.exclude, &[]).await?;
+        let p =
+            prepare_tree(&self.policy, repo, opts, self.kind(), &self.cfg.path, &self.cfg.exclude, &[], None).await?;
         commit(repo, guard, p).await
     }
 

@@ -75,6 +75,8 @@ impl Pg {
             &[
                 &format!("{BIN}/initdb"),
                 "--no-sync",
+                // Data checksums on: every physical backup in the tests checks real pages.
+                "--data-checksums",
                 "-D",
                 data.to_str().unwrap(),
                 "-U",

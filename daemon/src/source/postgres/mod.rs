@@ -6,6 +6,7 @@
 pub mod archive;
 pub mod dsn;
 pub mod logical;
+pub mod pagecheck;
 pub mod physical;
 pub mod recovery;
 pub mod server;

@@ -298,7 +298,10 @@ async fn backup_physical(
 
     let excludes: Vec<String> = EXCLUDES.iter().map(|s| s.to_string()).collect();
     let kind = SourceKind::PostgresPhysical;
-    let mut pending = prepare_tree(policy, repo, opts, kind, &data_dir, &excludes, &tablespaces).await?;
+    // With data checksums, pages are checked as they are read.
+    let checksums = one_text(&c, &dsn, "SELECT current_setting('data_checksums')").await? == "on";
+    let page_check = if checksums { parse_lsn(&start_lsn) } else { None };
+    let mut pending = prepare_tree(policy, repo, opts, kind, &data_dir, &excludes, &tablespaces, page_check).await?;
 
     // pg_backup_stop switches to a new segment; veza-dr then waits for the repository itself,
     // watching pg_stat_archiver, so a broken archive_command is named within seconds.
