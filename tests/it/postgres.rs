@@ -25,13 +25,19 @@ fn env_with(fx: &Fixture, pg: &Pg) -> Vec<(String, String)> {
     e
 }
 
-fn pitr(kind: Kind) {
+/// A backend, a fixture with a physical policy `db`, and its archiving cluster.
+fn physical(kind: Kind) -> (Backend, Fixture, Pg) {
     let backend = Backend::start(kind);
     let mut fx = Fixture::new(&backend);
     pg_open(&fx);
     let pg = Pg::start(&fx.archive_command("db"), fx.env.clone());
     fx.env = env_with(&fx, &pg);
     fx.pg_policy("db", &backend, "db", "physical", &pg.data, "");
+    (backend, fx, pg)
+}
+
+fn pitr(kind: Kind) {
+    let (_backend, fx, pg) = physical(kind);
     let dsn = pg.dsn();
     load(&dsn);
 
@@ -453,12 +459,7 @@ fn restore_to_a_named_point_a_transaction_or_the_backup_end() {
 /// backup itself succeeds, and the undamaged pages raise nothing.
 #[test]
 fn a_page_that_fails_its_checksum_is_reported_by_path_and_block() {
-    let backend = Backend::start(Kind::Moto);
-    let mut fx = Fixture::new(&backend);
-    pg_open(&fx);
-    let pg = Pg::start(&fx.archive_command("db"), fx.env.clone());
-    fx.env = env_with(&fx, &pg);
-    fx.pg_policy("db", &backend, "db", "physical", &pg.data, "");
+    let (_backend, fx, pg) = physical(Kind::Moto);
     let dsn = pg.dsn();
     psql(&dsn, "CREATE TABLE t (id int, note text)");
     psql(&dsn, "INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 20000) g");

@@ -145,31 +145,35 @@ impl Metrics {
             "Unix time of the newest WAL file in the repository (PostgreSQL physical policies)",
             m.wal_last_archived.clone(),
         );
-        registry.register(
-            "veza_dr_replica_last_snapshot_timestamp_seconds",
-            "Unix time the newest snapshot on a replica finished",
-            m.replica_snapshot.clone(),
-        );
-        registry.register(
-            "veza_dr_replica_wal_last_archived_timestamp_seconds",
-            "Unix time of the newest WAL file on a replica",
-            m.replica_wal.clone(),
-        );
-        registry.register(
-            "veza_dr_replica_wal_spool_segments",
-            "WAL segments stored on the primary and queued on this host for a replica, not sent yet",
-            m.replica_spool.clone(),
-        );
-        registry.register(
-            "veza_dr_replica_drill_last_timestamp_seconds",
-            "Unix time of the newest restore drill run from a replica",
-            m.replica_drill_last.clone(),
-        );
-        registry.register(
-            "veza_dr_replica_drill_passed",
-            "1 if the newest drill from a replica passed (with or without warning), else 0",
-            m.replica_drill_passed.clone(),
-        );
+        for (name, help, family) in [
+            (
+                "veza_dr_replica_last_snapshot_timestamp_seconds",
+                "Unix time the newest snapshot on a replica finished",
+                &m.replica_snapshot,
+            ),
+            (
+                "veza_dr_replica_wal_last_archived_timestamp_seconds",
+                "Unix time of the newest WAL file on a replica",
+                &m.replica_wal,
+            ),
+            (
+                "veza_dr_replica_wal_spool_segments",
+                "WAL segments stored on the primary and queued on this host for a replica, not sent yet",
+                &m.replica_spool,
+            ),
+            (
+                "veza_dr_replica_drill_last_timestamp_seconds",
+                "Unix time of the newest restore drill run from a replica",
+                &m.replica_drill_last,
+            ),
+            (
+                "veza_dr_replica_drill_passed",
+                "1 if the newest drill from a replica passed (with or without warning), else 0",
+                &m.replica_drill_passed,
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
         registry.register(
             "veza_dr_backup_page_checksum_failures",
             "Pages whose checksum failed in the newest physical backup (named in its warnings)",
