@@ -486,3 +486,52 @@ fn a_page_that_fails_its_checksum_is_reported_by_path_and_block() {
     assert!(warnings.iter().any(|w| w.starts_with(&want)), "{warnings:?}");
     assert_eq!(warnings.iter().filter(|w| w.contains("page checksum")).count(), 1, "{warnings:?}");
 }
+
+/// `restore --delta` over an old copy of the cluster (restored, run and promoted, then
+/// drifted: a relation file deleted, a page changed, junk added) brings it to a newer
+/// snapshot: every table matches the source, and only what differs is fetched.
+#[test]
+fn delta_restore_brings_an_old_data_directory_to_a_newer_snapshot() {
+    let (_backend, fx, pg) = physical(Kind::Moto);
+    let dsn = pg.dsn();
+    load(&dsn);
+    fx.ok(&["backup", "db", "--full"]);
+    let old = fx.path("old-copy");
+    let port = free_port();
+    fx.ok(&restore_args(&fx, &old, port, &[]));
+    let copy = Restored { data: old.clone(), port };
+    psql(&copy.dsn(), "CREATE TABLE only_in_the_copy AS SELECT 1 AS x");
+    drop(copy); // stopped
+
+    workload(&dsn, 1);
+    workload(&dsn, 2);
+    let want = table_hashes(&dsn, TABLES);
+    switch_and_wait_archived(&dsn);
+    fx.ok(&["backup", "db"]);
+    // Drift on top of the copy's own divergence.
+    let rel = psql(&dsn, "SELECT pg_relation_filepath('events')");
+    std::fs::remove_file(old.join(&rel)).unwrap();
+    let acc = old.join(psql(&dsn, "SELECT pg_relation_filepath('accounts')"));
+    let mut b = std::fs::read(&acc).unwrap();
+    b[5 * 8192 + 1000] ^= 0x33;
+    std::fs::write(&acc, &b).unwrap();
+    std::fs::write(old.join("base/junk"), "not PostgreSQL's").unwrap();
+
+    let port2 = free_port();
+    let r = fx.json(&restore_args(&fx, &old, port2, &["--delta"]));
+    let srv = Restored { data: old.clone(), port: port2 };
+    assert_eq!(table_hashes(&srv.dsn(), TABLES), want, "{r}");
+    let gone = psql(&srv.dsn(), "SELECT count(*) FROM pg_class WHERE relname = 'only_in_the_copy'");
+    assert_eq!(gone, "0", "the copy's own table survived the delta restore");
+    assert!(!old.join("base/junk").exists());
+    let d = &r["delta"];
+    let (fetched, total) = (d["bytes-fetched"].as_u64().unwrap(), r["bytes"].as_u64().unwrap());
+    assert!(fetched < total, "{r}");
+    assert!(d["files-unchanged"].as_u64().unwrap() > 0 && d["removed"].as_u64().unwrap() > 0, "{r}");
+    println!("delta restore: fetched {fetched} of {total} bytes; {d}");
+
+    // A running server is never restored over.
+    let o = fx.run(&restore_args(&fx, &old, free_port(), &["--delta"]));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("holds postmaster.pid"), "{}", stderr(&o));
+}

@@ -214,3 +214,65 @@ fn special_files_are_skipped_and_changing_files_reported() {
     assert_eq!(std::fs::read_to_string(r.join("plain")).unwrap(), "plain");
     assert!(!r.join("app.sock").exists() && !r.join("pipe").exists());
 }
+
+/// `restore --delta` over a directory that drifted from the snapshot (a page of a file
+/// changed, a file cut short, one deleted, extra files and directories, a file replaced by
+/// a planted symlink and another by a planted hard link to a file outside) gives the
+/// snapshot exactly, fetches only what differs, and writes through no planted name.
+#[test]
+fn delta_restore_over_a_drifted_directory_yields_the_snapshot_exactly() {
+    let backend = Backend::start(Kind::File);
+    let fx = Fixture::new(&backend);
+    let src = fx.path("src");
+    tree::generate(&src, 24, 31);
+    fx.volume_policy("vol", &backend, "vol", &src, "");
+    fx.ok(&["backup", "vol"]);
+    let out = fx.path("out");
+    let id = fx.identity.to_str().unwrap().to_string();
+    let o = out.to_str().unwrap();
+    fx.ok(&["restore", "vol", "--target", o, "--identity", &id]);
+
+    let big = out.join("large/file-000.bin");
+    let mut b = std::fs::read(&big).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 0xff;
+    std::fs::write(&big, &b).unwrap();
+    let cut = out.join("large/file-001.bin");
+    let n = std::fs::metadata(&cut).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&cut).unwrap().set_len(n / 3).unwrap();
+    std::fs::remove_file(out.join("secret.conf")).unwrap();
+    std::fs::write(out.join("extra.txt"), "not in the snapshot").unwrap();
+    std::fs::create_dir_all(out.join("junk/a/b")).unwrap();
+    std::fs::write(out.join("junk/a/b/c"), "deep").unwrap();
+    // Planted names: a symlink to a file outside, and a hard link to another.
+    let outside = fx.path("outside-target");
+    std::fs::write(&outside, "must not change").unwrap();
+    std::fs::remove_file(out.join("script.sh")).unwrap();
+    std::os::unix::fs::symlink(&outside, out.join("script.sh")).unwrap();
+    let outside2 = fx.path("outside-hardlinked");
+    std::fs::write(&outside2, "must not change either").unwrap();
+    std::fs::remove_file(out.join("empty-file")).unwrap();
+    std::fs::hard_link(&outside2, out.join("empty-file")).unwrap();
+
+    let r = fx.json(&["restore", "vol", "--target", o, "--identity", &id, "--delta"]);
+    tree::assert_same(&src, &out);
+    assert_eq!(std::fs::read_to_string(&outside).unwrap(), "must not change");
+    assert_eq!(std::fs::read_to_string(&outside2).unwrap(), "must not change either");
+    let d = &r["delta"];
+    assert!(d["removed"].as_u64().unwrap() >= 2, "{r}");
+    assert!(d["files-created"].as_u64().unwrap() >= 3, "{r}");
+    assert!(d["files-changed"].as_u64().unwrap() >= 2, "{r}");
+    let (fetched, total) = (d["bytes-fetched"].as_u64().unwrap(), r["bytes"].as_u64().unwrap());
+    assert!(fetched > 0 && fetched < total / 2, "a delta restore fetched {fetched} of {total} bytes: {r}");
+
+    // Again: nothing differs, so nothing is fetched, except the one hard-linked file. A file
+    // with more than one link is never written in place: it is created anew.
+    let again = fx.json(&["restore", "vol", "--target", o, "--identity", &id, "--delta"]);
+    let hard = std::fs::metadata(src.join("hard-a")).unwrap().len();
+    assert_eq!(again["delta"]["bytes-fetched"].as_u64(), Some(hard), "{again}");
+    assert_eq!(again["delta"]["files-changed"], 0, "{again}");
+    tree::assert_same(&src, &out);
+    // Without --delta a non-empty target is still refused.
+    let o2 = fx.run(&["restore", "vol", "--target", o, "--identity", &id]);
+    assert_eq!(o2.status.code(), Some(2), "{}", stderr(&o2));
+}

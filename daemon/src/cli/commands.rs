@@ -89,6 +89,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             include,
             identity,
             overwrite,
+            delta,
             to_time,
             to_lsn,
             to_xid,
@@ -107,6 +108,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
                 target_dsn,
                 includes: include,
                 overwrite,
+                delta,
                 recovery: crate::source::postgres::RecoveryTarget {
                     time: to_time,
                     lsn: to_lsn,

@@ -127,6 +127,7 @@ pub async fn restore(g: &Global, p: &Policy, identity: Option<&Path>, req: &Rest
                 bytes(s.bytes),
                 t.elapsed().as_secs_f64()
             );
+            print_delta(s.delta.as_ref(), s.bytes);
             for w in &s.warnings {
                 crate::outln!("warning: {w}");
             }
@@ -144,6 +145,7 @@ pub async fn restore(g: &Global, p: &Policy, identity: Option<&Path>, req: &Rest
                 s.seconds_restore,
                 s.recovery_target
             );
+            print_delta(s.delta.as_ref(), s.bytes);
             if s.started {
                 crate::outln!(
                     "server running on port {} (socket in {}): recovery finished in {:.1}s at {} on timeline {}{}",
@@ -164,6 +166,20 @@ pub async fn restore(g: &Global, p: &Policy, identity: Option<&Path>, req: &Rest
         }
     }
     Ok(0)
+}
+
+fn print_delta(d: Option<&crate::pipeline::delta::DeltaStats>, total: u64) {
+    if let Some(d) = d {
+        crate::outln!(
+            "delta: fetched {} of {}; {} files unchanged, {} changed, {} created; {} entries removed",
+            bytes(d.bytes_fetched),
+            bytes(total),
+            d.files_unchanged,
+            d.files_changed,
+            d.files_created,
+            d.removed
+        );
+    }
 }
 
 pub async fn verify(g: &Global, p: &Policy, identity: Option<&Path>, read_data: bool, sample: f64) -> Result<i32> {

@@ -174,8 +174,12 @@ pub enum Command {
         #[arg(long)]
         identity: Option<PathBuf>,
         /// Allow restoring into a non-empty directory
-        #[arg(long)]
+        #[arg(long, conflicts_with = "delta")]
         overwrite: bool,
+        /// Bring an existing directory (an old copy, a failed primary) to the snapshot: fetch
+        /// only the pieces that differ, remove what the snapshot does not hold
+        #[arg(long)]
+        delta: bool,
     },
     /// Check the repository; with --read-data, the data itself
     Verify {

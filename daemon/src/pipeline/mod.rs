@@ -2,6 +2,7 @@
 //! Restore: ranged fetch → age → zstd → check the keyed hash → write at offset.
 
 pub mod backup;
+pub mod delta;
 pub mod restore;
 pub mod safe_dir;
 pub mod snapshot;

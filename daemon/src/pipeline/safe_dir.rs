@@ -15,6 +15,15 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+/// What an existing entry is, as `restore --delta` compares it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    File,
+    Symlink,
+    Other,
+}
+
 pub struct SafeDir {
     root: Arc<OwnedFd>,
     display: PathBuf,
@@ -49,7 +58,7 @@ impl SafeDir {
         Ok(SafeDir { root: Arc::new(fd), display: root.to_path_buf(), dirs: Mutex::new(HashMap::new()) })
     }
 
-    fn full(&self, rel: &Path) -> PathBuf {
+    pub fn full(&self, rel: &Path) -> PathBuf {
         self.display.join(rel)
     }
 
@@ -112,6 +121,69 @@ impl SafeDir {
             nix::unistd::UnlinkatFlags::NoRemoveDir
         };
         nix::unistd::unlinkat(dir.as_fd(), name, flag).map_err(|e| err("replace", &self.full(rel), e))
+    }
+
+    /// The entries of directory `rel`, each with its kind (links not followed).
+    pub fn list(&self, rel: &Path) -> Result<Vec<(std::ffi::OsString, Kind)>> {
+        use std::os::unix::ffi::OsStrExt;
+        let fd = self.dir(rel)?;
+        let dup = nix::unistd::dup(fd.as_fd()).map_err(|e| err("read directory", &self.full(rel), e))?;
+        let mut d = nix::dir::Dir::from_fd(dup).map_err(|e| err("read directory", &self.full(rel), e))?;
+        let mut out = Vec::new();
+        for ent in d.iter() {
+            let ent = ent.map_err(|e| err("read directory", &self.full(rel), e))?;
+            let name = OsStr::from_bytes(ent.file_name().to_bytes());
+            if name == "." || name == ".." {
+                continue;
+            }
+            let kind = match self.existing(&fd, name) {
+                Some(nix::sys::stat::SFlag::S_IFDIR) => Kind::Dir,
+                Some(nix::sys::stat::SFlag::S_IFREG) => Kind::File,
+                Some(nix::sys::stat::SFlag::S_IFLNK) => Kind::Symlink,
+                _ => Kind::Other,
+            };
+            out.push((name.to_os_string(), kind));
+        }
+        Ok(out)
+    }
+
+    /// Remove `rel` and, for a directory, everything below it, never following a link.
+    pub fn remove_all(&self, rel: &Path) -> Result<()> {
+        let (dir, name) = self.parent(rel)?;
+        if self.existing(&dir, name) == Some(nix::sys::stat::SFlag::S_IFDIR) {
+            for (child, _) in self.list(rel)? {
+                self.remove_all(&rel.join(child))?;
+            }
+            let key: PathBuf = parts(rel)?.iter().collect();
+            self.dirs.lock().expect("not poisoned").retain(|k, _| !k.starts_with(&key));
+            return nix::unistd::unlinkat(dir.as_fd(), name, nix::unistd::UnlinkatFlags::RemoveDir)
+                .map_err(|e| err("remove", &self.full(rel), e));
+        }
+        nix::unistd::unlinkat(dir.as_fd(), name, nix::unistd::UnlinkatFlags::NoRemoveDir)
+            .map_err(|e| err("remove", &self.full(rel), e))
+    }
+
+    /// The file at `rel` opened for reading and writing in place, if it is a regular file with
+    /// one link; `None` when there is nothing there, or something that must not be written
+    /// through (it is then unlinked, and the caller creates the file anew).
+    pub fn open_in_place(&self, rel: &Path) -> Result<Option<std::fs::File>> {
+        let (dir, name) = self.parent(rel)?;
+        let flags = OFlag::O_RDWR | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+        match nix::fcntl::openat(dir.as_fd(), name, flags, Mode::empty()) {
+            Ok(fd) => {
+                let st = nix::sys::stat::fstat(&fd).map_err(|e| err("stat", &self.full(rel), e))?;
+                let regular = st.st_mode & nix::libc::S_IFMT == nix::libc::S_IFREG;
+                if regular && st.st_nlink == 1 {
+                    return Ok(Some(std::fs::File::from(fd)));
+                }
+            }
+            Err(nix::errno::Errno::ENOENT) => return Ok(None),
+            Err(_) => {}
+        }
+        if self.existing(&dir, name).is_some() {
+            self.remove_all(rel)?;
+        }
+        Ok(None)
     }
 
     /// A directory (0700 until `set_meta`). An existing directory is kept as it is.

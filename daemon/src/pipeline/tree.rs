@@ -18,6 +18,8 @@ pub struct Options {
     pub target: PathBuf,
     pub includes: Vec<PathBuf>,
     pub overwrite: bool,
+    /// Bring an existing target to the snapshot, fetching only what differs (`delta`).
+    pub delta: bool,
     pub bytes_done: Arc<AtomicU64>,
     pub bytes_total: Arc<AtomicU64>,
 }
@@ -31,6 +33,9 @@ pub struct Summary {
     pub dirs: u64,
     pub bytes: u64,
     pub warnings: Vec<String>,
+    /// What `--delta` kept, rewrote and removed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delta: Option<super::delta::DeltaStats>,
     /// A physical PostgreSQL backup's label, from the manifest.
     #[serde(skip)]
     pub label: Option<PgLabel>,
@@ -125,7 +130,11 @@ pub async fn restore(repo: &Unlocked, opts: &Options) -> Result<Summary> {
     let key = repo.chunk_key(&snap, &manifest.key_id).await?;
 
     let target = &opts.target;
-    if target.exists() && !opts.overwrite {
+    if opts.delta && !opts.includes.is_empty() {
+        return Err(Error::usage("--delta restores the whole snapshot: it cannot be combined with --include")
+            .with_hint("restore the paths into an empty directory instead"));
+    }
+    if target.exists() && !opts.overwrite && !opts.delta {
         let non_empty = std::fs::read_dir(target).map_err(|e| Error::io("read", target, e))?.next().is_some();
         if non_empty {
             return Err(Error::usage(format!("restore target {} is not empty", target.display()))
@@ -142,16 +151,33 @@ pub async fn restore(repo: &Unlocked, opts: &Options) -> Result<Summary> {
     if !opts.includes.is_empty() && selected.iter().all(|(_, e)| e.rel_path() == Path::new(".")) {
         return Err(Error::not_found(format!("no path in snapshot {} matches --include", snap.id)));
     }
-    let paths = prepare(&dir, &selected, opts.overwrite)?;
     let files: Vec<&Entry> = selected.iter().filter(|(_, e)| e.kind == EntryKind::File).map(|(_, e)| *e).collect();
-    let wants = plan(&manifest, &files)?;
+    let mut delta = None;
+    let (paths, wants) = if opts.delta {
+        let mut stats = super::delta::DeltaStats::default();
+        super::delta::clear_extras(&dir, &selected, &mut stats)?;
+        let skeleton: Vec<(usize, &Entry)> =
+            selected.iter().filter(|(_, e)| e.kind != EntryKind::File).map(|(i, e)| (*i, *e)).collect();
+        prepare(&dir, &skeleton, true)?;
+        // Reading the target happens before any fetch starts: nothing else waits on this task.
+        let differ = super::delta::compare(&dir, &manifest, &files, &key, &mut stats)?;
+        let mut wants = plan(&manifest, &files)?;
+        for w in &mut wants {
+            w.targets.retain(|(f, off)| differ[*f].as_ref().is_none_or(|d| d.contains(off)));
+        }
+        wants.retain(|w| !w.targets.is_empty());
+        delta = Some(stats);
+        (files.iter().map(|e| e.rel_path()).collect(), wants)
+    } else {
+        (prepare(&dir, &selected, opts.overwrite)?, plan(&manifest, &files)?)
+    };
     let total: u64 = files.iter().map(|e| e.size).sum();
     opts.bytes_total.store(total, std::sync::atomic::Ordering::Relaxed);
     let sink = Arc::new(FileSink::new(dir.clone(), paths));
     let damage = fetcher::fetch(repo, key, wants, sink, 4, opts.bytes_done.clone()).await?;
 
     let mut warnings = Vec::new();
-    finish(&dir, &selected, opts.overwrite, &mut warnings)?;
+    finish(&dir, &selected, opts.overwrite || opts.delta, &mut warnings)?;
     if !damage.is_empty() {
         return Err(damage_error(snap.id.as_str(), &damage, &|f| files[f].display()));
     }
@@ -162,6 +188,7 @@ pub async fn restore(repo: &Unlocked, opts: &Options) -> Result<Summary> {
         dirs: selected.iter().filter(|(_, e)| e.kind == EntryKind::Dir).count() as u64,
         bytes: total,
         warnings,
+        delta,
         owner: manifest.entries.iter().find(|e| e.path == ".").map(|e| (e.uid, e.gid)).unwrap_or((0, 0)),
         label: manifest.extra.clone(),
     })

@@ -39,6 +39,9 @@ struct RestoreCfg {
     socket_dir: Option<PathBuf>,
     listen: Option<String>,
     identity: Option<PathBuf>,
+    /// Bring an existing data directory (an old standby, the failed primary) to the snapshot.
+    #[serde(default)]
+    delta: bool,
 }
 
 /// `builtin = "drill"`: a restore drill of a policy, from a repository.
@@ -281,7 +284,7 @@ async fn plan_restore(c: &RestoreCfg, p: &Policy) -> std::result::Result<Vec<Str
         }
         None => repo.find_snapshot("latest").await.map_err(step_failure)?,
     };
-    if std::fs::read_dir(&c.target).map(|mut d| d.next().is_some()).unwrap_or(false) {
+    if !c.delta && std::fs::read_dir(&c.target).map(|mut d| d.next().is_some()).unwrap_or(false) {
         return Err(CallError::Step(StepError::Failed(format!(
             "target {} is not empty: a restore would refuse it",
             c.target.display()
@@ -296,6 +299,12 @@ async fn plan_restore(c: &RestoreCfg, p: &Policy) -> std::result::Result<Vec<Str
         p.repository.url,
         c.target.display()
     )];
+    if c.delta {
+        plan.push(format!(
+            "as a delta over what {} holds: fetch only what differs, remove what the snapshot does not hold",
+            c.target.display()
+        ));
+    }
     if crate::source::of(p).kind() == SourceKind::PostgresPhysical {
         plan.push(format!("recover to {}", rec.describe()));
         if c.start.unwrap_or(true) {
@@ -315,6 +324,7 @@ async fn run_restore(c: &RestoreCfg, p: &Policy, env: &Env<'_>) -> std::result::
         target_dsn: None,
         includes: vec![],
         overwrite: false,
+        delta: c.delta,
         recovery: recovery(c),
         start: physical && c.start.unwrap_or(true),
         port: c.port.unwrap_or(5432),

@@ -53,6 +53,8 @@ pub struct RestoreRequest {
     pub target_dsn: Option<String>,
     pub includes: Vec<PathBuf>,
     pub overwrite: bool,
+    /// Bring an existing target to the snapshot, fetching only what differs.
+    pub delta: bool,
     pub recovery: postgres::RecoveryTarget,
     pub start: bool,
     pub port: u16,

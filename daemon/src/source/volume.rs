@@ -43,6 +43,7 @@ impl Source for Volume {
             target,
             includes: req.includes.clone(),
             overwrite: req.overwrite,
+            delta: req.delta,
             bytes_done: req.progress.done.clone(),
             bytes_total: req.progress.total.clone(),
         };
@@ -56,6 +57,7 @@ impl Source for Volume {
             target: target.clone(),
             includes: vec![],
             overwrite: false,
+            delta: false,
             bytes_done: Default::default(),
             bytes_total: Default::default(),
         };

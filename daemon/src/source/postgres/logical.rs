@@ -76,6 +76,7 @@ pub async fn restore_dumps(
     let tmp = tempfile::tempdir().map_err(|e| Error::failed(format!("cannot create a temporary directory: {e}")))?;
     let dir = tmp.path().join("dumps");
     let opts = tree::Options {
+        delta: false,
         snapshot: snapshot.to_string(),
         target: dir.clone(),
         includes: vec![],

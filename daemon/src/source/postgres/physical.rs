@@ -49,7 +49,7 @@ impl Source for Physical {
             None => req.recovery.choose(&repo.snapshots().await?)?,
         };
         let t0 = std::time::Instant::now();
-        let prepared = prepare(&self.policy, repo, &snap, &target, &req.recovery, &req.progress).await?;
+        let prepared = prepare(&self.policy, repo, &snap, &target, &req.recovery, &req.progress, req.delta).await?;
         let mut out = prepared.summary(&snap, &target, &req.recovery, t0);
         if !req.start {
             out.warnings.push(format!(
@@ -97,10 +97,11 @@ impl Source for Physical {
             Err(e) => return fail(env, e),
         };
         let recovery = RecoveryTarget::default();
-        let prepared = match prepare(&self.policy, repo, snap, &target, &recovery, &RestoreProgress::default()).await {
-            Ok(p) => p,
-            Err(e) => return fail(env, e),
-        };
+        let prepared =
+            match prepare(&self.policy, repo, snap, &target, &recovery, &RestoreProgress::default(), false).await {
+                Ok(p) => p,
+                Err(e) => return fail(env, e),
+            };
         let restored = t0.elapsed().as_secs_f64();
         let server = self.server(&target, port, prepared.uid);
         env.adopt(server.clone());
@@ -361,6 +362,9 @@ pub struct PhysicalSummary {
     pub last_transaction: Option<String>,
     pub seconds_restore: f64,
     pub seconds_recovery: f64,
+    /// With `--delta`: what was kept, rewritten and removed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delta: Option<crate::pipeline::delta::DeltaStats>,
     pub warnings: Vec<String>,
 }
 
@@ -411,6 +415,7 @@ struct Prepared {
     warnings: Vec<String>,
     uid: u32,
     identity: IdentityCopy,
+    delta: Option<crate::pipeline::delta::DeltaStats>,
 }
 
 impl Prepared {
@@ -435,6 +440,7 @@ impl Prepared {
             timeline: None,
             last_transaction: None,
             seconds_restore: t0.elapsed().as_secs_f64(),
+            delta: self.delta.clone(),
             seconds_recovery: 0.0,
             warnings: self.warnings.clone(),
         }
@@ -457,13 +463,33 @@ async fn prepare(
     target: &Path,
     recovery: &RecoveryTarget,
     progress: &RestoreProgress,
+    delta: bool,
 ) -> Result<Prepared> {
     let settings = recovery.settings()?;
+    if delta {
+        // Never under a running server; a stale pid file from a crash is the operator's call.
+        if target.join("postmaster.pid").exists() {
+            return Err(Error::usage(format!(
+                "{} holds postmaster.pid: a server may be running on it",
+                target.display()
+            ))
+            .with_hint("stop it (pg_ctl -D DIR stop); if it crashed, remove the stale postmaster.pid, then run the delta restore again"));
+        }
+        let tablespaces = std::fs::read_dir(target.join("pg_tblspc")).map(|mut d| d.next().is_some()).unwrap_or(false);
+        if tablespaces {
+            return Err(Error::usage(format!(
+                "{} has tablespaces: a delta restore of a cluster with tablespaces is not supported yet",
+                target.display()
+            ))
+            .with_hint("restore into an empty directory instead"));
+        }
+    }
     let opts = tree::Options {
         snapshot: snap.id.to_string(),
         target: target.to_path_buf(),
         includes: vec![],
         overwrite: false,
+        delta,
         bytes_done: progress.done.clone(),
         bytes_total: progress.total.clone(),
     };
@@ -533,7 +559,14 @@ async fn prepare(
     }
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o700)).map_err(|e| io("chmod", target, e))?;
-    Ok(Prepared { files: summary.files, bytes: summary.bytes, warnings: summary.warnings, uid, identity })
+    Ok(Prepared {
+        files: summary.files,
+        bytes: summary.bytes,
+        warnings: summary.warnings,
+        uid,
+        identity,
+        delta: summary.delta,
+    })
 }
 
 #[cfg(test)]
