@@ -18,4 +18,5 @@ mod runbook;
 mod safety;
 mod security;
 mod shape;
+mod steps;
 mod volume;
