@@ -272,6 +272,14 @@ fn delta_restore_over_a_drifted_directory_yields_the_snapshot_exactly() {
     assert_eq!(again["delta"]["bytes-fetched"].as_u64(), Some(hard), "{again}");
     assert_eq!(again["delta"]["files-changed"], 0, "{again}");
     tree::assert_same(&src, &out);
+    // A mistyped target that holds none of the snapshot is refused, and nothing in it goes.
+    let wrong = fx.path("not-a-copy");
+    std::fs::create_dir_all(wrong.join("photos")).unwrap();
+    std::fs::write(wrong.join("photos/2026.jpg"), "precious").unwrap();
+    let w = fx.run(&["restore", "vol", "--target", wrong.to_str().unwrap(), "--identity", &id, "--delta"]);
+    assert_eq!(w.status.code(), Some(2), "{}", stderr(&w));
+    assert!(stderr(&w).contains("holds nothing of snapshot"), "{}", stderr(&w));
+    assert_eq!(std::fs::read_to_string(wrong.join("photos/2026.jpg")).unwrap(), "precious");
     // Without --delta a non-empty target is still refused.
     let o2 = fx.run(&["restore", "vol", "--target", o, "--identity", &id]);
     assert_eq!(o2.status.code(), Some(2), "{}", stderr(&o2));

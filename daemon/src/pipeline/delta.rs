@@ -42,6 +42,22 @@ fn same_kind(e: EntryKind, d: OnDisk) -> bool {
     )
 }
 
+/// A delta deletes what the snapshot does not hold, so a mistyped `--target` would be emptied:
+/// a target that holds something, but none of the snapshot's top-level names, is refused.
+pub fn check_target(dir: &SafeDir, entries: &[(usize, &Entry)], snapshot: &str) -> Result<()> {
+    let top: HashSet<PathBuf> =
+        entries.iter().map(|(_, e)| norm(&e.rel_path())).filter(|p| p.components().count() == 1).collect();
+    let present = dir.list(Path::new(""))?;
+    if !present.is_empty() && !present.iter().any(|(n, _)| top.contains(Path::new(n))) {
+        return Err(crate::error::Error::usage(format!(
+            "{} holds nothing of snapshot {snapshot}: a delta restore would delete all of it",
+            dir.full(Path::new("")).display()
+        ))
+        .with_hint("check --target; to restore into it anyway, restore into an empty directory and move it"));
+    }
+    Ok(())
+}
+
 /// Remove from the target every entry the snapshot does not hold as the same kind.
 pub fn clear_extras(dir: &SafeDir, entries: &[(usize, &Entry)], stats: &mut DeltaStats) -> Result<()> {
     let kinds: HashMap<PathBuf, EntryKind> = entries.iter().map(|(_, e)| (norm(&e.rel_path()), e.kind)).collect();

@@ -155,6 +155,7 @@ pub async fn restore(repo: &Unlocked, opts: &Options) -> Result<Summary> {
     let mut delta = None;
     let (paths, wants) = if opts.delta {
         let mut stats = super::delta::DeltaStats::default();
+        super::delta::check_target(&dir, &selected, snap.id.as_str())?;
         super::delta::clear_extras(&dir, &selected, &mut stats)?;
         let skeleton: Vec<(usize, &Entry)> =
             selected.iter().filter(|(_, e)| e.kind != EntryKind::File).map(|(i, e)| (*i, *e)).collect();
