@@ -223,12 +223,7 @@ fn s3_fault_campaign() {
     let retention = "[retention]\nkeep-last = 3\nprune-grace = \"0s\"\n";
     // One policy `vol`, twice: through the proxy (a path), and directly (by name, for the checks).
     fx.volume_policy("vol", &backend, "repo", &src, retention);
-    let text = std::fs::read_to_string(fx.path("policies/vol.toml"))
-        .unwrap()
-        .replace(&format!("127.0.0.1:{}", backend.port), &format!("127.0.0.1:{}", proxy.port));
-    std::fs::create_dir_all(fx.path("proxied")).unwrap();
-    let proxied = fx.path("proxied/vol.toml");
-    std::fs::write(&proxied, text).unwrap();
+    let proxied = proxied_policy(&fx, &backend, &proxy);
     let vol = proxied.to_str().unwrap();
     fx.ok(&["init", "vol"]);
     let (mut states, mut acked) = (BTreeMap::new(), Vec::new());
@@ -333,16 +328,23 @@ fn a_short_answer_reading_the_chunk_key_at_commit_is_read_again() {
     let src = fx.path("src");
     tree::generate(&src, 2, 7);
     fx.volume_policy("vol", &backend, "repo", &src, "");
-    let text = std::fs::read_to_string(fx.path("policies/vol.toml"))
-        .unwrap()
-        .replace(&format!("127.0.0.1:{}", backend.port), &format!("127.0.0.1:{}", proxy.port));
-    std::fs::create_dir_all(fx.path("proxied")).unwrap();
-    let proxied = fx.path("proxied/vol.toml");
-    std::fs::write(&proxied, text).unwrap();
+    let proxied = proxied_policy(&fx, &backend, &proxy);
     fx.ok(&["init", "vol"]);
     fx.ok(&["backup", proxied.to_str().unwrap()]);
     assert_eq!(proxy.injected.lock().unwrap().get(&proxy::Fault::ShortBody), Some(&1), "{}", proxy.summary());
     let out = fx.path("out");
     fx.ok(&["restore", "vol", "--target", out.to_str().unwrap(), "--identity", fx.identity.to_str().unwrap()]);
     tree::assert_same(&src, &out);
+}
+
+/// `policies/vol.toml` rewritten to reach the store through `proxy`, as `proxied/vol.toml`
+/// (a path, so the checks can still use `vol` by name, directly).
+fn proxied_policy(fx: &Fixture, backend: &Backend, proxy: &proxy::Proxy) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(fx.path("policies/vol.toml"))
+        .unwrap()
+        .replace(&format!("127.0.0.1:{}", backend.port), &format!("127.0.0.1:{}", proxy.port));
+    std::fs::create_dir_all(fx.path("proxied")).unwrap();
+    let proxied = fx.path("proxied/vol.toml");
+    std::fs::write(&proxied, text).unwrap();
+    proxied
 }

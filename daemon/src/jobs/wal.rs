@@ -77,10 +77,28 @@ pub fn restore_command_exit(r: &Result<bool>) -> i32 {
     }
 }
 
-/// The prefetcher's lock: one prefetcher per spool. `None` when another one holds it.
-fn prefetch_lock(spool: &Path) -> Option<nix::fcntl::Flock<std::fs::File>> {
-    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(spool.join(".prefetch")).ok()?;
+/// An exclusive `flock` of `path` (created if need be), or `None` when another process holds
+/// it: one prefetcher per spool, one WAL sender per replica spool.
+pub(super) fn try_lock(path: &Path) -> Option<nix::fcntl::Flock<std::fs::File>> {
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).ok()?;
     nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).ok()
+}
+
+fn prefetch_lock(spool: &Path) -> Option<nix::fcntl::Flock<std::fs::File>> {
+    try_lock(&spool.join(".prefetch"))
+}
+
+/// Start `veza-dr ARGS…` detached: its own process group, no terminal, nothing to wait for.
+pub(super) fn spawn_detached(args: &[&std::ffi::OsStr]) {
+    let Ok(exe) = std::env::current_exe() else { return };
+    use std::os::unix::process::CommandExt;
+    let _ = std::process::Command::new(exe)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn();
 }
 
 /// The hidden `wal-prefetch`: fill the spool with the `count` segments after `after`, unless
@@ -101,30 +119,27 @@ pub async fn prefetch(
 
 /// Start a detached prefetcher unless one is already running for this spool.
 fn spawn_prefetch(p: &Policy, cluster: u64, after: &WalName, spool: &Path, identity: &Path, count: usize) {
+    use std::ffi::OsStr;
     if prefetch_lock(spool).is_none() {
         return;
     }
-    let Ok(exe) = std::env::current_exe() else { return };
-    use std::os::unix::process::CommandExt;
-    let mut cmd = std::process::Command::new(exe);
+    let (cluster, count) = (cluster.to_string(), count.to_string());
+    let mut args: Vec<&OsStr> = Vec::new();
     if let Some(r) = &p.via {
-        cmd.arg("--repository").arg(r);
+        args.extend([OsStr::new("--repository"), OsStr::new(r)]);
     }
-    let _ = cmd
-        .arg("wal-prefetch")
-        .arg(&p.path)
-        .arg(after.as_str())
-        .arg("--spool")
-        .arg(spool)
-        .arg("--identity")
-        .arg(identity)
-        .arg("--cluster")
-        .arg(cluster.to_string())
-        .arg("--count")
-        .arg(count.to_string())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .process_group(0)
-        .spawn();
+    args.extend([
+        OsStr::new("wal-prefetch"),
+        p.path.as_os_str(),
+        OsStr::new(after.as_str()),
+        OsStr::new("--spool"),
+        spool.as_os_str(),
+        OsStr::new("--identity"),
+        identity.as_os_str(),
+        OsStr::new("--cluster"),
+        OsStr::new(&cluster),
+        OsStr::new("--count"),
+        OsStr::new(&count),
+    ]);
+    spawn_detached(&args);
 }

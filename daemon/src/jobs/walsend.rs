@@ -74,8 +74,7 @@ pub fn enqueue(state_dir: &Path, policy: &Policy, key: &str) {
 fn sender_lock(state_dir: &Path, policy: &str) -> Option<nix::fcntl::Flock<std::fs::File>> {
     let dir = policy_spool(state_dir, policy);
     std::fs::create_dir_all(&dir).ok()?;
-    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(".sender")).ok()?;
-    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).ok()
+    super::wal::try_lock(&dir.join(".sender"))
 }
 
 /// What one drain did for one replica.
@@ -184,18 +183,12 @@ pub fn spawn_sender(policy: &Policy, state_dir: &Path) {
     if sender_lock(state_dir, &policy.name).is_none() {
         return;
     }
-    let Ok(exe) = std::env::current_exe() else { return };
-    use std::os::unix::process::CommandExt;
-    let _ = std::process::Command::new(exe)
-        .arg("--state-dir")
-        .arg(state_dir)
-        .arg("wal-send")
-        .arg(&policy.path)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .process_group(0)
-        .spawn();
+    super::wal::spawn_detached(&[
+        "--state-dir".as_ref(),
+        state_dir.as_os_str(),
+        "wal-send".as_ref(),
+        policy.path.as_os_str(),
+    ]);
 }
 
 /// Queued segments per replica, for metrics and `status`.
