@@ -11,6 +11,7 @@ mod drill;
 mod faults;
 mod locks;
 mod operator;
+mod pages;
 mod policies;
 mod postgres;
 mod region;

@@ -6,7 +6,7 @@ use crate::common::*;
 
 const TABLES: &[&str] = &["accounts", "events"];
 
-fn load(dsn: &str) {
+pub(crate) fn load(dsn: &str) {
     psql(dsn, "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL, note text)");
     psql(dsn, "CREATE TABLE events (id bigserial PRIMARY KEY, at timestamptz DEFAULT now(), payload text)");
     psql(dsn, "INSERT INTO accounts SELECT g, g * 10, md5(g::text) FROM generate_series(1, 200000) g");
@@ -27,12 +27,17 @@ fn env_with(fx: &Fixture, pg: &Pg) -> Vec<(String, String)> {
 
 /// A backend, a fixture with a physical policy `db`, and its archiving cluster.
 fn physical(kind: Kind) -> (Backend, Fixture, Pg) {
+    physical_with(kind, "")
+}
+
+/// The same with `extra` policy text (retention, for one).
+pub(crate) fn physical_with(kind: Kind, extra: &str) -> (Backend, Fixture, Pg) {
     let backend = Backend::start(kind);
     let mut fx = Fixture::new(&backend);
     pg_open(&fx);
     let pg = Pg::start(&fx.archive_command("db"), fx.env.clone());
     fx.env = env_with(&fx, &pg);
-    fx.pg_policy("db", &backend, "db", "physical", &pg.data, "");
+    fx.pg_policy("db", &backend, "db", "physical", &pg.data, extra);
     (backend, fx, pg)
 }
 
@@ -122,7 +127,12 @@ fn pitr(kind: Kind) {
 }
 
 /// `restore db --target T --start --port P --identity …` plus `extra`.
-fn restore_args<'a>(fx: &'a Fixture, target: &'a std::path::Path, port: u16, extra: &[&'a str]) -> Vec<String> {
+pub(crate) fn restore_args<'a>(
+    fx: &'a Fixture,
+    target: &'a std::path::Path,
+    port: u16,
+    extra: &[&'a str],
+) -> Vec<String> {
     let mut a: Vec<String> = ["restore", "db"].iter().chain(extra.iter()).map(|s| s.to_string()).collect();
     a.extend(["--target".into(), target.display().to_string(), "--start".into(), "--port".into(), port.to_string()]);
     a.extend(["--identity".into(), fx.identity.display().to_string()]);

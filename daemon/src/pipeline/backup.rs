@@ -122,6 +122,8 @@ pub struct ReadJob {
     pub mtime_ns: i128,
     /// A relation segment's first block number, when its pages are to be checked.
     pub first_block: Option<u64>,
+    /// Store only the pages changed since the parent (`pages`), not changed chunks.
+    pub layer: Option<super::pages::LayerJob>,
 }
 
 #[derive(Debug, Default)]
@@ -135,6 +137,9 @@ pub struct ReadResult {
     pub skipped: Option<String>,
     /// Blocks whose page checksum failed.
     pub bad_pages: Vec<u64>,
+    /// For a layer job: the blobs of the changed pages and their page runs (`chunks` is then
+    /// empty: the parent's base and layers stand for the rest).
+    pub layer: Option<super::pages::IdLayer>,
 }
 
 #[derive(Debug)]
@@ -275,6 +280,14 @@ fn read_all(
         // hash of its chunk) without a second pass over the data.
         let mut hasher = blake3::Hasher::new();
         let mut ok = true;
+        let mut layering = job.layer.as_ref().map(super::pages::Layering::new);
+        let mut layer_ids = Vec::new();
+        // A blob of changed pages goes to the workers like a chunk.
+        let send = |data: Vec<u8>, ids: &mut Vec<ChunkId>, known: &mut HashSet<ChunkId>| -> bool {
+            let id = chunk_id(key, &data);
+            ids.push(id);
+            !known.insert(id) || tx.send(Work { id, data }).is_ok()
+        };
         for c in chunks(reader, cfg.chunker, cfg.fixed_chunks, key) {
             let c = match c {
                 Ok(c) => c,
@@ -295,13 +308,29 @@ fn read_all(
             }
             let id = chunk_id(key, &c);
             hasher.update(&id);
+            let off = r.size;
             r.size += c.len() as u64;
             progress.bytes_read.fetch_add(c.len() as u64, Ordering::Relaxed);
+            if let Some(l) = layering.as_mut() {
+                let mut sent = true;
+                l.add(&c, off, |blob| sent &= send(blob, &mut layer_ids, &mut known));
+                if !sent {
+                    ok = false;
+                    break;
+                }
+                continue;
+            }
             r.chunks.push(id);
             if known.insert(id) && tx.send(Work { id, data: c }).is_err() {
                 ok = false;
                 break;
             }
+        }
+        if let Some(mut l) = layering.filter(|_| ok) {
+            let mut sent = true;
+            l.finish(|blob| sent = send(blob, &mut layer_ids, &mut known));
+            ok &= sent;
+            r.layer = Some((std::mem::take(&mut layer_ids), l.runs));
         }
         if !ok && r.skipped.is_none() {
             break;

@@ -3,6 +3,7 @@
 
 pub mod backup;
 pub mod delta;
+pub mod pages;
 pub mod restore;
 pub mod safe_dir;
 pub mod snapshot;

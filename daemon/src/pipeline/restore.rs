@@ -13,8 +13,17 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// One destination of a chunk: (file index, offset in the file).
-pub type Target = (usize, u64);
+/// One destination of a chunk: a file, the offset there, and which bytes of the chunk go
+/// (`None`: all of it; a page layer writes only the pages no later layer replaces).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    pub file: usize,
+    pub offset: u64,
+    pub part: Option<(u32, u32)>,
+    /// For `--delta`: the file offset of the stored piece this write belongs to, compared
+    /// with the target before anything is fetched (`None`: a layer's pages, always written).
+    pub piece: Option<u64>,
+}
 
 /// A chunk to fetch and where its bytes go.
 pub struct Want {
@@ -124,7 +133,7 @@ pub async fn fetch(
                             .map(|w| Damage {
                                 object: object.clone(),
                                 reason: reason.clone(),
-                                files: w.targets.iter().map(|t| t.0).collect(),
+                                files: w.targets.iter().map(|t| t.file).collect(),
                             })
                             .collect());
                     }
@@ -140,17 +149,30 @@ pub async fn fetch(
                         let what = format_args!("chunk {} in {object}", &hex::encode(w.id)[..16]).to_string();
                         match open_blob(repo.identity(), &mut dz, &key, &w.id, w.loc.raw_len, sealed, &what) {
                             Ok(plain) => {
-                                for (file, off) in &w.targets {
-                                    sink.write(*file, *off, &plain)?;
+                                let mut n = 0u64;
+                                for t in &w.targets {
+                                    // Parts were checked against the chunk's length when planned;
+                                    // `get` keeps a crafted one from panicking all the same.
+                                    let bytes = match t.part {
+                                        None => Some(&plain[..]),
+                                        Some((a, len)) => plain.get(a as usize..a as usize + len as usize),
+                                    };
+                                    let Some(bytes) = bytes else {
+                                        return Err(Error::damaged(format!(
+                                            "{what}: a page run lies beyond the chunk"
+                                        )));
+                                    };
+                                    sink.write(t.file, t.offset, bytes)?;
+                                    n += bytes.len() as u64;
                                 }
-                                bytes_done.fetch_add(plain.len() as u64 * w.targets.len() as u64, Ordering::Relaxed);
+                                bytes_done.fetch_add(n, Ordering::Relaxed);
                             }
                             // A wrong identity is not damage: stop at once.
                             Err(e) if e.kind == Kind::Crypto => return Err(e),
                             Err(e) => damage.push(Damage {
                                 object: object.clone(),
                                 reason: e.message,
-                                files: w.targets.iter().map(|t| t.0).collect(),
+                                files: w.targets.iter().map(|t| t.file).collect(),
                             }),
                         }
                     }

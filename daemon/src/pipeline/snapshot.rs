@@ -6,6 +6,7 @@
 //! A physical PostgreSQL backup waits between the two for its WAL to be archived.
 
 use super::backup::{self as engine, EngineConfig, Input, Progress, ReadJob};
+use super::pages::{self, Stored};
 use crate::error::{Error, Result};
 use crate::policy::{Policy, SourceKind};
 use crate::repository::format::*;
@@ -117,6 +118,14 @@ pub fn unchanged(parent: &Entry, now: &Entry, parent_started: chrono::DateTime<c
     same && mtime_ns < settled_ns && (parent.ctime as i128) < settled_ns
 }
 
+/// How a physical backup reads: the position its pages are as new as, and whether the
+/// cluster has data checksums (then pages are checked as they are read).
+#[derive(Debug, Clone)]
+pub struct PgRead {
+    pub basis: PageBasis,
+    pub checksums: bool,
+}
+
 /// Walk `root` and upload what changed since the parent.
 #[allow(clippy::too_many_arguments)]
 pub async fn prepare_tree(
@@ -127,9 +136,23 @@ pub async fn prepare_tree(
     root: &Path,
     exclude: &[String],
     extra_roots: &[(String, PathBuf)],
-    page_check: Option<u64>,
+    pg: Option<PgRead>,
 ) -> Result<Pending> {
     let ctx = context(policy, repo, opts).await?;
+    let page_check = pg.as_ref().filter(|p| p.checksums).map(|p| p.basis.start_lsn);
+    // Page layers over the parent need the same cluster on the same timeline, moving forward:
+    // only then does a page LSN below the parent's start mean "as the parent has it". After a
+    // promotion, a restore or a new initdb, LSNs say nothing about the parent: read whole.
+    let since_lsn = match (pg.as_ref(), ctx.parent.as_ref().and_then(|m| m.page_basis.as_ref())) {
+        (Some(now), Some(then))
+            if now.basis.system_identifier == then.system_identifier
+                && now.basis.timeline == then.timeline
+                && now.basis.start_lsn >= then.start_lsn =>
+        {
+            Some(then.start_lsn)
+        }
+        _ => None,
+    };
     // PostgreSQL's data directory is read strictly: only a file that vanished is tolerated.
     let strict = kind == SourceKind::PostgresPhysical;
     // Extra roots (PostgreSQL tablespaces) are stored under a prefix of the tree, in place of
@@ -168,33 +191,55 @@ pub async fn prepare_tree(
         .iter()
         .flat_map(|m| m.entries.iter().filter(|e| e.kind == EntryKind::File).map(|e| (e.display(), e)))
         .collect();
-    let mut reused: HashMap<usize, Vec<ChunkId>> = HashMap::new();
+    // What a file was in the parent: kept as is when unchanged, the base of its page layers
+    // when only its pages are read.
+    let mut parents: HashMap<usize, Stored> = HashMap::new();
     let mut jobs = Vec::new();
     for (i, e) in entries.iter_mut().enumerate() {
         if e.kind != EntryKind::File {
             continue;
         }
-        if let (Some(pe), Some(pm), Some(at)) =
-            (parent_files.get(&e.display()), ctx.parent.as_ref(), ctx.parent_started)
-        {
-            if unchanged(pe, e, at) {
-                let ids: Option<Vec<ChunkId>> =
-                    pe.chunks.iter().map(|&c| pm.chunks.get(c as usize).and_then(|t| parse_hex32(&t.0))).collect();
-                if let Some(ids) = ids.filter(|ids| ids.iter().all(|id| ctx.cache.contains_key(id))) {
-                    e.hash = pe.hash.clone();
-                    reused.insert(i, ids);
-                    continue;
-                }
+        let rel = e.display();
+        let parent = match (parent_files.get(&rel), ctx.parent.as_ref()) {
+            // Only a parent whose every chunk may still be referenced serves.
+            (Some(pe), Some(pm)) => {
+                Stored::of(pm, pe).filter(|st| st.ids().all(|id| ctx.cache.contains_key(id))).map(|st| (*pe, st))
+            }
+            _ => None,
+        };
+        let mut layer = None;
+        if let Some((pe, st)) = parent {
+            if ctx.parent_started.is_some_and(|at| unchanged(pe, e, at)) {
+                e.hash = pe.hash.clone();
+                parents.insert(i, st);
+                continue;
+            }
+            layer = since_lsn.and_then(|lsn| pages::layer_job(&rel, pe, e, &st, lsn));
+            if layer.is_some() {
+                parents.insert(i, st);
             }
         }
         let mtime_ns = e.mtime as i128 * 1_000_000_000 + e.mtime_ns as i128;
         // Relation files of a cluster with data checksums have their pages checked as read.
-        let first_block = page_check.and_then(|_| crate::source::postgres::pagecheck::first_block(&e.display()));
-        jobs.push(ReadJob { idx: i, input: Input::Path(sources[i].clone()), size: e.size, mtime_ns, first_block });
+        let first_block = page_check.and_then(|_| crate::source::postgres::pagecheck::first_block(&rel));
+        jobs.push(ReadJob {
+            idx: i,
+            input: Input::Path(sources[i].clone()),
+            size: e.size,
+            mtime_ns,
+            first_block,
+            layer,
+        });
     }
-    let extra =
-        Tree { kind, root: root.display().to_string(), warnings: walked.warnings, skipped: walked.skipped, page_check };
-    build(policy, repo, opts, ctx, entries, jobs, reused, extra).await
+    let extra = Tree {
+        kind,
+        root: root.display().to_string(),
+        warnings: walked.warnings,
+        skipped: walked.skipped,
+        page_check,
+        basis: pg.map(|p| p.basis),
+    };
+    build(policy, repo, opts, ctx, entries, jobs, parents, extra).await
 }
 
 /// Upload named streams (e.g. pg_dump output) as the files of a snapshot.
@@ -214,14 +259,21 @@ pub async fn prepare_streams(
         let mut e = dir_entry(&name, now);
         e.kind = EntryKind::File;
         e.mode = 0o600;
-        jobs.push(ReadJob { idx: entries.len(), input: Input::Stream(r), size: 0, mtime_ns: 0, first_block: None });
+        jobs.push(ReadJob {
+            idx: entries.len(),
+            input: Input::Stream(r),
+            size: 0,
+            mtime_ns: 0,
+            first_block: None,
+            layer: None,
+        });
         entries.push(e);
     }
-    let extra = Tree { kind, root: label.to_string(), warnings: vec![], skipped: 0, page_check: None };
+    let extra = Tree { kind, root: label.to_string(), warnings: vec![], skipped: 0, page_check: None, basis: None };
     build(policy, repo, opts, ctx, entries, jobs, HashMap::new(), extra).await
 }
 
-fn dir_entry(path: &str, mtime: i64) -> Entry {
+pub(crate) fn dir_entry(path: &str, mtime: i64) -> Entry {
     Entry {
         path: path.to_string(),
         path_hex: None,
@@ -236,6 +288,7 @@ fn dir_entry(path: &str, mtime: i64) -> Entry {
         target: None,
         hash: None,
         changed: false,
+        pages: None,
         ino: 0,
         ctime: 0,
     }
@@ -259,6 +312,8 @@ struct Tree {
     skipped: u64,
     /// The backup's start LSN when pages are checked (PostgreSQL with data checksums).
     page_check: Option<u64>,
+    /// A physical backup's position, recorded for the page layers of the next one.
+    basis: Option<PageBasis>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -269,7 +324,7 @@ async fn build(
     ctx: Context,
     mut entries: Vec<Entry>,
     jobs: Vec<ReadJob>,
-    reused: HashMap<usize, Vec<ChunkId>>,
+    mut parents: HashMap<usize, Stored>,
     tree: Tree,
 ) -> Result<Pending> {
     let total: u64 = jobs.iter().map(|j| j.size).sum();
@@ -293,7 +348,10 @@ async fn build(
         skipped: tree.skipped,
         ..Default::default()
     };
-    let mut per_file: HashMap<usize, Vec<ChunkId>> = reused;
+    // Files not read keep their parent's form.
+    let read: HashSet<usize> = out.results.iter().map(|r| r.idx).collect();
+    let mut per_file: HashMap<usize, Stored> =
+        parents.iter().filter(|(i, _)| !read.contains(i)).map(|(i, st)| (*i, st.clone())).collect();
     let mut drop_idx = HashSet::new();
     for r in out.results {
         let e = &mut entries[r.idx];
@@ -315,7 +373,21 @@ async fn build(
             stats.files_changed_during_read += 1;
             warnings.push(format!("{} changed while it was read: its copy may be inconsistent", e.display()));
         }
-        per_file.insert(r.idx, r.chunks);
+        let stored = match r.layer {
+            Some((ids, runs)) => match parents.remove(&r.idx) {
+                Some(parent) if runs.is_empty() => parent.with_layer(r.size, ids, runs),
+                Some(parent) => {
+                    stats.files_layered += 1;
+                    stats.pages_stored += runs.iter().map(|r| r.1 as u64).sum::<u64>();
+                    parent.with_layer(r.size, ids, runs)
+                }
+                None => {
+                    return Err(Error::failed(format!("internal: {} was read as pages without a parent", e.display())))
+                }
+            },
+            None => Stored { size: r.size, base: r.chunks, layered: None },
+        };
+        per_file.insert(r.idx, stored);
     }
 
     // The chunk table: every chunk the tree references, with its location.
@@ -336,30 +408,41 @@ async fn build(
             EntryKind::Symlink => {}
         }
         stats.bytes += e.size;
-        for id in per_file.remove(&i).unwrap_or_default() {
-            let n = match chunk_index.get(&id) {
-                Some(n) => *n,
-                None => {
-                    let loc = locs
-                        .get(&id)
-                        .ok_or_else(|| Error::failed(format!("internal: chunk {} has no location", hex::encode(id))))?;
-                    let p = *pack_index.entry(loc.pack).or_insert_with(|| {
-                        pack_list.push(loc.pack);
-                        (pack_list.len() - 1) as u32
-                    });
-                    table.push((hex::encode(id), p, loc.offset, loc.len, loc.raw_len));
-                    chunk_index.insert(id, (table.len() - 1) as u32);
-                    (table.len() - 1) as u32
-                }
-            };
-            e.chunks.push(n);
-        }
+        let mut index = |id: &ChunkId| -> Result<u32> {
+            if let Some(n) = chunk_index.get(id) {
+                return Ok(*n);
+            }
+            let loc = locs
+                .get(id)
+                .ok_or_else(|| Error::failed(format!("internal: chunk {} has no location", hex::encode(id))))?;
+            let p = *pack_index.entry(loc.pack).or_insert_with(|| {
+                pack_list.push(loc.pack);
+                (pack_list.len() - 1) as u32
+            });
+            table.push((hex::encode(id), p, loc.offset, loc.len, loc.raw_len));
+            chunk_index.insert(*id, (table.len() - 1) as u32);
+            Ok((table.len() - 1) as u32)
+        };
+        let st = per_file.remove(&i).unwrap_or_default();
+        e.chunks = st.base.iter().map(&mut index).collect::<Result<_>>()?;
+        e.pages = match st.layered {
+            None => None,
+            Some((base_size, layers)) => Some(PageLayers {
+                base_size,
+                layers: layers
+                    .into_iter()
+                    .map(|(ids, runs)| {
+                        Ok(PageLayer { chunks: ids.iter().map(&mut index).collect::<Result<_>>()?, runs })
+                    })
+                    .collect::<Result<_>>()?,
+            }),
+        };
         kept.push(e);
     }
     let snap_id = SnapshotId::new(ctx.started);
     let pack_sizes: HashMap<PackId, u64> = ctx.packs.into_iter().chain(out.packs.iter().copied()).collect();
     let manifest = Manifest {
-        format: FORMAT_VERSION,
+        format: MANIFEST_FORMAT,
         snapshot: snap_id.clone(),
         policy: policy.name.clone(),
         key_id: ctx.key_id,
@@ -369,6 +452,7 @@ async fn build(
         entries: kept,
         extra: None,
         warnings: warnings.clone(),
+        page_basis: tree.basis,
     };
     let sidecar = Sidecar {
         format: FORMAT_VERSION,
@@ -451,6 +535,7 @@ mod tests {
             target: None,
             hash: None,
             changed: false,
+            pages: None,
             ino: 7,
             ctime: ctime_s * 1_000_000_000,
         }

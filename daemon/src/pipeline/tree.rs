@@ -3,7 +3,7 @@
 //! restores through this: volumes into their target, PostgreSQL into a data directory,
 //! logical dumps into a scratch directory.
 
-use super::restore::{self as fetcher, Damage, FileSink, Want};
+use super::restore::{self as fetcher, Damage, FileSink, Target, Want};
 use super::safe_dir::SafeDir;
 use crate::error::{Error, Result};
 use crate::repository::format::*;
@@ -44,7 +44,7 @@ pub struct Summary {
     pub owner: (u32, u32),
 }
 
-/// Chunk wants for a set of (file index, entry): each chunk with every offset it lands at.
+/// Chunk wants for a set of (file index, entry): each chunk with every place it lands.
 pub fn plan(manifest: &Manifest, files: &[&Entry]) -> Result<Vec<Want>> {
     let packs: Vec<PackId> = manifest
         .packs
@@ -55,26 +55,38 @@ pub fn plan(manifest: &Manifest, files: &[&Entry]) -> Result<Vec<Want>> {
         })
         .collect::<Result<_>>()?;
     let mut wants: HashMap<u32, Want> = HashMap::new();
+    let mut add = |c: u32, t: Target| -> Result<()> {
+        let w = match wants.entry(c) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let (id, p, o, len, raw) = super::pages::chunk(manifest, c)?;
+                let id = parse_hex32(id).ok_or_else(|| {
+                    Error::damaged(format!("manifest of {} holds a malformed chunk id", manifest.snapshot))
+                })?;
+                let pack = *packs.get(*p as usize).ok_or_else(|| {
+                    Error::damaged(format!("manifest of {} references pack {p} beyond its list", manifest.snapshot))
+                })?;
+                v.insert(Want { id, loc: BlobLoc { pack, offset: *o, len: *len, raw_len: *raw }, targets: vec![] })
+            }
+        };
+        w.targets.push(t);
+        Ok(())
+    };
     for (fi, e) in files.iter().enumerate() {
-        let mut off = 0u64;
-        for &c in &e.chunks {
-            let (id, p, o, len, raw) = manifest.chunks.get(c as usize).ok_or_else(|| {
-                Error::damaged(format!("manifest of {} references chunk {c} beyond its table", manifest.snapshot))
-            })?;
-            let w = match wants.entry(c) {
-                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    let id = parse_hex32(id).ok_or_else(|| {
-                        Error::damaged(format!("manifest of {} holds a malformed chunk id", manifest.snapshot))
-                    })?;
-                    let pack = *packs.get(*p as usize).ok_or_else(|| {
-                        Error::damaged(format!("manifest of {} references pack {p} beyond its list", manifest.snapshot))
-                    })?;
-                    v.insert(Want { id, loc: BlobLoc { pack, offset: *o, len: *len, raw_len: *raw }, targets: vec![] })
+        match &e.pages {
+            None => {
+                let mut off = 0u64;
+                for &c in &e.chunks {
+                    let raw = super::pages::chunk(manifest, c)?.4;
+                    add(c, Target { file: fi, offset: off, part: None, piece: Some(off) })?;
+                    off += raw as u64;
                 }
-            };
-            w.targets.push((fi, off));
-            off += *raw as u64;
+            }
+            Some(layers) => {
+                for (c, t) in super::pages::layout(manifest, e, layers, fi)? {
+                    add(c, t)?;
+                }
+            }
         }
     }
     Ok(wants.into_values().collect())
@@ -164,7 +176,7 @@ pub async fn restore(repo: &Unlocked, opts: &Options) -> Result<Summary> {
         let differ = super::delta::compare(&dir, &manifest, &files, &key, &mut stats)?;
         let mut wants = plan(&manifest, &files)?;
         for w in &mut wants {
-            w.targets.retain(|(f, off)| differ[*f].as_ref().is_none_or(|d| d.contains(off)));
+            w.targets.retain(|t| differ[t.file].as_ref().is_none_or(|d| t.piece.is_none_or(|p| d.contains(&p))));
         }
         wants.retain(|w| !w.targets.is_empty());
         delta = Some(stats);

@@ -99,6 +99,7 @@ pub fn walk(root: &Path, exclude: &[String], strict: bool) -> Result<Walked> {
             target: None,
             hash: None,
             changed: false,
+            pages: None,
             ino: m.ino(),
             ctime: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
         };

@@ -4,6 +4,9 @@ use crate::source::postgres::wal::WalName;
 use serde::{Deserialize, Serialize};
 
 pub const FORMAT_VERSION: u32 = 2;
+/// The manifest's own format: 3 added page layers (`Entry::pages`) and `Manifest::page_basis`.
+/// A reader refuses a manifest newer than it knows, rather than restore it wrongly.
+pub const MANIFEST_FORMAT: u32 = 3;
 
 /// `config`: plaintext, written once when the repository is created.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -244,6 +247,11 @@ pub struct Stats {
     /// Pages whose checksum failed (PostgreSQL with data checksums), named in the warnings.
     #[serde(default)]
     pub page_checksum_failures: u64,
+    /// Relation files stored as their changed pages over a base, and the pages stored so.
+    #[serde(default)]
+    pub files_layered: u64,
+    #[serde(default)]
+    pub pages_stored: u64,
 }
 
 /// `snapshots/<id>.manifest`: the encrypted tree.
@@ -265,6 +273,46 @@ pub struct Manifest {
     /// What the backup warned about (skipped and changing files), with their paths.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// A physical backup's cluster, timeline and start: what the next backup compares page
+    /// LSNs against to store only changed pages (`None`: no page layers on top of this one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_basis: Option<PageBasis>,
+}
+
+/// The position a physical snapshot's pages are as new as (see `Entry::pages`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PageBasis {
+    pub system_identifier: String,
+    pub timeline: u32,
+    pub start_lsn: u64,
+}
+
+/// A relation file stored as a base (the entry's `chunks`, `base-size` bytes) with the pages
+/// changed since laid over it, oldest layer first. A page of a later layer replaces the same
+/// page of an earlier layer and of the base; the file is then cut to the entry's `size`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PageLayers {
+    pub base_size: u64,
+    pub layers: Vec<PageLayer>,
+}
+
+/// The pages one backup found changed: their contents, concatenated 8 KiB pages in the
+/// order of `runs`, are the chunks `chunks` (chunk-table indices), each a whole number of pages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PageLayer {
+    pub chunks: Vec<u32>,
+    /// Runs of page numbers: `[first, count]`, in the order the pages are stored.
+    pub runs: Vec<(u32, u32)>,
+}
+
+impl PageLayers {
+    /// Pages held by all layers together (the chain's cost, for the re-base rule).
+    pub fn pages(&self) -> u64 {
+        self.layers.iter().flat_map(|l| l.runs.iter()).map(|r| r.1 as u64).sum()
+    }
 }
 
 /// What `pg_backup_stop` returned: restored beside the data, never stored in PGDATA.
@@ -312,6 +360,9 @@ pub struct Entry {
     /// Changed while being read: the content may be inconsistent.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub changed: bool,
+    /// A relation file stored as base plus changed pages (manifest format 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pages: Option<PageLayers>,
     /// Local-only change detection (inode and ctime); not needed to restore.
     #[serde(default)]
     pub ino: u64,

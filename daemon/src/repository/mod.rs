@@ -563,6 +563,13 @@ impl Unlocked {
         if m.snapshot != snap.id {
             return Err(Error::damaged(format!("object {key} is the manifest of another snapshot ({})", m.snapshot)));
         }
+        if m.format > MANIFEST_FORMAT {
+            return Err(Error::failed(format!(
+                "snapshot {} has manifest format {}, this veza-dr reads up to {MANIFEST_FORMAT}",
+                snap.id, m.format
+            ))
+            .with_hint("restore it with the newer veza-dr that wrote it"));
+        }
         Ok(m)
     }
 

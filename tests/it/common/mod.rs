@@ -313,7 +313,16 @@ impl Fixture {
     }
 
     pub fn cmd<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Command {
-        let mut c = Command::new(bin());
+        // VEZA_TEST_UMASK: run under this umask, for a file:// repository that root (backups)
+        // and the postgres user (wal-push) both write, as two services sharing one would be set up.
+        let mut c = match self.env.iter().find(|(k, _)| k == "VEZA_TEST_UMASK") {
+            Some((_, m)) => {
+                let mut c = Command::new("sh");
+                c.args(["-c", &format!("umask {m}; exec \"$0\" \"$@\""), bin().to_str().unwrap()]);
+                c
+            }
+            None => Command::new(bin()),
+        };
         c.arg("--policies").arg(self.path("policies")).arg("--state-dir").arg(self.path("state"));
         c.args(args);
         c.env_remove("VEZA_DR_IDENTITY");

@@ -12,10 +12,10 @@ use super::wal::{parse_lsn, WalName};
 use super::{connect, db_error, one_text, wal_timeout};
 use crate::crypto::Identity;
 use crate::error::{Error, Kind, Result};
-use crate::pipeline::snapshot::{commit, prepare_tree, Options as BackupOptions};
+use crate::pipeline::snapshot::{commit, prepare_tree, Options as BackupOptions, PgRead};
 use crate::pipeline::tree;
 use crate::policy::{PgSource, Policy, SourceKind};
-use crate::repository::format::{PgInfo, PgLabel, PgMeta, Sidecar};
+use crate::repository::format::{PageBasis, PgInfo, PgLabel, PgMeta, Sidecar};
 use crate::repository::lock::LockGuard;
 use crate::repository::{Unlocked, Writer};
 use crate::source::{DrillEnv, Drilled, RestoreProgress, RestoreRequest, Restored, Source};
@@ -301,8 +301,14 @@ async fn backup_physical(
     let kind = SourceKind::PostgresPhysical;
     // With data checksums, pages are checked as they are read.
     let checksums = one_text(&c, &dsn, "SELECT current_setting('data_checksums')").await? == "on";
-    let page_check = if checksums { parse_lsn(&start_lsn) } else { None };
-    let mut pending = prepare_tree(policy, repo, opts, kind, &data_dir, &excludes, &tablespaces, page_check).await?;
+    let basis = PageBasis {
+        system_identifier: sysid.clone(),
+        timeline: tli as u32,
+        start_lsn: parse_lsn(&start_lsn)
+            .ok_or_else(|| Error::database(format!("pg_backup_start returned `{start_lsn}`, not an LSN")))?,
+    };
+    let read = PgRead { basis, checksums };
+    let mut pending = prepare_tree(policy, repo, opts, kind, &data_dir, &excludes, &tablespaces, Some(read)).await?;
 
     // pg_backup_stop switches to a new segment; veza-dr then waits for the repository itself,
     // watching pg_stat_archiver, so a broken archive_command is named within seconds.
