@@ -124,6 +124,8 @@ pub struct ReadJob {
     pub first_block: Option<u64>,
     /// Store only the pages changed since the parent (`pages`), not changed chunks.
     pub layer: Option<super::pages::LayerJob>,
+    /// Record a digest per 8 KiB page (relation files), for page-level delta restores.
+    pub digests: bool,
 }
 
 #[derive(Debug, Default)]
@@ -140,6 +142,8 @@ pub struct ReadResult {
     /// For a layer job: the blobs of the changed pages and their page runs (`chunks` is then
     /// empty: the parent's base and layers stand for the rest).
     pub layer: Option<super::pages::IdLayer>,
+    /// The blob of the file's page digests, when they were asked for.
+    pub digests: Option<ChunkId>,
 }
 
 #[derive(Debug)]
@@ -282,6 +286,7 @@ fn read_all(
         let mut ok = true;
         let mut layering = job.layer.as_ref().map(super::pages::Layering::new);
         let mut layer_ids = Vec::new();
+        let mut digests = Vec::new();
         // A blob of changed pages goes to the workers like a chunk.
         let send = |data: Vec<u8>, ids: &mut Vec<ChunkId>, known: &mut HashSet<ChunkId>| -> bool {
             let id = chunk_id(key, &data);
@@ -306,7 +311,7 @@ fn read_all(
                 let at = first + r.size / crate::source::postgres::pagecheck::BLCKSZ as u64;
                 r.bad_pages.extend(crate::source::postgres::pagecheck::failing_pages(&c, at, lsn));
             }
-            let id = chunk_id(key, &c);
+            let id = if job.digests { super::pages::id_and_digests(key, &c, &mut digests) } else { chunk_id(key, &c) };
             hasher.update(&id);
             let off = r.size;
             r.size += c.len() as u64;
@@ -331,6 +336,11 @@ fn read_all(
             l.finish(|blob| sent = send(blob, &mut layer_ids, &mut known));
             ok &= sent;
             r.layer = Some((std::mem::take(&mut layer_ids), l.runs));
+        }
+        if ok && !digests.is_empty() {
+            let mut ids = Vec::with_capacity(1);
+            ok &= send(digests, &mut ids, &mut known);
+            r.digests = ids.pop();
         }
         if !ok && r.skipped.is_none() {
             break;

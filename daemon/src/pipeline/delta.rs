@@ -3,18 +3,22 @@
 //! does not hold, or holds as another kind, is removed. Then each file of the snapshot that is
 //! there is read at the snapshot's chunk boundaries, and each piece is keyed-hashed as the
 //! backup hashed it. Only the pieces whose id differs are fetched and written in place, and
-//! the file is cut or extended to its size. For PostgreSQL relation files, a piece is 1 MiB of
-//! pages. Files that are missing are created whole.
+//! the file is cut or extended to its size. PostgreSQL relation files with page digests are
+//! compared page by page instead: only the 8 KiB pages whose digest differs are written (their
+//! blobs fetched). Files that are missing are created whole.
 //!
 //! Only a regular file with one link is rewritten in place. Anything else at a file's path
 //! (a hard link planted to a file outside, a device, a FIFO) is unlinked and created anew,
 //! so a delta restore never writes through a name into something it did not create.
 
+use super::restore::{Sink, Target, Want};
 use super::safe_dir::{Kind as OnDisk, SafeDir};
 use crate::error::Result;
 use crate::repository::format::*;
+use crate::repository::Unlocked;
 use std::collections::{HashMap, HashSet};
 use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 /// What a delta restore kept, rewrote and removed.
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -81,26 +85,125 @@ pub fn clear_extras(dir: &SafeDir, entries: &[(usize, &Entry)], stats: &mut Delt
     Ok(())
 }
 
-/// Which pieces of each file must be written: `None` for a file created whole, else the
-/// offsets whose content differs. Makes every file the snapshot's length.
+/// What of a file a delta restore writes.
+#[derive(Debug)]
+pub enum Differ {
+    /// Created anew: everything.
+    Whole,
+    /// The stored pieces (by file offset) whose content differs.
+    Pieces(HashSet<u64>),
+    /// The 8 KiB pages that differ (relation files with page digests).
+    Pages(Vec<bool>),
+}
+
+impl Differ {
+    /// The part of a planned write that must happen.
+    pub fn keep(&self, t: Target, raw_len: u32) -> Vec<Target> {
+        match self {
+            Differ::Whole => vec![t],
+            Differ::Pieces(d) => match t.piece {
+                Some(p) if !d.contains(&p) => vec![],
+                _ => vec![t],
+            },
+            Differ::Pages(bits) => super::pages::only_pages(t, raw_len, bits),
+        }
+    }
+}
+
+/// Fetch the page digests of the files that have them (small blobs, a restore-side read).
+/// A digest blob that cannot be read only costs precision: its file is compared by pieces.
+pub async fn fetch_digests(
+    repo: &Unlocked,
+    key: [u8; 32],
+    manifest: &Manifest,
+    files: &[&Entry],
+) -> Result<Vec<Option<Vec<u8>>>> {
+    let mut wants: HashMap<u32, Want> = HashMap::new();
+    for (fi, e) in files.iter().enumerate() {
+        let Some(c) = e.digests else { continue };
+        let Ok((id, p, o, len, raw)) = super::pages::chunk(manifest, c) else { continue };
+        let (Some(id), Some(pack)) = (parse_hex32(id), manifest.packs.get(*p as usize).and_then(|p| parse_hex32(p)))
+        else {
+            continue;
+        };
+        let t = Target { file: fi, offset: 0, part: None, piece: None };
+        wants
+            .entry(c)
+            .or_insert_with(|| Want {
+                id,
+                loc: BlobLoc { pack, offset: *o, len: *len, raw_len: *raw },
+                targets: vec![],
+            })
+            .targets
+            .push(t);
+    }
+    let sink = Arc::new(MemSink(files.iter().map(|_| Mutex::new(Vec::new())).collect()));
+    let damage =
+        super::restore::fetch(repo, key, wants.into_values().collect(), sink.clone(), 4, Default::default()).await?;
+    let bad: HashSet<usize> = damage.iter().flat_map(|d| d.files.iter().copied()).collect();
+    Ok(sink
+        .0
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let v = std::mem::take(&mut *m.lock().unwrap_or_else(|e| e.into_inner()));
+            (!v.is_empty() && !bad.contains(&i)).then_some(v)
+        })
+        .collect())
+}
+
+/// Collects fetched bytes in memory, one buffer per file.
+struct MemSink(Vec<Mutex<Vec<u8>>>);
+
+impl Sink for MemSink {
+    fn write(&self, file: usize, offset: u64, data: &[u8]) -> Result<()> {
+        let mut b = self.0[file].lock().unwrap_or_else(|e| e.into_inner());
+        let end = offset as usize + data.len();
+        if b.len() < end {
+            b.resize(end, 0);
+        }
+        b[offset as usize..end].copy_from_slice(data);
+        Ok(())
+    }
+}
+
+/// What of each file must be written. Makes every file the snapshot's length.
 pub fn compare(
     dir: &SafeDir,
     manifest: &Manifest,
     files: &[&Entry],
     key: &[u8; 32],
+    digests: &[Option<Vec<u8>>],
     stats: &mut DeltaStats,
-) -> Result<Vec<Option<HashSet<u64>>>> {
+) -> Result<Vec<Differ>> {
     let mut out = Vec::with_capacity(files.len());
     let mut buf = Vec::new();
-    for e in files {
+    for (fi, e) in files.iter().enumerate() {
         let rel = e.rel_path();
         let Some(f) = dir.open_in_place(&rel)? else {
             dir.create_file(&rel, e.size, true)?;
             stats.files_created += 1;
             stats.bytes_fetched += e.size;
-            out.push(None);
+            out.push(Differ::Whole);
             continue;
         };
+        let io = |err| crate::error::Error::io("read", &dir.full(&rel), err);
+        if let Some(d) = digests.get(fi).and_then(|d| d.as_ref()) {
+            // Page by page: a page whose digest matches stays as it is.
+            let bits = super::pages::differing_pages(&f, key, e.size, d).map_err(io)?;
+            let n = bits.iter().filter(|b| **b).count() as u64;
+            let fetched = (n * super::pages::PAGE as u64).min(e.size);
+            stats.bytes_fetched += fetched;
+            stats.bytes_kept += e.size - fetched;
+            f.set_len(e.size).map_err(|err| crate::error::Error::io("resize", &dir.full(&rel), err))?;
+            if n == 0 {
+                stats.files_unchanged += 1;
+            } else {
+                stats.files_changed += 1;
+            }
+            out.push(Differ::Pages(bits));
+            continue;
+        }
         let mut differ = HashSet::new();
         let mut off = 0u64;
         for &c in &e.chunks {
@@ -128,7 +231,7 @@ pub fn compare(
         } else {
             stats.files_changed += 1;
         }
-        out.push(Some(differ));
+        out.push(Differ::Pieces(differ));
     }
     Ok(out)
 }

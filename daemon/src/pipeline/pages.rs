@@ -21,6 +21,124 @@ pub const MAX_LAYERS: usize = 32;
 /// fetches at most (1 + 1/N) times the file.
 pub const LAYER_SHARE: u64 = 2;
 
+/// Bytes kept of a page's digest: half of its BLAKE3 chaining value.
+pub const DIGEST: usize = 16;
+/// Pages per fixed 1 MiB chunk of a relation file.
+const CHUNK_PAGES: usize = (1 << 20) / PAGE;
+
+fn page_cv(key: &[u8; 32], at: usize, page: &[u8]) -> blake3::hazmat::ChainingValue {
+    use blake3::hazmat::HasherExt;
+    let mut h = blake3::Hasher::new_keyed(key);
+    h.set_input_offset((at * PAGE) as u64);
+    h.update(page);
+    h.finalize_non_root()
+}
+
+/// The digest of a page: its chaining value inside the keyed BLAKE3 of its 1 MiB chunk
+/// (`at`: its place in the chunk), truncated. A delta restore compares pages with it.
+pub fn page_digest(key: &[u8; 32], at: usize, page: &[u8]) -> [u8; DIGEST] {
+    page_cv(key, at, page)[..DIGEST].try_into().expect("16 of 32 bytes")
+}
+
+/// A chunk's id (exactly `chunk_id`) and the digests of its pages, in one pass over the data:
+/// an 8 KiB page at an aligned offset is a complete BLAKE3 subtree, so the chunk's hash is
+/// the merge of its pages' chaining values, and the digests cost no second hash.
+pub fn id_and_digests(key: &[u8; 32], data: &[u8], out: &mut Vec<u8>) -> ChunkId {
+    use blake3::hazmat::{merge_subtrees_non_root, merge_subtrees_root, ChainingValue, Mode};
+    if data.len() < 2 * PAGE || !data.len().is_multiple_of(PAGE) {
+        for (i, page) in data.chunks(PAGE).enumerate() {
+            out.extend_from_slice(&page_digest(key, i, page));
+        }
+        return super::chunk_id(key, data);
+    }
+    let cvs: Vec<ChainingValue> = data.chunks(PAGE).enumerate().map(|(i, p)| page_cv(key, i, p)).collect();
+    for cv in &cvs {
+        out.extend_from_slice(&cv[..DIGEST]);
+    }
+    // BLAKE3's tree: the left subtree holds the largest power of two of 1 KiB chunks below the
+    // whole (whole pages, for two pages or more).
+    fn split(cvs: &[ChainingValue]) -> (&[ChainingValue], &[ChainingValue]) {
+        cvs.split_at(blake3::hazmat::left_subtree_len((cvs.len() * PAGE) as u64) as usize / PAGE)
+    }
+    fn merge(cvs: &[ChainingValue], key: &[u8; 32]) -> ChainingValue {
+        if cvs.len() == 1 {
+            return cvs[0];
+        }
+        let (l, r) = split(cvs);
+        merge_subtrees_non_root(&merge(l, key), &merge(r, key), Mode::KeyedHash(key))
+    }
+    let (l, r) = split(&cvs);
+    *merge_subtrees_root(&merge(l, key), &merge(r, key), Mode::KeyedHash(key)).as_bytes()
+}
+
+/// Which pages of `file` differ from `digests` (page `p`'s digest at `p * DIGEST`); a page
+/// the file does not have, or a digest missing, counts as different.
+pub fn differing_pages(file: &std::fs::File, key: &[u8; 32], size: u64, digests: &[u8]) -> std::io::Result<Vec<bool>> {
+    let npages = size.div_ceil(PAGE as u64) as usize;
+    let mut out = vec![true; npages];
+    let mut buf = vec![0u8; 1 << 20];
+    let mut p = 0usize;
+    while p < npages {
+        let want = ((npages - p) * PAGE).min(buf.len()).min((size - (p * PAGE) as u64) as usize);
+        let n = read_full(file, &mut buf[..want], (p * PAGE) as u64)?;
+        if n == 0 {
+            break;
+        }
+        for (i, page) in buf[..n].chunks(PAGE).enumerate() {
+            let q = p + i;
+            let same = digests.get(q * DIGEST..(q + 1) * DIGEST).is_some_and(|d| {
+                // A short read of a whole page is a different page.
+                (page.len() == PAGE || (q * PAGE + page.len()) as u64 == size)
+                    && page_digest(key, q % CHUNK_PAGES, page)[..] == *d
+            });
+            out[q] = !same;
+        }
+        p += n.div_ceil(PAGE);
+    }
+    Ok(out)
+}
+
+fn read_full(f: &std::fs::File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read_at(&mut buf[n..], off + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// A target cut to the pages marked in `differ`: the runs of differing pages it covers.
+pub fn only_pages(t: Target, whole_len: u32, differ: &[bool]) -> Vec<Target> {
+    let (src, len) = t.part.unwrap_or((0, whole_len));
+    let (start, end) = (t.offset, t.offset + len as u64);
+    let page = PAGE as u64;
+    let mut out = Vec::new();
+    let mut p = start / page;
+    while p * page < end {
+        if !differ.get(p as usize).copied().unwrap_or(true) {
+            p += 1;
+            continue;
+        }
+        let run = p;
+        while p * page < end && differ.get(p as usize).copied().unwrap_or(true) {
+            p += 1;
+        }
+        let (a, b) = ((run * page).max(start), (p * page).min(end));
+        out.push(Target {
+            file: t.file,
+            offset: a,
+            part: Some((src + (a - start) as u32, (b - a) as u32)),
+            piece: None,
+        });
+    }
+    out
+}
+
 /// A chunk-table row, or damage naming the manifest.
 pub fn chunk(m: &Manifest, c: u32) -> Result<&(String, u32, u64, u32, u32)> {
     m.chunks
@@ -41,6 +159,8 @@ pub struct Stored {
     pub base: Vec<ChunkId>,
     /// `Some` for a layered file: the base's length and the layers (blob ids, page runs).
     pub layered: Option<(u64, Vec<IdLayer>)>,
+    /// The blob of the file's page digests (`Entry::digests`).
+    pub digests: Option<ChunkId>,
 }
 
 impl Stored {
@@ -57,11 +177,18 @@ impl Stored {
                 l.layers.iter().map(|x| Some((ids(&x.chunks)?, x.runs.clone()))).collect::<Option<Vec<_>>>()?,
             )),
         };
-        Some(Stored { size: e.size, base, layered })
+        let digests = match e.digests {
+            Some(c) => Some(parse_hex32(&m.chunks.get(c as usize)?.0)?),
+            None => None,
+        };
+        Some(Stored { size: e.size, base, layered, digests })
     }
 
     pub fn ids(&self) -> impl Iterator<Item = &ChunkId> {
-        self.base.iter().chain(self.layered.iter().flat_map(|(_, ls)| ls.iter().flat_map(|l| l.0.iter())))
+        self.base
+            .iter()
+            .chain(self.layered.iter().flat_map(|(_, ls)| ls.iter().flat_map(|l| l.0.iter())))
+            .chain(self.digests.iter())
     }
 
     /// This file now: the parent's form with the new layer on top, cut or grown to `size`.
@@ -72,7 +199,7 @@ impl Stored {
         }
         // Nothing changed and the same length: the plain form says the same, more simply.
         let layered = (!layers.is_empty() || size != base_size).then_some((base_size, layers));
-        Stored { size, base: self.base, layered }
+        Stored { size, base: self.base, layered, digests: None }
     }
 }
 
@@ -297,6 +424,48 @@ mod tests {
         assert_eq!(blobs.len(), 1);
         assert_eq!(blobs[0].len(), 4 * PAGE, "pages are stored whole");
         assert_eq!(blobs[0][PAGE * 3 + 10], 6);
+    }
+
+    #[test]
+    fn page_digests_come_with_the_chunk_id() {
+        let key = [7u8; 32];
+        let mut x: u64 = 1;
+        for pages in [1usize, 2, 3, 5, 8, 100, 127, 128] {
+            let data: Vec<u8> = (0..pages * PAGE)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            let mut d = Vec::new();
+            assert_eq!(id_and_digests(&key, &data, &mut d), crate::pipeline::chunk_id(&key, &data), "{pages} pages");
+            assert_eq!(d.len(), pages * DIGEST);
+            for (i, page) in data.chunks(PAGE).enumerate() {
+                assert_eq!(d[i * DIGEST..(i + 1) * DIGEST], page_digest(&key, i, page), "page {i} of {pages}");
+            }
+            let short = &data[..data.len() - 100];
+            let mut d2 = Vec::new();
+            assert_eq!(id_and_digests(&key, short, &mut d2), crate::pipeline::chunk_id(&key, short));
+        }
+        assert_ne!(page_digest(&key, 0, &[1; PAGE]), page_digest(&key, 1, &[1; PAGE]), "the place counts");
+    }
+
+    #[test]
+    fn a_target_is_cut_to_the_differing_pages() {
+        let pg = PAGE as u32;
+        let t = Target { file: 3, offset: 2 * PAGE as u64, part: Some((pg, 4 * pg)), piece: Some(0) };
+        // Pages 2..6 are written; 3 and 5 differ.
+        let differ = [false, false, false, true, false, true, false];
+        let got = only_pages(t, 8 * pg, &differ);
+        assert_eq!(
+            got.iter().map(|t| (t.offset / PAGE as u64, t.part)).collect::<Vec<_>>(),
+            vec![(3, Some((2 * pg, pg))), (5, Some((4 * pg, pg)))]
+        );
+        let whole = Target { file: 0, offset: 0, part: None, piece: Some(0) };
+        assert!(only_pages(whole, 2 * pg, &[false, false]).is_empty());
+        assert_eq!(only_pages(whole, 2 * pg, &[true, true])[0].part, Some((0, 2 * pg)));
     }
 
     fn manifest(rows: &[u32]) -> Manifest {

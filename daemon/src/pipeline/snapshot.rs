@@ -220,6 +220,7 @@ pub async fn prepare_tree(
             }
         }
         let mtime_ns = e.mtime as i128 * 1_000_000_000 + e.mtime_ns as i128;
+        let relation = pg.is_some() && crate::source::postgres::pagecheck::first_block(&rel).is_some();
         // Relation files of a cluster with data checksums have their pages checked as read.
         let first_block = page_check.and_then(|_| crate::source::postgres::pagecheck::first_block(&rel));
         jobs.push(ReadJob {
@@ -229,6 +230,8 @@ pub async fn prepare_tree(
             mtime_ns,
             first_block,
             layer,
+            // Files of one chunk are compared whole by a delta restore: no digests needed.
+            digests: relation && e.size > 1 << 20,
         });
     }
     let extra = Tree {
@@ -266,6 +269,7 @@ pub async fn prepare_streams(
             mtime_ns: 0,
             first_block: None,
             layer: None,
+            digests: false,
         });
         entries.push(e);
     }
@@ -289,6 +293,7 @@ pub(crate) fn dir_entry(path: &str, mtime: i64) -> Entry {
         hash: None,
         changed: false,
         pages: None,
+        digests: None,
         ino: 0,
         ctime: 0,
     }
@@ -385,9 +390,9 @@ async fn build(
                     return Err(Error::failed(format!("internal: {} was read as pages without a parent", e.display())))
                 }
             },
-            None => Stored { size: r.size, base: r.chunks, layered: None },
+            None => Stored { size: r.size, base: r.chunks, layered: None, digests: None },
         };
-        per_file.insert(r.idx, stored);
+        per_file.insert(r.idx, Stored { digests: r.digests, ..stored });
     }
 
     // The chunk table: every chunk the tree references, with its location.
@@ -425,6 +430,7 @@ async fn build(
         };
         let st = per_file.remove(&i).unwrap_or_default();
         e.chunks = st.base.iter().map(&mut index).collect::<Result<_>>()?;
+        e.digests = st.digests.as_ref().map(&mut index).transpose()?;
         e.pages = match st.layered {
             None => None,
             Some((base_size, layers)) => Some(PageLayers {
@@ -536,6 +542,7 @@ mod tests {
             hash: None,
             changed: false,
             pages: None,
+            digests: None,
             ino: 7,
             ctime: ctime_s * 1_000_000_000,
         }

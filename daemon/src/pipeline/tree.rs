@@ -173,10 +173,12 @@ pub async fn restore(repo: &Unlocked, opts: &Options) -> Result<Summary> {
             selected.iter().filter(|(_, e)| e.kind != EntryKind::File).map(|(i, e)| (*i, *e)).collect();
         prepare(&dir, &skeleton, true)?;
         // Reading the target happens before any fetch starts: nothing else waits on this task.
-        let differ = super::delta::compare(&dir, &manifest, &files, &key, &mut stats)?;
+        let digests = super::delta::fetch_digests(repo, key, &manifest, &files).await?;
+        let differ = super::delta::compare(&dir, &manifest, &files, &key, &digests, &mut stats)?;
         let mut wants = plan(&manifest, &files)?;
         for w in &mut wants {
-            w.targets.retain(|t| differ[t.file].as_ref().is_none_or(|d| t.piece.is_none_or(|p| d.contains(&p))));
+            let raw = w.loc.raw_len;
+            w.targets = std::mem::take(&mut w.targets).into_iter().flat_map(|t| differ[t.file].keep(t, raw)).collect();
         }
         wants.retain(|w| !w.targets.is_empty());
         delta = Some(stats);

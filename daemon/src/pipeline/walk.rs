@@ -100,6 +100,7 @@ pub fn walk(root: &Path, exclude: &[String], strict: bool) -> Result<Walked> {
             hash: None,
             changed: false,
             pages: None,
+            digests: None,
             ino: m.ino(),
             ctime: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
         };

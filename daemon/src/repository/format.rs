@@ -363,6 +363,10 @@ pub struct Entry {
     /// A relation file stored as base plus changed pages (manifest format 3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pages: Option<PageLayers>,
+    /// A relation file's page digests, 16 bytes per page, as a chunk (chunk-table index), for
+    /// a delta restore to compare page by page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digests: Option<u32>,
     /// Local-only change detection (inode and ctime); not needed to restore.
     #[serde(default)]
     pub ino: u64,
