@@ -545,3 +545,44 @@ fn delta_restore_brings_an_old_data_directory_to_a_newer_snapshot() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("holds postmaster.pid"), "{}", stderr(&o));
 }
+
+/// wal-push's look-ahead: with a backlog of finished segments (here: built while the store was
+/// down), segments are stored ahead of archive_command and acknowledged from their marker;
+/// none is lost (a restore to the end of the archive matches the source).
+#[test]
+fn wal_pushed_ahead_is_acknowledged_once_stored_and_none_is_lost() {
+    let backend = Backend::start(Kind::Garage);
+    let mut fx = Fixture::new(&backend);
+    pg_open(&fx);
+    fx.env.push(("VEZA_DR_LOG".into(), "veza_dr=debug".into()));
+    let pg = Pg::start(&fx.archive_command("db"), fx.env.clone());
+    fx.env = env_with(&fx, &pg);
+    fx.pg_policy("db", &backend, "db", "physical", &pg.data, "");
+    let (mut backend, dsn) = (backend, pg.dsn());
+    load(&dsn);
+    fx.ok(&["backup", "db", "--full"]);
+    backend.stop();
+    for round in 1..=8 {
+        psql(
+            &dsn,
+            &format!("INSERT INTO events (payload) SELECT 'backlog {round} ' || g FROM generate_series(1, 3000) g"),
+        );
+        psql(&dsn, "SELECT pg_switch_wal()");
+    }
+    let t = std::time::Instant::now();
+    while psql(&dsn, "SELECT failed_count FROM pg_stat_archiver") == "0" {
+        assert!(t.elapsed().as_secs() < 60, "wal-push did not fail while the store was down");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let want = table_hashes(&dsn, TABLES);
+    backend.restart();
+    switch_and_wait_archived(&dsn);
+    let ahead = pg.log().matches("was stored ahead: acknowledged").count();
+    assert!(ahead > 0, "no segment was acknowledged from the look-ahead:\n{}", pg.log());
+    println!("{ahead} segments acknowledged from the look-ahead");
+    let port = free_port();
+    let r = fx.path("r");
+    fx.ok(&restore_args(&fx, &r, port, &[]));
+    let srv = Restored { data: r, port };
+    assert_eq!(table_hashes(&srv.dsn(), TABLES), want, "a segment pushed ahead is missing or wrong");
+}

@@ -177,6 +177,10 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             let p = load_policy(&g, &policy)?;
             crate::jobs::wal::prefetch(&p, cluster, &after, &spool, &identity, count).await.map(|_| 0)
         }
+        Command::WalAhead { policy, status_dir, after } => {
+            primary_only(&g, "wal-ahead")?;
+            crate::jobs::walahead::run(&load_policy(&g, &policy)?, &state_dir(&g), &status_dir, &after).await.map(|_| 0)
+        }
         Command::WalSend { policy } => {
             primary_only(&g, "wal-send")?;
             let d = crate::jobs::walsend::send(&load_policy(&g, &policy)?, &state_dir(&g)).await?;

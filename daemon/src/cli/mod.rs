@@ -233,6 +233,16 @@ pub enum Command {
     /// Send the WAL that wal-push queued for the replicas (wal-push starts it detached)
     #[command(hide = true)]
     WalSend { policy: String },
+    /// Push the segments waiting in archive_status ahead of archive_command (wal-push starts
+    /// it detached)
+    #[command(hide = true)]
+    WalAhead {
+        policy: String,
+        #[arg(long)]
+        status_dir: PathBuf,
+        #[arg(long, default_value = "")]
+        after: String,
+    },
     /// Run the scheduler: every policy's jobs, /metrics, /healthz, /status
     Daemon {
         /// Address of the HTTP endpoints

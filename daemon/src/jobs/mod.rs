@@ -11,5 +11,6 @@ pub mod retention;
 pub mod status;
 pub mod verify;
 pub mod wal;
+pub mod walahead;
 pub mod walcheck;
 pub mod walsend;

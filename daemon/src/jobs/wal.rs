@@ -18,24 +18,41 @@ use std::path::Path;
 pub async fn push(policy: &Policy, path: &Path, state_dir: &Path) -> Result<Pushed> {
     // Validate the name before touching the repository.
     archive::name_of_path(path)?;
-    let data_dir = match &policy.source {
-        Source::Postgres(pg) => pg.data_dir.clone(),
-        Source::Volume(_) => None,
-    };
-    let (repo, _) = Repository::open_or_init(policy).await?;
-    let mut writer = repo.writer(Sealer::new(&policy.encryption.recipients));
-    match crate::crypto::signing::host_key(state_dir) {
-        Ok(key) => writer = writer.signing(key),
-        Err(e) => tracing::warn!("WAL is pushed unsigned: {}", e.message),
+    // Stored ahead by `wal-ahead`, and the very file: acknowledged without a second push.
+    if super::walahead::take(state_dir, policy, path) {
+        tracing::debug!("{} was stored ahead: acknowledged", path.display());
+        super::walahead::spawn(policy, state_dir, path);
+        return Ok(Pushed::AlreadyStored);
     }
-    let (pushed, key) = archive::push(&writer, path, data_dir.as_deref()).await?;
+    let writer = writer(policy, state_dir).await?;
+    let (pushed, key) = archive::push(&writer, path, data_dir(policy).as_deref()).await?;
     // Stored on the primary: PostgreSQL may now be told. The replicas get it from the spool,
     // after the acknowledgement's work is done and never in its way.
     if !policy.replicas.is_empty() {
         super::walsend::enqueue(state_dir, policy, &key);
         super::walsend::spawn_sender(policy, state_dir);
     }
+    super::walahead::spawn(policy, state_dir, path);
     Ok(pushed)
+}
+
+pub(super) fn data_dir(policy: &Policy) -> Option<std::path::PathBuf> {
+    match &policy.source {
+        Source::Postgres(pg) => pg.data_dir.clone(),
+        Source::Volume(_) => None,
+    }
+}
+
+/// The WAL writer of a policy: its repository (created if need be), sealed to its recipients,
+/// signed with the host key when there is one.
+pub(super) async fn writer(policy: &Policy, state_dir: &Path) -> Result<crate::repository::Writer> {
+    let (repo, _) = Repository::open_or_init(policy).await?;
+    let mut writer = repo.writer(Sealer::new(&policy.encryption.recipients));
+    match crate::crypto::signing::host_key(state_dir) {
+        Ok(key) => writer = writer.signing(key),
+        Err(e) => tracing::warn!("WAL is pushed unsigned: {}", e.message),
+    }
+    Ok(writer)
 }
 
 /// What restore_command asked for.

@@ -167,7 +167,8 @@ impl Sink for MemSink {
     }
 }
 
-/// What of each file must be written. Makes every file the snapshot's length.
+/// What of each file must be written. Makes every file the snapshot's length. Files are read
+/// and hashed on every core: reading the whole target is most of a delta's work.
 pub fn compare(
     dir: &SafeDir,
     manifest: &Manifest,
@@ -176,62 +177,102 @@ pub fn compare(
     digests: &[Option<Vec<u8>>],
     stats: &mut DeltaStats,
 ) -> Result<Vec<Differ>> {
-    let mut out = Vec::with_capacity(files.len());
-    let mut buf = Vec::new();
-    for (fi, e) in files.iter().enumerate() {
-        let rel = e.rel_path();
-        let Some(f) = dir.open_in_place(&rel)? else {
-            dir.create_file(&rel, e.size, true)?;
-            stats.files_created += 1;
-            stats.bytes_fetched += e.size;
-            out.push(Differ::Whole);
-            continue;
-        };
-        let io = |err| crate::error::Error::io("read", &dir.full(&rel), err);
-        if let Some(d) = digests.get(fi).and_then(|d| d.as_ref()) {
-            // Page by page: a page whose digest matches stays as it is.
-            let bits = super::pages::differing_pages(&f, key, e.size, d).map_err(io)?;
-            let n = bits.iter().filter(|b| **b).count() as u64;
-            let fetched = (n * super::pages::PAGE as u64).min(e.size);
-            stats.bytes_fetched += fetched;
-            stats.bytes_kept += e.size - fetched;
-            f.set_len(e.size).map_err(|err| crate::error::Error::io("resize", &dir.full(&rel), err))?;
-            if n == 0 {
-                stats.files_unchanged += 1;
-            } else {
-                stats.files_changed += 1;
-            }
-            out.push(Differ::Pages(bits));
-            continue;
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).min(files.len().max(1));
+    let done: Vec<Result<Vec<(usize, Differ, DeltaStats)>>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..workers)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut out = Vec::new();
+                    loop {
+                        let fi = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(e) = files.get(fi) else { return Ok(out) };
+                        let mut st = DeltaStats::default();
+                        let d =
+                            compare_one(dir, manifest, e, key, digests.get(fi).and_then(|d| d.as_deref()), &mut st)?;
+                        out.push((fi, d, st));
+                    }
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(crate::error::Error::failed("a delta compare thread panicked"))))
+            .collect()
+    });
+    let mut out: Vec<Option<Differ>> = files.iter().map(|_| None).collect();
+    for part in done {
+        for (fi, d, st) in part? {
+            out[fi] = Some(d);
+            stats.files_unchanged += st.files_unchanged;
+            stats.files_changed += st.files_changed;
+            stats.files_created += st.files_created;
+            stats.bytes_kept += st.bytes_kept;
+            stats.bytes_fetched += st.bytes_fetched;
         }
-        let mut differ = HashSet::new();
-        let mut off = 0u64;
-        for &c in &e.chunks {
-            let Some((id, _, _, _, raw)) = manifest.chunks.get(c as usize) else {
-                // A bad index is reported by the fetch plan; here the piece is simply rewritten.
-                differ.insert(off);
-                continue;
-            };
-            buf.resize(*raw as usize, 0);
-            let same = match std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, off) {
-                Ok(()) => parse_hex32(id).is_some_and(|want| super::chunk_id(key, &buf) == want),
-                Err(_) => false,
-            };
-            if same {
-                stats.bytes_kept += *raw as u64;
-            } else {
-                differ.insert(off);
-                stats.bytes_fetched += *raw as u64;
-            }
-            off += *raw as u64;
-        }
-        f.set_len(e.size).map_err(|err| crate::error::Error::io("resize", &dir.full(&rel), err))?;
-        if differ.is_empty() {
+    }
+    Ok(out.into_iter().map(|d| d.unwrap_or(Differ::Whole)).collect())
+}
+
+fn compare_one(
+    dir: &SafeDir,
+    manifest: &Manifest,
+    e: &Entry,
+    key: &[u8; 32],
+    digests: Option<&[u8]>,
+    stats: &mut DeltaStats,
+) -> Result<Differ> {
+    let rel = e.rel_path();
+    let Some(f) = dir.open_in_place(&rel)? else {
+        dir.create_file(&rel, e.size, true)?;
+        stats.files_created += 1;
+        stats.bytes_fetched += e.size;
+        return Ok(Differ::Whole);
+    };
+    let io = |err| crate::error::Error::io("read", &dir.full(&rel), err);
+    let resize =
+        |f: &std::fs::File| f.set_len(e.size).map_err(|err| crate::error::Error::io("resize", &dir.full(&rel), err));
+    if let Some(d) = digests {
+        // Page by page: a page whose digest matches stays as it is.
+        let bits = super::pages::differing_pages(&f, key, e.size, d).map_err(io)?;
+        let n = bits.iter().filter(|b| **b).count() as u64;
+        let fetched = (n * super::pages::PAGE as u64).min(e.size);
+        stats.bytes_fetched += fetched;
+        stats.bytes_kept += e.size - fetched;
+        resize(&f)?;
+        if n == 0 {
             stats.files_unchanged += 1;
         } else {
             stats.files_changed += 1;
         }
-        out.push(Differ::Pieces(differ));
+        return Ok(Differ::Pages(bits));
     }
-    Ok(out)
+    let mut differ = HashSet::new();
+    let mut buf = Vec::new();
+    let mut off = 0u64;
+    for &c in &e.chunks {
+        let Some((id, _, _, _, raw)) = manifest.chunks.get(c as usize) else {
+            // A bad index is reported by the fetch plan; here the piece is simply rewritten.
+            differ.insert(off);
+            continue;
+        };
+        buf.resize(*raw as usize, 0);
+        let same = match std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, off) {
+            Ok(()) => parse_hex32(id).is_some_and(|want| super::chunk_id(key, &buf) == want),
+            Err(_) => false,
+        };
+        if same {
+            stats.bytes_kept += *raw as u64;
+        } else {
+            differ.insert(off);
+            stats.bytes_fetched += *raw as u64;
+        }
+        off += *raw as u64;
+    }
+    resize(&f)?;
+    if differ.is_empty() {
+        stats.files_unchanged += 1;
+    } else {
+        stats.files_changed += 1;
+    }
+    Ok(Differ::Pieces(differ))
 }
