@@ -177,7 +177,12 @@ async fn run_leased(
             }
         }
         let files: Vec<&Entry> = m.entries.iter().filter(|e| e.kind == EntryKind::File).collect();
-        let wants = match crate::pipeline::tree::plan(&m, &files) {
+        // What a restore writes, and the page digests a delta restore reads.
+        let planned = crate::pipeline::tree::plan(&m, &files).and_then(|mut w| {
+            w.extend(crate::pipeline::tree::plan_digests(&m, &files)?);
+            Ok(w)
+        });
+        let wants = match planned {
             Ok(w) => w,
             Err(e) => {
                 rep.damage.push(format!("snapshot {}: {}", s.id, e.message));

@@ -11,7 +11,7 @@
 //! (a hard link planted to a file outside, a device, a FIFO) is unlinked and created anew,
 //! so a delta restore never writes through a name into something it did not create.
 
-use super::restore::{Sink, Target, Want};
+use super::restore::{Sink, Target};
 use super::safe_dir::{Kind as OnDisk, SafeDir};
 use crate::error::Result;
 use crate::repository::format::*;
@@ -118,28 +118,10 @@ pub async fn fetch_digests(
     manifest: &Manifest,
     files: &[&Entry],
 ) -> Result<Vec<Option<Vec<u8>>>> {
-    let mut wants: HashMap<u32, Want> = HashMap::new();
-    for (fi, e) in files.iter().enumerate() {
-        let Some(c) = e.digests else { continue };
-        let Ok((id, p, o, len, raw)) = super::pages::chunk(manifest, c) else { continue };
-        let (Some(id), Some(pack)) = (parse_hex32(id), manifest.packs.get(*p as usize).and_then(|p| parse_hex32(p)))
-        else {
-            continue;
-        };
-        let t = Target { file: fi, offset: 0, part: None, piece: None };
-        wants
-            .entry(c)
-            .or_insert_with(|| Want {
-                id,
-                loc: BlobLoc { pack, offset: *o, len: *len, raw_len: *raw },
-                targets: vec![],
-            })
-            .targets
-            .push(t);
-    }
+    // A digest the manifest cannot place only costs precision: its file is compared by pieces.
+    let wants = super::tree::plan_digests(manifest, files).unwrap_or_default();
     let sink = Arc::new(MemSink(files.iter().map(|_| Mutex::new(Vec::new())).collect()));
-    let damage =
-        super::restore::fetch(repo, key, wants.into_values().collect(), sink.clone(), 4, Default::default()).await?;
+    let damage = super::restore::fetch(repo, key, wants, sink.clone(), 4, Default::default()).await?;
     let bad: HashSet<usize> = damage.iter().flat_map(|d| d.files.iter().copied()).collect();
     Ok(sink
         .0

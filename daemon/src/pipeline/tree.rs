@@ -92,6 +92,31 @@ pub fn plan(manifest: &Manifest, files: &[&Entry]) -> Result<Vec<Want>> {
     Ok(wants.into_values().collect())
 }
 
+/// The blobs of the files' page digests (`Entry::digests`), each fetched whole for its file.
+pub fn plan_digests(manifest: &Manifest, files: &[&Entry]) -> Result<Vec<Want>> {
+    let mut wants: HashMap<u32, Want> = HashMap::new();
+    for (fi, e) in files.iter().enumerate() {
+        let Some(c) = e.digests else { continue };
+        let (id, p, o, len, raw) = super::pages::chunk(manifest, c)?;
+        let id = parse_hex32(id)
+            .ok_or_else(|| Error::damaged(format!("manifest of {} holds a malformed chunk id", manifest.snapshot)))?;
+        let pack = manifest.packs.get(*p as usize).and_then(|p| parse_hex32(p)).ok_or_else(|| {
+            Error::damaged(format!("manifest of {} references pack {p} beyond its list", manifest.snapshot))
+        })?;
+        let t = Target { file: fi, offset: 0, part: None, piece: None };
+        wants
+            .entry(c)
+            .or_insert_with(|| Want {
+                id,
+                loc: BlobLoc { pack, offset: *o, len: *len, raw_len: *raw },
+                targets: vec![],
+            })
+            .targets
+            .push(t);
+    }
+    Ok(wants.into_values().collect())
+}
+
 /// A one-line summary of damage: the objects and the files they affect.
 pub fn damage_error(snap: &str, damage: &[Damage], names: &dyn Fn(usize) -> String) -> Error {
     let mut objects: Vec<&str> = damage.iter().map(|d| d.object.as_str()).collect();
