@@ -9,6 +9,7 @@
 use super::restore::Target;
 use crate::error::{Error, Result};
 use crate::repository::format::*;
+use crate::source::postgres::pagecheck::lsn;
 
 /// PostgreSQL's page size.
 pub const PAGE: usize = crate::source::postgres::pagecheck::BLCKSZ;
@@ -217,8 +218,7 @@ pub struct LayerJob {
 pub fn layer_job(rel: &str, pe: &Entry, now: &Entry, st: &Stored, since_lsn: u64) -> Option<LayerJob> {
     // Main forks only: the free-space map and visibility map are changed without their LSN
     // moving (visibilitymap_clear, FSM updates), so only their whole content is evidence.
-    let main_fork = crate::source::postgres::pagecheck::first_block(rel).is_some()
-        && !rel.rsplit('/').next().unwrap_or("").contains('_');
+    let main_fork = crate::source::postgres::pagecheck::relation(rel).is_some_and(|(_, main)| main);
     // The same file, not a new one at a reused path (a dropped relation's file number given
     // again, a database copied from a template with its pages' old LSNs).
     let same_file = pe.ino == now.ino && pe.ino != 0;
@@ -234,12 +234,6 @@ pub fn layer_job(rel: &str, pe: &Entry, now: &Entry, st: &Stored, since_lsn: u64
         }
     }
     Some(LayerJob { since_lsn, parent_pages })
-}
-
-fn page_lsn(page: &[u8]) -> u64 {
-    let hi = u32::from_le_bytes([page[0], page[1], page[2], page[3]]) as u64;
-    let lo = u32::from_le_bytes([page[4], page[5], page[6], page[7]]) as u64;
-    hi << 32 | lo
 }
 
 /// Collects the changed pages of one file as it is read, chunk by chunk.
@@ -265,8 +259,7 @@ impl Layering {
             // anything the parent did not), a short last page, and pages changed since the
             // parent started. Torn pages under write are fine: WAL replay from this backup's
             // start rewrites them, as for any page a physical backup copies.
-            let changed =
-                p >= self.parent_pages || page.len() < PAGE || page_lsn(page) == 0 || page_lsn(page) >= self.since_lsn;
+            let changed = p >= self.parent_pages || page.len() < PAGE || lsn(page) == 0 || lsn(page) >= self.since_lsn;
             if !changed {
                 continue;
             }

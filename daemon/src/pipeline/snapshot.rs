@@ -220,9 +220,9 @@ pub async fn prepare_tree(
             }
         }
         let mtime_ns = e.mtime as i128 * 1_000_000_000 + e.mtime_ns as i128;
-        let relation = pg.is_some() && crate::source::postgres::pagecheck::first_block(&rel).is_some();
+        let segment = pg.as_ref().and_then(|_| crate::source::postgres::pagecheck::first_block(&rel));
         // Relation files of a cluster with data checksums have their pages checked as read.
-        let first_block = page_check.and_then(|_| crate::source::postgres::pagecheck::first_block(&rel));
+        let first_block = page_check.and(segment);
         jobs.push(ReadJob {
             idx: i,
             input: Input::Path(sources[i].clone()),
@@ -231,7 +231,7 @@ pub async fn prepare_tree(
             first_block,
             layer,
             // Files of one chunk are compared whole by a delta restore: no digests needed.
-            digests: relation && e.size > 1 << 20,
+            digests: segment.is_some() && e.size > 1 << 20,
         });
     }
     let extra = Tree {

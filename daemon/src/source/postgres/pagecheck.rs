@@ -52,7 +52,8 @@ pub fn checksum(page: &[u8], blkno: u32) -> u16 {
     ((folded % 65535) + 1) as u16
 }
 
-fn lsn(page: &[u8]) -> u64 {
+/// A page's `pd_lsn` (the first 8 bytes of a whole page).
+pub fn lsn(page: &[u8]) -> u64 {
     let hi = u32::from_le_bytes([page[0], page[1], page[2], page[3]]) as u64;
     let lo = u32::from_le_bytes([page[4], page[5], page[6], page[7]]) as u64;
     hi << 32 | lo
@@ -86,6 +87,12 @@ pub fn failing_pages(data: &[u8], first: u64, start_lsn: u64) -> Vec<u64> {
 /// relation segment (`base/<db>/<rel>[_fork][.N]`, `global/<rel>…`, or a tablespace's
 /// `pg_tblspc/<oid>/<version dir>/<db>/<rel>…`), else `None`.
 pub fn first_block(rel: &str) -> Option<u64> {
+    relation(rel).map(|(first, _)| first)
+}
+
+/// A relation segment's first block number and whether it belongs to the main fork (not
+/// `_fsm`, `_vm` or `_init`), or `None` for a file that is not a relation segment.
+pub fn relation(rel: &str) -> Option<(u64, bool)> {
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     let parts: Vec<&str> = rel.split('/').collect();
     let file = match parts.as_slice() {
@@ -100,7 +107,7 @@ pub fn first_block(rel: &str) -> Option<u64> {
         None => (file, 0),
     };
     let rel = stem.strip_suffix("_fsm").or(stem.strip_suffix("_vm")).or(stem.strip_suffix("_init")).unwrap_or(stem);
-    digits(rel).then(|| seg * SEGMENT_BLOCKS)
+    digits(rel).then(|| (seg * SEGMENT_BLOCKS, rel.len() == stem.len()))
 }
 
 #[cfg(test)]
@@ -114,6 +121,8 @@ mod tests {
         assert_eq!(first_block("base/5/16384_fsm"), Some(0));
         assert_eq!(first_block("global/1262"), Some(0));
         assert_eq!(first_block("pg_tblspc/16400/PG_15_202209061/5/16385.1"), Some(SEGMENT_BLOCKS));
+        assert_eq!(relation("base/5/16384.1"), Some((SEGMENT_BLOCKS, true)));
+        assert_eq!(relation("base/5/16384_vm"), Some((0, false)));
         for no in [
             "base/5/pg_filenode.map",
             "base/5/t3_16384",
