@@ -42,60 +42,16 @@ pub fn gear_seed(key: &[u8; 32]) -> u64 {
 }
 
 /// Cuts a reader into chunks: content-defined (FastCDC, its gear table keyed by `key`) or
-/// fixed-size.
+/// fixed-size. Each chunk is a slice of a large read buffer: no copy (`chunker`).
 pub fn chunks(
     reader: Box<dyn Read + Send>,
     p: ChunkerParams,
     fixed: Option<u32>,
     key: &[u8; 32],
-) -> Box<dyn Iterator<Item = std::io::Result<Vec<u8>>> + Send> {
+) -> super::chunker::Chunker {
     match fixed {
-        None => Box::new(
-            fastcdc::v2020::StreamCDC::with_level_and_seed(
-                reader,
-                p.min,
-                p.avg,
-                p.max,
-                fastcdc::v2020::Normalization::Level1,
-                gear_seed(key),
-            )
-            .map(|c| {
-                c.map(|c| c.data).map_err(|e| match e {
-                    fastcdc::v2020::Error::IoError(e) => e,
-                    e => std::io::Error::other(e.to_string()),
-                })
-            }),
-        ),
-        Some(size) => {
-            let mut reader = reader;
-            let mut done = false;
-            Box::new(std::iter::from_fn(move || {
-                if done {
-                    return None;
-                }
-                let mut buf = vec![0u8; size as usize];
-                let mut n = 0;
-                while n < buf.len() {
-                    match reader.read(&mut buf[n..]) {
-                        Ok(0) => break,
-                        Ok(k) => n += k,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            done = true;
-                            return Some(Err(e));
-                        }
-                    }
-                }
-                if n < buf.len() {
-                    done = true;
-                }
-                if n == 0 {
-                    return None;
-                }
-                buf.truncate(n);
-                Some(Ok(buf))
-            }))
-        }
+        None => super::chunker::Chunker::cdc(reader, p.min, p.avg, p.max, gear_seed(key)),
+        Some(size) => super::chunker::Chunker::fixed(reader, size),
     }
 }
 
@@ -158,7 +114,7 @@ pub struct EngineOutput {
 
 struct Work {
     id: ChunkId,
-    data: Vec<u8>,
+    data: Bytes,
 }
 
 struct Sealed {
@@ -291,9 +247,9 @@ fn read_all(
         let send = |data: Vec<u8>, ids: &mut Vec<ChunkId>, known: &mut HashSet<ChunkId>| -> bool {
             let id = chunk_id(key, &data);
             ids.push(id);
-            !known.insert(id) || tx.send(Work { id, data }).is_ok()
+            !known.insert(id) || tx.send(Work { id, data: Bytes::from(data) }).is_ok()
         };
-        for c in chunks(reader, cfg.chunker, cfg.fixed_chunks, key) {
+        for c in chunks(reader, cfg.chunker, cfg.fixed_chunks, key).size_hint(job.size) {
             let c = match c {
                 Ok(c) => c,
                 Err(e) => {

@@ -2,6 +2,7 @@
 //! Restore: ranged fetch → age → zstd → check the keyed hash → write at offset.
 
 pub mod backup;
+pub mod chunker;
 pub mod delta;
 pub mod pages;
 pub mod restore;
@@ -46,16 +47,15 @@ pub fn open_blob(
     raw_len: u32,
     sealed: &[u8],
     what: &dyn std::fmt::Display,
-) -> Result<Vec<u8>> {
-    let mut framed = opener.open(sealed, what)?;
+) -> Result<bytes::Bytes> {
+    let framed = opener.open(sealed, what)?;
     let data = match framed.first() {
-        Some(&BLOB_RAW) => {
-            framed.remove(0);
-            framed
-        }
+        // The chunk after its flag byte, without moving it down by one.
+        Some(&BLOB_RAW) => bytes::Bytes::from(framed).slice(1..),
         Some(&BLOB_ZSTD) => dz
             .decompress(&framed[1..], raw_len as usize)
-            .map_err(|e| Error::damaged(format!("{what} does not decompress: {e}")))?,
+            .map_err(|e| Error::damaged(format!("{what} does not decompress: {e}")))?
+            .into(),
         _ => return Err(Error::damaged(format!("{what} has an unknown blob framing"))),
     };
     if data.len() != raw_len as usize || &chunk_id(key, &data) != id {
