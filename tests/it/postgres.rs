@@ -360,7 +360,7 @@ fn a_missing_wal_segment_is_named_with_the_last_reachable_point() {
     // server's WAL read-ahead asks for the missing segment all the same; the target is
     // reached, so that is no gap and the restore succeeds.
     let log = std::fs::read_to_string(r2.join("veza-dr-restore/server.log")).unwrap();
-    let reached = log.lines().filter_map(|l| l.split("redo done at ").nth(1)).last().unwrap();
+    let reached = log.lines().filter_map(|l| l.split("redo done at ").nth(1)).next_back().unwrap();
     let reached = reached.split_whitespace().next().unwrap().to_string();
     let port = free_port();
     let r3 = fx.path("r3");

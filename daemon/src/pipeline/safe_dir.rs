@@ -225,6 +225,15 @@ impl SafeDir {
         std::os::unix::fs::FileExt::write_all_at(&f, data, offset).map_err(|e| Error::io("write", &self.full(rel), e))
     }
 
+    /// Wait until everything written under the target is on disk (`syncfs`: one journal
+    /// commit for the whole tree, where an fsync per file would pay one each). A write error
+    /// that only writeback found is reported here, so a restore never says done over bytes a
+    /// power cut would lose. (Starting writeback after each write, `sync_file_range`, was
+    /// measured too: it made the restore slower, not the later server start faster.)
+    pub fn sync(&self) -> Result<()> {
+        nix::unistd::syncfs(self.root.as_fd()).map_err(|e| err("sync", &self.display, e))
+    }
+
     pub fn symlink(&self, rel: &Path, target: &OsStr, overwrite: bool) -> Result<()> {
         let (dir, name) = self.parent(rel)?;
         self.clear(&dir, name, rel, overwrite)?;

@@ -221,6 +221,7 @@ pub async fn restore(repo: &Unlocked, opts: &Options) -> Result<Summary> {
     if !damage.is_empty() {
         return Err(damage_error(snap.id.as_str(), &damage, &|f| files[f].display()));
     }
+    dir.sync()?;
     Ok(Summary {
         snapshot: snap.id.to_string(),
         target: target.display().to_string(),
