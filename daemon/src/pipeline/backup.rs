@@ -43,15 +43,16 @@ pub fn gear_seed(key: &[u8; 32]) -> u64 {
 
 /// Cuts a reader into chunks: content-defined (FastCDC, its gear table keyed by `key`) or
 /// fixed-size. Each chunk is a slice of a large read buffer: no copy (`chunker`).
-pub fn chunks(
+pub fn chunks<'p>(
+    pool: &'p mut super::chunker::Pool,
     reader: Box<dyn Read + Send>,
     p: ChunkerParams,
     fixed: Option<u32>,
     key: &[u8; 32],
-) -> super::chunker::Chunker {
+) -> super::chunker::Chunker<'p> {
     match fixed {
-        None => super::chunker::Chunker::cdc(reader, p.min, p.avg, p.max, gear_seed(key)),
-        Some(size) => super::chunker::Chunker::fixed(reader, size),
+        None => super::chunker::Chunker::cdc(pool, reader, p.min, p.avg, p.max, gear_seed(key)),
+        Some(size) => super::chunker::Chunker::fixed(pool, reader, size),
     }
 }
 
@@ -214,6 +215,7 @@ fn read_all(
     fail: &(impl Fn(Error) + Clone),
 ) -> Vec<ReadResult> {
     let mut results = Vec::with_capacity(jobs.len());
+    let mut pool = super::chunker::Pool::default();
     for job in jobs {
         if failed.load(Ordering::SeqCst) {
             break;
@@ -249,7 +251,7 @@ fn read_all(
             ids.push(id);
             !known.insert(id) || tx.send(Work { id, data: Bytes::from(data) }).is_ok()
         };
-        for c in chunks(reader, cfg.chunker, cfg.fixed_chunks, key).size_hint(job.size) {
+        for c in chunks(&mut pool, reader, cfg.chunker, cfg.fixed_chunks, key).size_hint(job.size) {
             let c = match c {
                 Ok(c) => c,
                 Err(e) => {
@@ -455,7 +457,7 @@ pub fn hash_file(
     let f = std::fs::File::open(path)?;
     let mut hasher = blake3::Hasher::new();
     let mut size = 0u64;
-    for c in chunks(Box::new(f), p, fixed, key) {
+    for c in chunks(&mut super::chunker::Pool::default(), Box::new(f), p, fixed, key) {
         let c = c?;
         size += c.len() as u64;
         hasher.update(&chunk_id(key, &c));
@@ -494,9 +496,15 @@ mod tests {
             })
             .collect();
         let sizes = |key: [u8; 32]| -> Vec<usize> {
-            chunks(Box::new(std::io::Cursor::new(data.clone())), ChunkerParams::default(), None, &key)
-                .map(|c| c.unwrap().len())
-                .collect()
+            chunks(
+                &mut crate::pipeline::chunker::Pool::default(),
+                Box::new(std::io::Cursor::new(data.clone())),
+                ChunkerParams::default(),
+                None,
+                &key,
+            )
+            .map(|c| c.unwrap().len())
+            .collect()
         };
         let (a, b) = (sizes([1; 32]), sizes([2; 32]));
         assert_eq!(a.iter().sum::<usize>(), data.len());
