@@ -310,6 +310,52 @@ fn file_repositories_sync_data_and_directories_before_acknowledging() {
     assert!(synced_root.is_some(), "the repository root (new directories) was not synced:\n{t}");
 }
 
+/// A restore that said done left its files dirty in the page cache: a power cut then lost
+/// them, and PostgreSQL, started on the copy, paid for the flush. Now the target is synced
+/// (syncfs) after the last write and before the restore reports success.
+#[test]
+fn a_restore_syncs_its_target_before_it_reports_done() {
+    let backend = Backend::start(Kind::File);
+    let fx = Fixture::new(&backend);
+    let src = fx.path("src");
+    std::fs::create_dir_all(src.join("d")).unwrap();
+    std::fs::write(src.join("d/big"), vec![7u8; 3 << 20]).unwrap();
+    std::fs::write(src.join("small"), b"small").unwrap();
+    fx.volume_policy("vol", &backend, "vol", &src, "");
+    fx.ok(&["backup", "vol"]);
+    let target = fx.path("restored");
+    let trace = fx.path("trace");
+    let mut c = std::process::Command::new("strace");
+    c.args(["-f", "-y", "-qq", "-e", "trace=pwrite64,syncfs,exit_group", "-o"])
+        .arg(&trace)
+        .arg(bin())
+        .arg("--policies")
+        .arg(fx.path("policies"))
+        .arg("--state-dir")
+        .arg(fx.path("state"))
+        .args(["restore", "vol", "--target"])
+        .arg(&target)
+        .arg("--identity")
+        .arg(&fx.identity);
+    for (k, v) in &fx.env {
+        c.env(k, v);
+    }
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(target.join("d/big")).unwrap(), vec![7u8; 3 << 20]);
+    let t = std::fs::read_to_string(&trace).unwrap();
+    let lines: Vec<&str> = t.lines().collect();
+    let under = format!("{}/", target.canonicalize().unwrap().display());
+    let last_write = lines.iter().rposition(|l| l.contains("pwrite64(") && l.contains(&under));
+    let synced = lines.iter().rposition(|l| {
+        l.contains("syncfs(")
+            && l.contains(&format!("<{}>", target.canonicalize().unwrap().display()))
+            && l.ends_with("= 0")
+    });
+    assert!(last_write.is_some(), "no write into the target traced:\n{t}");
+    assert!(synced.is_some() && synced > last_write, "the target was not synced after the last write:\n{t}");
+}
+
 /// A physical backup that could not read a file used to commit anyway, complete and exit 0.
 /// Run as the cluster's owner, a root-only file in PGDATA fails it, naming the file.
 #[test]
