@@ -218,10 +218,11 @@ pub async fn restore(repo: &Unlocked, opts: &Options) -> Result<Summary> {
 
     let mut warnings = Vec::new();
     finish(&dir, &selected, opts.overwrite || opts.delta, &mut warnings)?;
+    // Synced before damage is reported too: what could be restored is then on disk.
+    dir.sync()?;
     if !damage.is_empty() {
         return Err(damage_error(snap.id.as_str(), &damage, &|f| files[f].display()));
     }
-    dir.sync()?;
     Ok(Summary {
         snapshot: snap.id.to_string(),
         target: target.display().to_string(),

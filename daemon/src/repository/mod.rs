@@ -604,6 +604,22 @@ fn parse_config(url: &str, b: &[u8]) -> Result<RepoConfig> {
         ))
         .with_hint("use the veza-dr version that wrote it"));
     }
+    // The chunker sizes size the read buffers and FastCDC asserts its limits: a config written
+    // by someone else must not make a backup allocate without bound or panic.
+    let c = cfg.chunker;
+    use fastcdc::v2020 as f;
+    let sane = (f::MINIMUM_MIN..=f::MINIMUM_MAX).contains(&c.min)
+        && (f::AVERAGE_MIN..=f::AVERAGE_MAX).contains(&c.avg)
+        && (f::MAXIMUM_MIN..=f::MAXIMUM_MAX).contains(&c.max)
+        && c.min <= c.avg
+        && c.avg <= c.max;
+    if !sane {
+        return Err(Error::damaged(format!(
+            "object config in {url} has chunk sizes out of range (min {}, avg {}, max {})",
+            c.min, c.avg, c.max
+        ))
+        .with_hint("the repository config was damaged or not written by veza-dr init"));
+    }
     Ok(cfg)
 }
 
@@ -613,5 +629,24 @@ pub fn missing_is_damage(e: Error, key: &str) -> Error {
         Error::damaged(format!("object {key} is missing")).with_hint("run `veza-dr verify` to see what is affected")
     } else {
         e
+    }
+}
+
+#[cfg(test)]
+mod config_tests {
+    #[test]
+    fn chunk_sizes_out_of_range_are_damage_not_a_panic() {
+        let cfg = |min: u32, avg: u32, max: u32| {
+            format!(
+                r#"{{"format":{},"id":"x","created":"now","chunker":{{"min":{min},"avg":{avg},"max":{max}}}}}"#,
+                super::FORMAT_VERSION
+            )
+        };
+        assert!(super::parse_config("file:///r", cfg(256 << 10, 1 << 20, 4 << 20).as_bytes()).is_ok());
+        for (min, avg, max) in [(0, 1 << 20, 4 << 20), (256 << 10, 1 << 20, u32::MAX), (2 << 20, 1 << 20, 4 << 20)] {
+            let e = super::parse_config("file:///r", cfg(min, avg, max).as_bytes()).unwrap_err();
+            assert_eq!(e.kind, crate::error::Kind::Damaged, "{}", e.message);
+            assert!(e.message.contains("chunk sizes out of range"), "{}", e.message);
+        }
     }
 }

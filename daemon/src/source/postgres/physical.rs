@@ -565,6 +565,9 @@ async fn prepare(
     }
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o700)).map_err(|e| io("chmod", target, e))?;
+    // backup_label, recovery.signal and the recovery settings came after the tree's own sync:
+    // without them the copy is no valid recovery, so they are on disk before "done" too.
+    crate::pipeline::safe_dir::SafeDir::open(target)?.sync()?;
     Ok(Prepared {
         files: summary.files,
         bytes: summary.bytes,
