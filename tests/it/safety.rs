@@ -310,6 +310,39 @@ fn file_repositories_sync_data_and_directories_before_acknowledging() {
     assert!(synced_root.is_some(), "the repository root (new directories) was not synced:\n{t}");
 }
 
+/// veza-dr `args` under strace, following threads, with paths shown for descriptors.
+fn traced(fx: &Fixture, calls: &str, args: &[&std::ffi::OsStr]) -> (std::process::Output, String) {
+    let trace = fx.path("trace");
+    let mut c = std::process::Command::new("strace");
+    c.args(["-f", "-y", "-qq", "-e", &format!("trace={calls}"), "-o"])
+        .arg(&trace)
+        .arg(bin())
+        .arg("--policies")
+        .arg(fx.path("policies"))
+        .arg("--state-dir")
+        .arg(fx.path("state"))
+        .args(args);
+    c.env_remove("VEZA_DR_IDENTITY");
+    for (k, v) in &fx.env {
+        c.env(k, v);
+    }
+    let o = c.output().unwrap();
+    (o, std::fs::read_to_string(&trace).unwrap_or_default())
+}
+
+/// The target was synced (a successful syncfs on it) after the last write into it.
+fn synced_after_last_write(t: &str, target: &std::path::Path) {
+    let target = target.canonicalize().unwrap().display().to_string();
+    let lines: Vec<&str> = t.lines().collect();
+    let under = format!("{target}/");
+    let last_write =
+        lines.iter().rposition(|l| (l.contains("pwrite64(") || l.contains("write(")) && l.contains(&under));
+    let synced =
+        lines.iter().rposition(|l| l.contains("syncfs(") && l.contains(&format!("<{target}>")) && l.ends_with("= 0"));
+    assert!(last_write.is_some(), "no write into the target traced:\n{t}");
+    assert!(synced.is_some() && synced > last_write, "the target was not synced after the last write:\n{t}");
+}
+
 /// A restore that said done left its files dirty in the page cache: a power cut then lost
 /// them, and PostgreSQL, started on the copy, paid for the flush. Now the target is synced
 /// (syncfs) after the last write and before the restore reports success.
@@ -324,36 +357,45 @@ fn a_restore_syncs_its_target_before_it_reports_done() {
     fx.volume_policy("vol", &backend, "vol", &src, "");
     fx.ok(&["backup", "vol"]);
     let target = fx.path("restored");
-    let trace = fx.path("trace");
-    let mut c = std::process::Command::new("strace");
-    c.args(["-f", "-y", "-qq", "-e", "trace=pwrite64,syncfs,exit_group", "-o"])
-        .arg(&trace)
-        .arg(bin())
-        .arg("--policies")
-        .arg(fx.path("policies"))
-        .arg("--state-dir")
-        .arg(fx.path("state"))
-        .args(["restore", "vol", "--target"])
-        .arg(&target)
-        .arg("--identity")
-        .arg(&fx.identity);
-    for (k, v) in &fx.env {
-        c.env(k, v);
-    }
-    let o = c.output().unwrap();
+    let args = [
+        "restore".as_ref(),
+        "vol".as_ref(),
+        "--target".as_ref(),
+        target.as_os_str(),
+        "--identity".as_ref(),
+        fx.identity.as_os_str(),
+    ];
+    let (o, t) = traced(&fx, "pwrite64,syncfs", &args);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(std::fs::read(target.join("d/big")).unwrap(), vec![7u8; 3 << 20]);
-    let t = std::fs::read_to_string(&trace).unwrap();
-    let lines: Vec<&str> = t.lines().collect();
-    let under = format!("{}/", target.canonicalize().unwrap().display());
-    let last_write = lines.iter().rposition(|l| l.contains("pwrite64(") && l.contains(&under));
-    let synced = lines.iter().rposition(|l| {
-        l.contains("syncfs(")
-            && l.contains(&format!("<{}>", target.canonicalize().unwrap().display()))
-            && l.ends_with("= 0")
-    });
-    assert!(last_write.is_some(), "no write into the target traced:\n{t}");
-    assert!(synced.is_some() && synced > last_write, "the target was not synced after the last write:\n{t}");
+    synced_after_last_write(&t, &target);
+}
+
+/// A physical restore writes backup_label, recovery.signal and the recovery settings after
+/// the tree: those are synced too before it reports done (without --start, nothing else would).
+#[test]
+fn a_physical_restore_syncs_its_recovery_files_before_it_reports_done() {
+    let (backend, fx, pg) = archiving_cluster(Kind::Moto);
+    fx.pg_policy("db", &backend, "db", "physical", &pg.data, "");
+    psql(&pg.dsn(), "CREATE TABLE t AS SELECT generate_series(1, 1000) AS i");
+    fx.ok(&["backup", "db"]);
+    let target = fx.path("restored");
+    let args = [
+        "restore".as_ref(),
+        "db".as_ref(),
+        "--target".as_ref(),
+        target.as_os_str(),
+        "--identity".as_ref(),
+        fx.identity.as_os_str(),
+    ];
+    let (o, t) = traced(&fx, "write,pwrite64,syncfs", &args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(target.join("recovery.signal").exists() && target.join("backup_label").exists());
+    assert!(
+        t.contains("recovery.signal") || t.contains("postgresql.auto.conf"),
+        "the recovery files' writes were not traced:\n{t}"
+    );
+    synced_after_last_write(&t, &target);
 }
 
 /// A physical backup that could not read a file used to commit anyway, complete and exit 0.
