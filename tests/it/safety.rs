@@ -276,23 +276,12 @@ fn file_repositories_sync_data_and_directories_before_acknowledging() {
     fx.ok(&["init", "vol"]);
     let seg = fx.path("000000010000000000000007");
     fake_segment(&seg, 7446051981417284374);
-    let trace = fx.path("trace");
-    let mut c = std::process::Command::new("strace");
-    c.args(["-f", "-y", "-qq", "-e", "trace=fsync,fdatasync,rename,renameat,renameat2,linkat", "-o"])
-        .arg(&trace)
-        .arg(bin())
-        .arg("--policies")
-        .arg(fx.path("policies"))
-        .arg("--state-dir")
-        .arg(fx.path("state"))
-        .args(["wal-push", "vol"])
-        .arg(&seg);
-    for (k, v) in &fx.env {
-        c.env(k, v);
-    }
-    let o = c.output().unwrap();
+    let (o, t) = traced(
+        &fx,
+        "fsync,fdatasync,rename,renameat,renameat2,linkat",
+        &["wal-push".as_ref(), "vol".as_ref(), seg.as_os_str()],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
-    let t = std::fs::read_to_string(&trace).unwrap();
     let repo = backend.dir.path().join("vol").canonicalize().unwrap();
     let dir = repo.join("wal/7446051981417284374/00000001/000000010000000000000007");
     let lines: Vec<&str> = t.lines().collect();
@@ -330,6 +319,19 @@ fn traced(fx: &Fixture, calls: &str, args: &[&std::ffi::OsStr]) -> (std::process
     (o, std::fs::read_to_string(&trace).unwrap_or_default())
 }
 
+/// `restore POLICY --target TARGET` with the fixture's identity, under strace.
+fn traced_restore(fx: &Fixture, policy: &str, target: &std::path::Path, calls: &str) -> (std::process::Output, String) {
+    let args = [
+        "restore".as_ref(),
+        policy.as_ref(),
+        "--target".as_ref(),
+        target.as_os_str(),
+        "--identity".as_ref(),
+        fx.identity.as_os_str(),
+    ];
+    traced(fx, calls, &args)
+}
+
 /// The target was synced (a successful syncfs on it) after the last write into it.
 fn synced_after_last_write(t: &str, target: &std::path::Path) {
     let target = target.canonicalize().unwrap().display().to_string();
@@ -357,15 +359,7 @@ fn a_restore_syncs_its_target_before_it_reports_done() {
     fx.volume_policy("vol", &backend, "vol", &src, "");
     fx.ok(&["backup", "vol"]);
     let target = fx.path("restored");
-    let args = [
-        "restore".as_ref(),
-        "vol".as_ref(),
-        "--target".as_ref(),
-        target.as_os_str(),
-        "--identity".as_ref(),
-        fx.identity.as_os_str(),
-    ];
-    let (o, t) = traced(&fx, "pwrite64,syncfs", &args);
+    let (o, t) = traced_restore(&fx, "vol", &target, "pwrite64,syncfs");
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(std::fs::read(target.join("d/big")).unwrap(), vec![7u8; 3 << 20]);
     synced_after_last_write(&t, &target);
@@ -380,15 +374,7 @@ fn a_physical_restore_syncs_its_recovery_files_before_it_reports_done() {
     psql(&pg.dsn(), "CREATE TABLE t AS SELECT generate_series(1, 1000) AS i");
     fx.ok(&["backup", "db"]);
     let target = fx.path("restored");
-    let args = [
-        "restore".as_ref(),
-        "db".as_ref(),
-        "--target".as_ref(),
-        target.as_os_str(),
-        "--identity".as_ref(),
-        fx.identity.as_os_str(),
-    ];
-    let (o, t) = traced(&fx, "write,pwrite64,syncfs", &args);
+    let (o, t) = traced_restore(&fx, "db", &target, "write,pwrite64,syncfs");
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(target.join("recovery.signal").exists() && target.join("backup_label").exists());
     assert!(
