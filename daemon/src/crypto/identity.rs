@@ -6,10 +6,11 @@
 use crate::error::{Error, Result};
 use crate::policy::Encryption;
 use crate::secret::SecretRef;
-use age::secrecy::{ExposeSecret, SecretString};
+use age::secrecy::{ExposeSecret, SecretBox, SecretString};
+use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Whether a restore-side identity is named for `enc` on this host: the policy's `identity`
 /// or `VEZA_DR_IDENTITY`. The daemon drills such policies (and verifies the others keylessly).
@@ -25,7 +26,17 @@ pub struct Identity {
     text: Arc<SecretString>,
     /// `file:/path`, `env:NAME` or `memory`: never the key.
     pub source: String,
+    /// Blob keys already opened, by the BLAKE3 of their envelope: one key agreement per
+    /// envelope, not per blob. Shared by the clones one restore hands its threads.
+    blob_keys: Arc<Mutex<HashMap<[u8; 32], BlobKey>>>,
 }
+
+/// A blob key opened from its envelope; zeroed when the last clone drops.
+type BlobKey = Arc<SecretBox<[u8; 32]>>;
+
+/// Blob keys kept at most: a restore meets a few per pack it reads, so this spans hundreds of
+/// packs; past it the cache starts again rather than grow.
+const BLOB_KEYS_KEPT: usize = 4096;
 
 impl std::fmt::Debug for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -101,12 +112,22 @@ impl Identity {
         if keys.is_empty() {
             return Err(Error::crypto(format!("identity {source} holds no identity")));
         }
-        Ok(Identity { keys: Arc::new(keys), text: Arc::new(text.to_string().into()), source: source.to_string() })
+        Ok(Identity {
+            keys: Arc::new(keys),
+            text: Arc::new(text.to_string().into()),
+            source: source.to_string(),
+            blob_keys: Arc::default(),
+        })
     }
 
     pub fn from_x25519(id: age::x25519::Identity) -> Self {
         let text = id.to_string().expose_secret().to_string();
-        Identity { keys: Arc::new(vec![Box::new(id)]), text: Arc::new(text.into()), source: "memory".into() }
+        Identity {
+            keys: Arc::new(vec![Box::new(id)]),
+            text: Arc::new(text.into()),
+            source: "memory".into(),
+            blob_keys: Arc::default(),
+        }
     }
 
     /// Write the identity to `path` (created new, mode 0600): a copy for a restored server's
@@ -141,6 +162,37 @@ impl Identity {
         r.read_to_end(&mut out)
             .map_err(|e| Error::damaged(format!("{what} is corrupted (authentication failed: {e})")))?;
         Ok(out)
+    }
+
+    /// Decrypt one blob of a pack: sealed under a blob key (`crypto::blob`), or, as earlier
+    /// versions wrote them, as an age file of its own. `what` names it in the error.
+    pub fn open_blob(&self, sealed: &[u8], what: &dyn std::fmt::Display) -> Result<Vec<u8>> {
+        if !sealed.starts_with(super::blob::MAGIC) {
+            return self.open(sealed, what);
+        }
+        let p = super::blob::parse(sealed)
+            .ok_or_else(|| Error::damaged(format!("{what} is cut short or has a malformed header")))?;
+        let key = self.blob_key(p.envelope, what)?;
+        super::blob::decrypt_payload(key.expose_secret(), p.nonce, p.payload)
+            .ok_or_else(|| Error::damaged(format!("{what} is corrupted (authentication failed)")))
+    }
+
+    fn blob_key(&self, envelope: &[u8], what: &dyn std::fmt::Display) -> Result<BlobKey> {
+        let id = *blake3::hash(envelope).as_bytes();
+        if let Some(k) = self.blob_keys.lock().expect("not poisoned").get(&id) {
+            return Ok(k.clone());
+        }
+        let mut plain = self.open(envelope, &format_args!("the key envelope of {what}"))?;
+        let key: Option<[u8; 32]> = plain.as_slice().try_into().ok();
+        age::secrecy::zeroize::Zeroize::zeroize(&mut plain);
+        let key = key.ok_or_else(|| Error::damaged(format!("the key envelope of {what} holds no blob key")))?;
+        let key = Arc::new(SecretBox::new(Box::new(key)));
+        let mut cache = self.blob_keys.lock().expect("not poisoned");
+        if cache.len() >= BLOB_KEYS_KEPT {
+            cache.clear();
+        }
+        cache.insert(id, key.clone());
+        Ok(key)
     }
 }
 

@@ -3,11 +3,13 @@
 //!
 //! The backup host holds only recipients; an identity is loaded only by restore-side commands.
 
+pub mod blob;
 pub mod identity;
 pub mod recipient;
 pub mod seal;
 pub mod signing;
 
+pub use blob::BlobSealer;
 pub use identity::Identity;
 pub use recipient::Recipient;
 pub use seal::Sealer;

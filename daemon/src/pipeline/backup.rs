@@ -158,15 +158,16 @@ pub fn run(
         for _ in 0..workers {
             let rx = work_rx.clone();
             let tx = sealed_tx.clone();
-            let sealer = sealer.clone();
+            let mut sealer = crate::crypto::BlobSealer::new(sealer.clone());
             let fail = fail.clone();
             worker_handles.push(s.spawn(move || {
+                let mut scratch = Vec::new();
                 let mut zc = match zstd::bulk::Compressor::new(cfg.level) {
                     Ok(z) => z,
                     Err(e) => return fail(Error::failed(format!("cannot start zstd: {e}"))),
                 };
                 for w in rx {
-                    match seal_blob(&sealer, &mut zc, &w.data) {
+                    match seal_blob(&mut sealer, &mut zc, &mut scratch, &w.data) {
                         Ok(blob) => {
                             if tx.send(Sealed { id: w.id, raw_len: w.data.len() as u32, blob }).is_err() {
                                 return;

@@ -11,7 +11,7 @@ pub mod snapshot;
 pub mod tree;
 pub mod walk;
 
-use crate::crypto::{Identity, Sealer};
+use crate::crypto::{BlobSealer, Identity};
 use crate::error::{Error, Result};
 use crate::repository::format::{ChunkId, BLOB_RAW, BLOB_ZSTD};
 
@@ -20,22 +20,25 @@ pub fn chunk_id(key: &[u8; 32], data: &[u8]) -> ChunkId {
     *blake3::keyed_hash(key, data).as_bytes()
 }
 
-/// Compress (when it helps) and encrypt one chunk.
-pub fn seal_blob(sealer: &Sealer, zc: &mut zstd::bulk::Compressor<'_>, data: &[u8]) -> Result<Vec<u8>> {
-    let mut framed = Vec::with_capacity(1 + zstd::zstd_safe::compress_bound(data.len()));
-    framed.push(BLOB_ZSTD);
-    // Compress into the spare capacity after the flag byte: no zero-filling of the buffer.
-    let mut cur = std::io::Cursor::new(framed);
-    cur.set_position(1);
-    let n =
-        zc.compress_to_buffer(data, &mut cur).map_err(|e| Error::failed(format!("zstd compression failed: {e}")))?;
-    let mut framed = cur.into_inner();
+/// Compress (when it helps) and encrypt one chunk. `scratch` is the worker's compression
+/// buffer, kept across chunks so each one does not allocate and fault in a fresh megabyte.
+pub fn seal_blob(
+    sealer: &mut BlobSealer,
+    zc: &mut zstd::bulk::Compressor<'_>,
+    scratch: &mut Vec<u8>,
+    data: &[u8],
+) -> Result<Vec<u8>> {
+    scratch.clear();
+    scratch.reserve(zstd::zstd_safe::compress_bound(data.len()));
+    // Compress into the spare capacity: no zero-filling of the buffer.
+    let mut cur = std::io::Cursor::new(std::mem::take(scratch));
+    let n = zc.compress_to_buffer(data, &mut cur);
+    *scratch = cur.into_inner();
+    let n = n.map_err(|e| Error::failed(format!("zstd compression failed: {e}")))?;
     if n >= data.len() {
-        framed.clear();
-        framed.push(BLOB_RAW);
-        framed.extend_from_slice(data);
+        return sealer.seal(&[BLOB_RAW], data);
     }
-    sealer.seal(&framed)
+    sealer.seal(&[BLOB_ZSTD], scratch)
 }
 
 /// Decrypt, decompress and check one chunk against its id. `what` names it in errors.
@@ -48,7 +51,7 @@ pub fn open_blob(
     sealed: &[u8],
     what: &dyn std::fmt::Display,
 ) -> Result<bytes::Bytes> {
-    let framed = opener.open(sealed, what)?;
+    let framed = opener.open_blob(sealed, what)?;
     let data = match framed.first() {
         // The chunk after its flag byte, without moving it down by one.
         Some(&BLOB_RAW) => bytes::Bytes::from(framed).slice(1..),
@@ -72,7 +75,9 @@ mod tests {
     fn blob_round_trip_and_swap_detection() {
         let id = age::x25519::Identity::generate();
         let r: crate::crypto::Recipient = id.to_public().to_string().parse().unwrap();
-        let sealer = Sealer::new(&[r]);
+        let sealer = crate::crypto::Sealer::new(&[r]);
+        let mut blobs = BlobSealer::new(sealer.clone());
+        let mut scratch = Vec::new();
         let opener = Identity::from_x25519(id);
         let key = [7u8; 32];
         let mut zc = zstd::bulk::Compressor::new(3).unwrap();
@@ -80,13 +85,16 @@ mod tests {
         let a = vec![b'a'; 10_000];
         let b: Vec<u8> = (0..10_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
         let (ia, ib) = (chunk_id(&key, &a), chunk_id(&key, &b));
-        let sa = seal_blob(&sealer, &mut zc, &a).unwrap();
-        let sb = seal_blob(&sealer, &mut zc, &b).unwrap();
+        let sa = seal_blob(&mut blobs, &mut zc, &mut scratch, &a).unwrap();
+        let sb = seal_blob(&mut blobs, &mut zc, &mut scratch, &b).unwrap();
         assert!(sa.len() < 1000, "compressible data was not compressed");
         assert_eq!(open_blob(&opener, &mut dz, &key, &ia, 10_000, &sa, &"a").unwrap(), a);
         assert_eq!(open_blob(&opener, &mut dz, &key, &ib, 10_000, &sb, &"b").unwrap(), b);
         // A swapped blob decrypts fine but fails its id check.
         let err = open_blob(&opener, &mut dz, &key, &ia, 10_000, &sb, &"a").unwrap_err();
         assert!(err.message.contains("does not match its id"), "{}", err.message);
+        // A blob as earlier versions sealed it, one age file of its own, still opens.
+        let old = sealer.seal(&[&[BLOB_ZSTD][..], &zstd::bulk::compress(&a, 3).unwrap()].concat()).unwrap();
+        assert_eq!(open_blob(&opener, &mut dz, &key, &ia, 10_000, &old, &"old").unwrap(), a);
     }
 }

@@ -4,9 +4,10 @@ use crate::source::postgres::wal::WalName;
 use serde::{Deserialize, Serialize};
 
 pub const FORMAT_VERSION: u32 = 2;
-/// The manifest's own format: 3 added page layers (`Entry::pages`) and `Manifest::page_basis`.
+/// The manifest's own format: 3 added page layers (`Entry::pages`) and `Manifest::page_basis`;
+/// 4, blobs sealed under a shared blob key (`crypto::blob`), which a reader of 3 cannot open.
 /// A reader refuses a manifest newer than it knows, rather than restore it wrongly.
-pub const MANIFEST_FORMAT: u32 = 3;
+pub const MANIFEST_FORMAT: u32 = 4;
 
 /// `config`: plaintext, written once when the repository is created.
 #[derive(Debug, Clone, Serialize, Deserialize)]
