@@ -15,8 +15,9 @@ const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
 /// faster with huge pages (median of 16 pushes: 55-59 ms eager, 68-69 ms on demand), so the WAL
 /// commands keep them. The first arena is reserved before `main` runs, so the option is set from
 /// a constructor that the linker orders before the default ones (mimalloc's own among them);
-/// glibc hands such constructors the command line.
-#[cfg(target_env = "gnu")]
+/// glibc hands such constructors the command line. Any argument spelled `wal-push` or
+/// `wal-fetch` counts (a policy of that name too): the choice only changes speed and memory.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[used]
 #[unsafe(link_section = ".init_array.00100")]
 static ARENA_COMMIT_ON_DEMAND: extern "C" fn(
@@ -25,7 +26,7 @@ static ARENA_COMMIT_ON_DEMAND: extern "C" fn(
     *const *const std::ffi::c_char,
 ) = arena_commit_on_demand;
 
-#[cfg(target_env = "gnu")]
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 extern "C" fn arena_commit_on_demand(
     argc: std::ffi::c_int,
     argv: *const *const std::ffi::c_char,
@@ -38,8 +39,9 @@ extern "C" fn arena_commit_on_demand(
         matches!(arg.to_bytes(), b"wal-push" | b"wal-fetch")
     });
     if !wal_command {
+        // A default, so MIMALLOC_ARENA_EAGER_COMMIT still overrides it.
         // SAFETY: sets one allocator option; runs before main, on the only thread.
-        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0) };
+        unsafe { libmimalloc_sys::mi_option_set_default(MI_OPTION_ARENA_EAGER_COMMIT, 0) };
     }
 }
 

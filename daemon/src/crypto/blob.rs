@@ -11,7 +11,7 @@
 
 use super::Sealer;
 use crate::error::{Error, Result};
-use age::secrecy::{zeroize::Zeroize, ExposeSecret, SecretBox};
+use age::secrecy::{zeroize::Zeroize, ExposeSecret, ExposeSecretMut, SecretBox};
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Nonce, Tag};
 use rand::TryRngCore;
@@ -19,11 +19,11 @@ use rand::TryRngCore;
 /// The first bytes of a blob sealed under a shared blob key. An age file starts with
 /// `age-encryption.org/`, so the two never collide.
 pub const MAGIC: &[u8; 8] = b"vzblob1\n";
-/// Plaintext one blob key seals before the sealer draws the next: about one pack.
+/// Plaintext one blob key seals at most (one larger blob has a key of its own): about a pack.
 pub const KEY_LIMIT: usize = 16 << 20;
 /// An envelope is an age file of 32 bytes: a few hundred bytes per recipient. Anything much
 /// larger was not written by veza-dr.
-const MAX_ENVELOPE: usize = 64 << 10;
+pub(crate) const MAX_ENVELOPE: usize = 64 << 10;
 const CHUNK: usize = 64 << 10;
 const TAG: usize = 16;
 const NONCE: usize = 16;
@@ -50,12 +50,20 @@ impl BlobSealer {
     /// Seal `head || body` (the framing flag, then the payload) as one blob.
     pub fn seal(&mut self, head: &[u8], body: &[u8]) -> Result<Vec<u8>> {
         let len = head.len() + body.len();
-        if self.current.as_ref().is_none_or(|k| k.used >= KEY_LIMIT) {
-            let mut key = [0u8; 32];
-            fill_random(&mut key)?;
-            let envelope = self.sealer.seal(&key);
-            let key = SecretBox::new(Box::new(key));
-            self.current = Some(BlobKey { key, envelope: envelope?, used: 0 });
+        if self.current.as_ref().is_none_or(|k| k.used > 0 && k.used + len > KEY_LIMIT) {
+            // Drawn straight into its box: no copy of the key is left on the stack.
+            let mut key = SecretBox::new(Box::new([0u8; 32]));
+            fill_random(key.expose_secret_mut())?;
+            let envelope = self.sealer.seal(key.expose_secret())?;
+            // Readers refuse larger envelopes as damage: refuse to write blobs none could read.
+            if envelope.len() > MAX_ENVELOPE {
+                return Err(Error::crypto(format!(
+                    "a blob key sealed to the policy's recipients takes {} bytes, more than the {MAX_ENVELOPE} a reader accepts",
+                    envelope.len()
+                ))
+                .with_hint("use fewer recipients, or X25519 (age1…) ones, which take about 100 bytes each"));
+            }
+            self.current = Some(BlobKey { key, envelope, used: 0 });
         }
         let k = self.current.as_mut().expect("drawn above");
         let mut nonce = [0u8; NONCE];
@@ -248,14 +256,19 @@ mod tests {
         want.extend_from_slice(&body);
         assert_eq!(id.open_blob(&a, &"a").unwrap(), want);
         assert_eq!(id.open_blob(&b, &"b").unwrap(), want);
-        // Past the limit the sealer draws a new key.
-        let big = vec![0u8; KEY_LIMIT];
-        let c = s.seal(&[], &big).unwrap();
+        // Up to the limit the key holds; the blob that would pass it gets a new one.
+        let used = 2 * (body.len() + 1);
+        let c = s.seal(&[], &vec![0u8; KEY_LIMIT - used]).unwrap();
         assert_eq!(parse(&c).unwrap().envelope, pa.envelope);
         let d = s.seal(&[1], &body).unwrap();
         assert_ne!(parse(&d).unwrap().envelope, pa.envelope);
         assert_eq!(id.open_blob(&d, &"d").unwrap(), want);
-        assert_eq!(id.open_blob(&c, &"c").unwrap(), big);
+        assert_eq!(id.open_blob(&c, &"c").unwrap(), vec![0u8; KEY_LIMIT - used]);
+        // A blob larger than the limit seals under a key of its own.
+        let e = s.seal(&[1], &vec![3u8; KEY_LIMIT + 1]).unwrap();
+        assert_ne!(parse(&e).unwrap().envelope, parse(&d).unwrap().envelope);
+        let f = s.seal(&[1], &body).unwrap();
+        assert_ne!(parse(&f).unwrap().envelope, parse(&e).unwrap().envelope);
     }
 
     #[test]
@@ -284,6 +297,15 @@ mod tests {
         damaged(b"not a blob");
         let (_, stranger) = pair();
         assert_eq!(stranger.open_blob(&blob, &"b").unwrap_err().kind, crate::error::Kind::Crypto);
+        // A damaged envelope, once the identity has opened another one of this repository,
+        // is damage to that blob, not a wrong identity that stops the restore. The byte
+        // changed is the first of the X25519 stanza's body, so age finds no stanza it opens.
+        let mut other = BlobSealer::new(s.sealer.clone()).seal(&[0], &body).unwrap();
+        let at = MAGIC.len() + 4 + b"age-encryption.org/v1\n".len() + b"-> X25519 ".len() + 43 + 1;
+        assert!(other[at - 1] == b'\n' && other[at].is_ascii_alphanumeric());
+        other[at] = if other[at] == b'A' { b'B' } else { b'A' };
+        damaged(&other);
+        assert_eq!(stranger.open_blob(&other, &"b").unwrap_err().kind, crate::error::Kind::Crypto);
         // A blob sealed as one age file, as earlier versions wrote them, still opens.
         let old = s.sealer.seal(b"\x00old").unwrap();
         assert_eq!(id.open_blob(&old, &"old").unwrap(), b"\x00old");

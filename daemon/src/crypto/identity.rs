@@ -182,11 +182,30 @@ impl Identity {
         if let Some(k) = self.blob_keys.lock().expect("not poisoned").get(&id) {
             return Ok(k.clone());
         }
-        let mut plain = self.open(envelope, &format_args!("the key envelope of {what}"))?;
-        let key: Option<[u8; 32]> = plain.as_slice().try_into().ok();
+        let opened = self.open(envelope, &format_args!("the key envelope of {what}"));
+        let mut plain = match opened {
+            // age cannot tell a damaged stanza from one sealed to someone else. Once this
+            // identity has opened an envelope of the repository it is the right one, so the
+            // failure is this blob's damage, not a reason to stop the whole restore.
+            Err(e)
+                if e.kind == crate::error::Kind::Crypto && !self.blob_keys.lock().expect("not poisoned").is_empty() =>
+            {
+                return Err(Error::damaged(format!(
+                    "the key envelope of {what} does not open (damaged, or sealed to other recipients)"
+                )))
+            }
+            r => r?,
+        };
+        let mut key = SecretBox::new(Box::new([0u8; 32]));
+        let fits = plain.len() == 32;
+        if fits {
+            age::secrecy::ExposeSecretMut::expose_secret_mut(&mut key).copy_from_slice(&plain);
+        }
         age::secrecy::zeroize::Zeroize::zeroize(&mut plain);
-        let key = key.ok_or_else(|| Error::damaged(format!("the key envelope of {what} holds no blob key")))?;
-        let key = Arc::new(SecretBox::new(Box::new(key)));
+        if !fits {
+            return Err(Error::damaged(format!("the key envelope of {what} holds no blob key")));
+        }
+        let key = Arc::new(key);
         let mut cache = self.blob_keys.lock().expect("not poisoned");
         if cache.len() >= BLOB_KEYS_KEPT {
             cache.clear();
