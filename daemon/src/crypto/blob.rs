@@ -23,7 +23,7 @@ pub const MAGIC: &[u8; 8] = b"vzblob1\n";
 pub const KEY_LIMIT: usize = 16 << 20;
 /// An envelope is an age file of 32 bytes: a few hundred bytes per recipient. Anything much
 /// larger was not written by veza-dr.
-pub(crate) const MAX_ENVELOPE: usize = 64 << 10;
+const MAX_ENVELOPE: usize = 64 << 10;
 const CHUNK: usize = 64 << 10;
 const TAG: usize = 16;
 const NONCE: usize = 16;

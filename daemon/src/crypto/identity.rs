@@ -112,22 +112,16 @@ impl Identity {
         if keys.is_empty() {
             return Err(Error::crypto(format!("identity {source} holds no identity")));
         }
-        Ok(Identity {
-            keys: Arc::new(keys),
-            text: Arc::new(text.to_string().into()),
-            source: source.to_string(),
-            blob_keys: Arc::default(),
-        })
+        Ok(Identity::new(keys, text.to_string(), source.to_string()))
+    }
+
+    fn new(keys: Vec<Box<dyn age::Identity + Send + Sync>>, text: String, source: String) -> Self {
+        Identity { keys: Arc::new(keys), text: Arc::new(text.into()), source, blob_keys: Arc::default() }
     }
 
     pub fn from_x25519(id: age::x25519::Identity) -> Self {
         let text = id.to_string().expose_secret().to_string();
-        Identity {
-            keys: Arc::new(vec![Box::new(id)]),
-            text: Arc::new(text.into()),
-            source: "memory".into(),
-            blob_keys: Arc::default(),
-        }
+        Identity::new(vec![Box::new(id)], text, "memory".into())
     }
 
     /// Write the identity to `path` (created new, mode 0600): a copy for a restored server's
