@@ -40,7 +40,135 @@ pub fn parse_requested(name: &str) -> Result<WalName> {
 }
 
 fn fingerprint(data: &[u8]) -> String {
-    blake3::hash(data).to_hex()[..32].to_string()
+    short_hex(&blake3::hash(data))
+}
+
+fn short_hex(h: &blake3::Hash) -> String {
+    h.to_hex()[..32].to_string()
+}
+
+/// The first bytes of a WAL file (a segment's long page header).
+fn read_head(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(64);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(64).read_to_end(&mut head))
+        .map_err(|e| Error::io("read WAL file", path, e))?;
+    Ok(head)
+}
+
+/// A WAL file's fingerprint and its zstd form, in one pass on two cores (PostgreSQL waits for
+/// each segment). The halves are split where BLAKE3's tree splits: each core reads its half
+/// into its own buffer (the page cache copy and a fresh buffer's page faults are a fifth of a
+/// push), hashes it as a subtree and compresses it as its own zstd frame (a decoder reads
+/// concatenated frames as one stream); the two chaining values merge into exactly
+/// `fingerprint` of the file. `head` is what `read_head` saw: a file that changed since, or
+/// while it was read, is refused (PostgreSQL never writes a segment it asks to archive).
+pub fn load(path: &Path, head: &[u8]) -> Result<(String, Vec<u8>)> {
+    use blake3::hazmat::{left_subtree_len, merge_subtrees_root, HasherExt, Mode};
+    use std::os::unix::fs::FileExt;
+    let io = |e| Error::io("read WAL file", path, e);
+    let file = std::fs::File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    let read = |at: u64, n: u64| -> std::io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; n as usize];
+        file.read_exact_at(&mut buf, at)?;
+        Ok(buf)
+    };
+    let half = |at: u64, n: u64| -> std::io::Result<(blake3::hazmat::ChainingValue, Vec<u8>, Vec<u8>)> {
+        let part = read(at, n)?;
+        let mut h = blake3::Hasher::new();
+        h.set_input_offset(at);
+        h.update(&part);
+        let z = zstd::bulk::compress(&part, 1)?;
+        Ok((h.finalize_non_root(), z, part))
+    };
+    let (fp, z, first) = if len <= 1024 {
+        let data = read(0, len).map_err(io)?;
+        let z = zstd::bulk::compress(&data, 1).map_err(|e| Error::failed(format!("cannot compress WAL: {e}")))?;
+        (fingerprint(&data), z, data)
+    } else {
+        let split = left_subtree_len(len);
+        let (left, right) = std::thread::scope(|s| {
+            let right = s.spawn(|| half(split, len - split));
+            (half(0, split), right.join())
+        });
+        let right = right.map_err(|_| Error::failed("a WAL compression thread panicked"))?.map_err(io)?;
+        let (lcv, mut z, first) = left.map_err(io)?;
+        z.extend_from_slice(&right.1);
+        (short_hex(&merge_subtrees_root(&lcv, &right.0, Mode::Hash)), z, first)
+    };
+    let same_len = file.metadata().map_err(io)?.len() == len;
+    if !same_len || !first.starts_with(head) {
+        return Err(Error::failed(format!("{} changed while it was archived", path.display())).with_hint(
+            "PostgreSQL never writes a segment it hands to archive_command: is another process writing it?",
+        ));
+    }
+    Ok((fp, z))
+}
+
+/// `fingerprint` on two cores: the halves where BLAKE3's tree splits, merged.
+fn fingerprint_par(data: &[u8]) -> String {
+    use blake3::hazmat::{left_subtree_len, merge_subtrees_root, Mode};
+    if data.len() <= 1024 {
+        return fingerprint(data);
+    }
+    let split = left_subtree_len(data.len() as u64) as usize;
+    let (l, r) = std::thread::scope(|s| {
+        let r = s.spawn(|| subtree(&data[split..], split as u64));
+        (subtree(&data[..split], 0), r.join().unwrap_or_else(|_| subtree(&data[split..], split as u64)))
+    });
+    short_hex(&merge_subtrees_root(&l, &r, Mode::Hash))
+}
+
+fn subtree(part: &[u8], at: u64) -> blake3::hazmat::ChainingValue {
+    use blake3::hazmat::HasherExt;
+    let mut h = blake3::Hasher::new();
+    h.set_input_offset(at);
+    h.update(part);
+    h.finalize_non_root()
+}
+
+/// A stored WAL file's plaintext and its fingerprint, from its zstd form (restore_command waits
+/// for it). What `load` wrote, two frames split where BLAKE3's tree splits, is decompressed and
+/// hashed on two cores; any other form (one frame, an older writer's split) in one pass. The
+/// frames' declared sizes are trusted only up to the largest WAL file PostgreSQL writes.
+fn unpack(z: &[u8]) -> std::io::Result<(String, Vec<u8>)> {
+    use zstd::zstd_safe::{find_frame_compressed_size, get_frame_content_size};
+    const MAX: u64 = 1 << 30;
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    let frames = find_frame_compressed_size(z).ok().filter(|&n| n < z.len()).map(|n| z.split_at(n));
+    let sized = frames.and_then(|(a, b)| {
+        let one = find_frame_compressed_size(b).ok() == Some(b.len());
+        match (get_frame_content_size(a), get_frame_content_size(b)) {
+            (Ok(Some(n1)), Ok(Some(n2))) if one && n1 + n2 <= MAX => Some((a, b, n1, n2)),
+            _ => None,
+        }
+    });
+    let Some((a, b, n1, n2)) =
+        sized.filter(|&(_, _, n1, n2)| n1 + n2 > 1024 && blake3::hazmat::left_subtree_len(n1 + n2) == n1)
+    else {
+        let data = zstd::stream::decode_all(z)?;
+        return Ok((fingerprint_par(&data), data));
+    };
+    let half = |f: &[u8], n: u64, at: u64| -> std::io::Result<(Vec<u8>, blake3::hazmat::ChainingValue)> {
+        let mut out = Vec::with_capacity(if at == 0 { (n1 + n2) as usize } else { n as usize });
+        zstd::bulk::Decompressor::new()?.decompress_to_buffer(f, &mut out)?;
+        if out.len() as u64 != n {
+            return Err(bad("a frame is not the size it declares"));
+        }
+        let cv = subtree(&out, at);
+        Ok((out, cv))
+    };
+    let (left, right) = std::thread::scope(|s| {
+        let right = s.spawn(|| half(b, n2, n1));
+        (half(a, n1, 0), right.join())
+    });
+    let (mut data, lcv) = left?;
+    let (rest, rcv) = right.map_err(|_| bad("a decompression thread panicked"))??;
+    data.extend_from_slice(&rest);
+    let fp = short_hex(&blake3::hazmat::merge_subtrees_root(&lcv, &rcv, blake3::hazmat::Mode::Hash));
+    Ok((fp, data))
 }
 
 /// The system identifier in a segment's first page: a long page header (`XLP_LONG_HEADER` in
@@ -80,7 +208,11 @@ fn cluster_of(name: &WalName, data: &[u8], path: &Path, data_dir: Option<&Path>)
 
 /// Refuse to mix clusters: the repository holds the WAL of one system identifier.
 pub async fn check_cluster(repo: &Repository, cluster: u64) -> Result<()> {
-    let present = repo.wal_clusters().await?;
+    one_cluster(repo, &repo.wal_clusters().await?, cluster)
+}
+
+/// `check_cluster` on a listing already made (`present`: the clusters with WAL in `repo`).
+fn one_cluster(repo: &Repository, present: &[u64], cluster: u64) -> Result<()> {
     match present.iter().find(|c| **c != cluster) {
         Some(other) if !present.contains(&cluster) => Err(Error::failed(format!(
             "repository {} holds the WAL of the cluster with system identifier {other}; this cluster is {cluster}",
@@ -96,10 +228,21 @@ pub async fn check_cluster(repo: &Repository, cluster: u64) -> Result<()> {
 /// Also returns the object's key (the replica sender copies it).
 pub async fn push(repo: &Writer, path: &Path, data_dir: Option<&Path>) -> Result<(Pushed, String)> {
     let name = name_of_path(path)?;
-    let data = std::fs::read(path).map_err(|e| Error::io("read WAL file", path, e))?;
-    let cluster = cluster_of(&name, &data, path, data_dir)?;
-    let fp = fingerprint(&data);
-    let existing = repo.wal_fingerprints(cluster, &name).await?;
+    // The page header names the cluster, which the listings need; the rest is read below.
+    let head = read_head(path)?;
+    let cluster = cluster_of(&name, &head, path, data_dir)?;
+    // The CPU work (read, fingerprint, compression, sealing) runs while the two listings are
+    // asked: on S3 each is a round trip. Only a re-push of a stored file wastes it.
+    let work = tokio::task::spawn_blocking({
+        let (sealer, path) = (repo.sealer().clone(), path.to_path_buf());
+        move || -> Result<(String, Vec<u8>)> {
+            let (fp, z) = load(&path, &head)?;
+            Ok((fp, sealer.seal(&z)?))
+        }
+    });
+    let (existing, clusters) = tokio::join!(repo.wal_fingerprints(cluster, &name), repo.wal_clusters());
+    let (fp, sealed) = work.await.map_err(|e| Error::failed(format!("compression failed: {e}")))??;
+    let existing = existing?;
     let key = keys::wal_object(cluster, &name, &fp);
     if existing.contains(&fp) {
         return Ok((Pushed::AlreadyStored, key));
@@ -108,29 +251,7 @@ pub async fn push(repo: &Writer, path: &Path, data_dir: Option<&Path>) -> Result
         return Err(Error::failed(format!("WAL file {name} is already archived with different content in {}", repo.url()))
             .with_hint("a restored copy still archives on the same timeline: turn archiving off in the copy, or give it its own repository; nothing was overwritten"));
     }
-    check_cluster(repo, cluster).await?;
-    let sealed = tokio::task::spawn_blocking({
-        let sealer = repo.sealer().clone();
-        move || -> Result<Vec<u8>> {
-            // PostgreSQL waits for each segment: compress its halves on two cores, as two
-            // zstd frames (a decoder reads concatenated frames as one stream).
-            let half = data.len().div_ceil(2);
-            let parts: Vec<std::io::Result<Vec<u8>>> = std::thread::scope(|s| {
-                let hs: Vec<_> =
-                    data.chunks(half.max(1)).map(|c| s.spawn(move || zstd::bulk::compress(c, 1))).collect();
-                hs.into_iter()
-                    .map(|h| h.join().unwrap_or_else(|_| Err(std::io::Error::other("compression thread panicked"))))
-                    .collect()
-            });
-            let mut z = Vec::with_capacity(data.len() / 2);
-            for p in parts {
-                z.extend_from_slice(&p.map_err(|e| Error::failed(format!("cannot compress WAL: {e}")))?);
-            }
-            sealer.seal(&z)
-        }
-    })
-    .await
-    .map_err(|e| Error::failed(format!("compression failed: {e}")))??;
+    one_cluster(repo, &clusters?, cluster)?;
     let body = repo.wal_body(sealed, cluster, &name, &fp);
     repo.put_wal(cluster, &name, &fp, Bytes::from(body)).await?;
     Ok((Pushed::Stored, key))
@@ -164,9 +285,8 @@ pub async fn fetch_bytes(repo: &Unlocked, cluster: u64, name: &WalName) -> Resul
         .wal_object(cluster, name, &fp, |body| {
             let sealed = crate::repository::trust::open_wal(&body, repo.writers(), cluster, name, &fp)?;
             let z = repo.identity().open(sealed, &what)?;
-            let data =
-                zstd::stream::decode_all(&z[..]).map_err(|e| Error::damaged(format!("{what} is corrupted: {e}")))?;
-            if fingerprint(&data) != fp {
+            let (got, data) = unpack(&z).map_err(|e| Error::damaged(format!("{what} is corrupted: {e}")))?;
+            if got != fp {
                 return Err(Error::damaged(format!("{what} does not match its fingerprint")));
             }
             if segment && segment_cluster(&data) != Some(cluster) {
@@ -208,7 +328,7 @@ fn spooled(spool: &Path, name: &WalName) -> Option<PathBuf> {
         if fp.len() != 32 || !fp.bytes().all(|b| b.is_ascii_hexdigit()) {
             continue;
         }
-        let ok = std::fs::read(e.path()).is_ok_and(|d| fingerprint(&d) == fp);
+        let ok = std::fs::read(e.path()).is_ok_and(|d| fingerprint_par(&d) == fp);
         if ok {
             return Some(e.path());
         }
@@ -309,4 +429,67 @@ pub async fn first_missing(
 
 pub fn spool_dir(target: &Path) -> PathBuf {
     target.join("veza-dr-restore/spool")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_core_fingerprint_is_the_plain_hash_and_the_frames_decode_to_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut x: u64 = 9;
+        let mut gen = |n: usize| -> Vec<u8> {
+            (0..n)
+                .map(|i| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    if i % 3 == 0 {
+                        0
+                    } else {
+                        x as u8
+                    }
+                })
+                .collect()
+        };
+        for n in [0, 1, 1024, 1025, 4096, 3 << 20 | 5, 16 << 20, (16 << 20) + 3] {
+            let data = gen(n);
+            let path = dir.path().join(format!("f{n}"));
+            std::fs::write(&path, &data).unwrap();
+            let head = read_head(&path).unwrap();
+            assert_eq!(head, data[..n.min(64)]);
+            let (fp, z) = load(&path, &head).unwrap();
+            assert_eq!(fp, fingerprint(&data), "size {n}");
+            assert_eq!(zstd::stream::decode_all(&z[..]).unwrap(), data, "size {n}");
+            assert_eq!(unpack(&z).unwrap(), (fp.clone(), data.clone()), "size {n}");
+            assert_eq!(fingerprint_par(&data), fp);
+            // One frame, and an older writer's halves (split in the middle), unpack too.
+            let one = zstd::bulk::compress(&data, 1).unwrap();
+            assert_eq!(unpack(&one).unwrap(), (fp.clone(), data.clone()), "size {n}");
+            let mid = n.div_ceil(2).max(1);
+            let mut old = Vec::new();
+            for c in data.chunks(mid) {
+                old.extend(zstd::bulk::compress(c, 1).unwrap());
+            }
+            if n > 0 {
+                assert_eq!(unpack(&old).unwrap(), (fp.clone(), data.clone()), "size {n}");
+            }
+        }
+        // Frames whose declared sizes lie are damage, not a short or long file.
+        let data = gen(16 << 20);
+        let (l, r) = data.split_at(8 << 20);
+        let mut z = zstd::bulk::compress(l, 1).unwrap();
+        let mut liar = zstd::stream::Encoder::new(Vec::new(), 1).unwrap();
+        liar.set_pledged_src_size(Some(r.len() as u64)).unwrap();
+        std::io::Write::write_all(&mut liar, &r[..r.len() - 1]).ok();
+        if let Ok(rz) = liar.finish() {
+            z.extend(rz);
+            assert!(unpack(&z).is_err());
+        }
+        // A file that is not the one whose header was read is refused.
+        let path = dir.path().join(format!("f{}", 16 << 20));
+        let err = load(&path, &[1, 2, 3]).unwrap_err();
+        assert!(err.message.contains("changed while it was archived"), "{}", err.message);
+    }
 }
