@@ -47,6 +47,23 @@ fn short_hex(h: &blake3::Hash) -> String {
     h.to_hex()[..32].to_string()
 }
 
+/// `(left(), right())`, with `right` on a second thread when the OS gives one, else after
+/// `left` on this one: a refused thread (a pids limit) must not panic restore_command, whose
+/// exit code PostgreSQL would read as "no such file". `None`: `right` panicked.
+fn on_two_cores<A, B: Send>(left: impl FnOnce() -> A, right: impl FnOnce() -> B + Send) -> (A, Option<B>) {
+    let cell = std::sync::Mutex::new(Some(right));
+    let run = || cell.lock().unwrap_or_else(|e| e.into_inner()).take().map(|f| f());
+    std::thread::scope(|s| {
+        let spawned = std::thread::Builder::new().spawn_scoped(s, run);
+        let a = left();
+        let b = match spawned {
+            Ok(h) => h.join().ok().flatten(),
+            Err(_) => run(),
+        };
+        (a, b)
+    })
+}
+
 /// The first bytes of a WAL file (a segment's long page header).
 fn read_head(path: &Path) -> Result<Vec<u8>> {
     use std::io::Read;
@@ -62,8 +79,9 @@ fn read_head(path: &Path) -> Result<Vec<u8>> {
 /// into its own buffer (the page cache copy and a fresh buffer's page faults are a fifth of a
 /// push), hashes it as a subtree and compresses it as its own zstd frame (a decoder reads
 /// concatenated frames as one stream); the two chaining values merge into exactly
-/// `fingerprint` of the file. `head` is what `read_head` saw: a file that changed since, or
-/// while it was read, is refused (PostgreSQL never writes a segment it asks to archive).
+/// `fingerprint` of the file, and each frame comes from the buffer its half was hashed from.
+/// `head` is what `read_head` saw: a file whose first bytes or length changed meanwhile is
+/// refused (PostgreSQL never writes a segment it asks to archive).
 pub fn load(path: &Path, head: &[u8]) -> Result<(String, Vec<u8>)> {
     use blake3::hazmat::{left_subtree_len, merge_subtrees_root, HasherExt, Mode};
     use std::os::unix::fs::FileExt;
@@ -89,11 +107,8 @@ pub fn load(path: &Path, head: &[u8]) -> Result<(String, Vec<u8>)> {
         (fingerprint(&data), z, data)
     } else {
         let split = left_subtree_len(len);
-        let (left, right) = std::thread::scope(|s| {
-            let right = s.spawn(|| half(split, len - split));
-            (half(0, split), right.join())
-        });
-        let right = right.map_err(|_| Error::failed("a WAL compression thread panicked"))?.map_err(io)?;
+        let (left, right) = on_two_cores(|| half(0, split), || half(split, len - split));
+        let right = right.ok_or_else(|| Error::failed("a WAL compression thread panicked"))?.map_err(io)?;
         let (lcv, mut z, first) = left.map_err(io)?;
         z.extend_from_slice(&right.1);
         (short_hex(&merge_subtrees_root(&lcv, &right.0, Mode::Hash)), z, first)
@@ -114,10 +129,8 @@ fn fingerprint_par(data: &[u8]) -> String {
         return fingerprint(data);
     }
     let split = left_subtree_len(data.len() as u64) as usize;
-    let (l, r) = std::thread::scope(|s| {
-        let r = s.spawn(|| subtree(&data[split..], split as u64));
-        (subtree(&data[..split], 0), r.join().unwrap_or_else(|_| subtree(&data[split..], split as u64)))
-    });
+    let (l, r) = on_two_cores(|| subtree(&data[..split], 0), || subtree(&data[split..], split as u64));
+    let r = r.unwrap_or_else(|| subtree(&data[split..], split as u64));
     short_hex(&merge_subtrees_root(&l, &r, Mode::Hash))
 }
 
@@ -141,7 +154,7 @@ fn unpack(z: &[u8]) -> std::io::Result<(String, Vec<u8>)> {
     let sized = frames.and_then(|(a, b)| {
         let one = find_frame_compressed_size(b).ok() == Some(b.len());
         match (get_frame_content_size(a), get_frame_content_size(b)) {
-            (Ok(Some(n1)), Ok(Some(n2))) if one && n1 + n2 <= MAX => Some((a, b, n1, n2)),
+            (Ok(Some(n1)), Ok(Some(n2))) if one && n1.checked_add(n2).is_some_and(|t| t <= MAX) => Some((a, b, n1, n2)),
             _ => None,
         }
     });
@@ -160,12 +173,9 @@ fn unpack(z: &[u8]) -> std::io::Result<(String, Vec<u8>)> {
         let cv = subtree(&out, at);
         Ok((out, cv))
     };
-    let (left, right) = std::thread::scope(|s| {
-        let right = s.spawn(|| half(b, n2, n1));
-        (half(a, n1, 0), right.join())
-    });
+    let (left, right) = on_two_cores(|| half(a, n1, 0), || half(b, n2, n1));
     let (mut data, lcv) = left?;
-    let (rest, rcv) = right.map_err(|_| bad("a decompression thread panicked"))??;
+    let (rest, rcv) = right.ok_or_else(|| bad("a decompression thread panicked"))??;
     data.extend_from_slice(&rest);
     let fp = short_hex(&blake3::hazmat::merge_subtrees_root(&lcv, &rcv, blake3::hazmat::Mode::Hash));
     Ok((fp, data))
@@ -476,17 +486,19 @@ mod tests {
                 assert_eq!(unpack(&old).unwrap(), (fp.clone(), data.clone()), "size {n}");
             }
         }
-        // Frames whose declared sizes lie are damage, not a short or long file.
+        // Frames whose declared sizes lie are damage, not a short or long file: the second
+        // frame of a 16 MiB file declares 8 MiB and holds 8 KiB less (the split still matches).
         let data = gen(16 << 20);
         let (l, r) = data.split_at(8 << 20);
         let mut z = zstd::bulk::compress(l, 1).unwrap();
-        let mut liar = zstd::stream::Encoder::new(Vec::new(), 1).unwrap();
-        liar.set_pledged_src_size(Some(r.len() as u64)).unwrap();
-        std::io::Write::write_all(&mut liar, &r[..r.len() - 1]).ok();
-        if let Ok(rz) = liar.finish() {
-            z.extend(rz);
-            assert!(unpack(&z).is_err());
-        }
+        let mut rz = zstd::bulk::compress(&r[..r.len() - 8192], 1).unwrap();
+        let fhd = rz[4];
+        assert_eq!(fhd >> 6, 2, "a 4-byte content size field");
+        let at = 5 + usize::from(fhd & 0x20 == 0) + [0, 1, 2, 4][(fhd & 3) as usize];
+        assert_eq!(u32::from_le_bytes(rz[at..at + 4].try_into().unwrap()) as usize, r.len() - 8192);
+        rz[at..at + 4].copy_from_slice(&(r.len() as u32).to_le_bytes());
+        z.extend(rz);
+        assert!(unpack(&z).is_err());
         // A file that is not the one whose header was read is refused.
         let path = dir.path().join(format!("f{}", 16 << 20));
         let err = load(&path, &[1, 2, 3]).unwrap_err();
