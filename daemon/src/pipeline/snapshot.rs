@@ -508,11 +508,12 @@ pub async fn commit(repo: &Writer, guard: &LockGuard, mut p: Pending) -> Result<
         ))
         .with_hint("raise [retention] prune-grace above the longest backup, or run it again"));
     }
-    repo.commit(&p.manifest, &mut p.sidecar, guard).await?;
+    let z = tokio::task::block_in_place(|| crate::repository::state::manifest_zst(&p.manifest))?;
+    repo.commit(&p.manifest, &z, &mut p.sidecar, guard).await?;
     // Local state after the commit: losing it costs dedup only.
     let key_id = p.manifest.key_id.clone();
     let saved = tokio::task::block_in_place(|| {
-        p.state.save_chunks(&key_id, &p.locs, p.lock_wait).and_then(|_| p.state.save_manifest(&p.manifest))
+        p.state.save_chunks(&key_id, &p.locs, p.lock_wait).and_then(|_| p.state.save_manifest(&p.manifest.snapshot, &z))
     });
     if let Err(e) = saved {
         tracing::warn!(error = %e, "could not update the local state; the next backup reads everything again");
