@@ -167,6 +167,9 @@ fn the_region_failover_runbook_brings_up_postgres_from_the_replica_to_the_last_r
     fx.ok(&["backup", "db", "--full"]);
     psql(&dsn, "UPDATE orders SET note = 'after the backup' WHERE id % 7 = 0");
     psql(&dsn, "INSERT INTO orders SELECT g, 'late' FROM generate_series(50001, 60000) g");
+    // The last transaction committed before this instant: the RPO is at least the time from
+    // here to the failover's start.
+    let last_write = std::time::SystemTime::now();
     let want = table_hashes(&dsn, &["orders"]);
     switch_and_wait_archived(&dsn);
     let c = fx.json(&["replicate", "db"]);
@@ -196,6 +199,7 @@ fn the_region_failover_runbook_brings_up_postgres_from_the_replica_to_the_last_r
     assert!(!target.exists(), "a dry run created the target");
     assert_eq!(crate::runbook::dig(dns.dns_port, "db.example.org"), "10.0.0.1");
 
+    let lost_for = last_write.elapsed().unwrap().as_secs_f64();
     let out = fx.ok(&["--plugins", plugins, "failover", "region-failover", "--yes"]);
     assert!(out.contains("runbook region-failover: done"), "{out}");
     assert!(out.contains("(objective 4h: met)"), "{out}");
@@ -217,6 +221,8 @@ fn the_region_failover_runbook_brings_up_postgres_from_the_replica_to_the_last_r
     let (rto, rpo) = (whole["rto-seconds"].as_f64().unwrap(), whole["rpo-seconds"].as_f64().unwrap());
     assert!(rto > 0.0 && rto < 4.0 * 3600.0, "{whole}");
     assert!(rpo > 0.0 && rpo < 600.0, "{whole}");
+    // Measured, not truncated: a start time cut to whole seconds made it up to 1 s short.
+    assert!(rpo + 0.06 >= lost_for, "RPO {rpo} s, but the last write was {lost_for:.3} s before the failover: {whole}");
     assert_eq!(whole["within-objective"], true, "{whole}");
     let restore = audit.iter().rfind(|r| r["step"] == "restore" && r["mode"] == "run").unwrap();
     assert_eq!(restore["plugin"], format!("builtin:restore@{}", env!("CARGO_PKG_VERSION")), "{restore}");
