@@ -508,8 +508,7 @@ pub async fn commit(repo: &Writer, guard: &LockGuard, mut p: Pending) -> Result<
         ))
         .with_hint("raise [retention] prune-grace above the longest backup, or run it again"));
     }
-    let z = tokio::task::block_in_place(|| crate::repository::state::manifest_zst(&p.manifest))?;
-    repo.commit(&p.manifest, &z, &mut p.sidecar, guard).await?;
+    let z = repo.commit(&p.manifest, &mut p.sidecar, guard).await?;
     // Local state after the commit: losing it costs dedup only.
     let key_id = p.manifest.key_id.clone();
     let saved = tokio::task::block_in_place(|| {

@@ -192,7 +192,8 @@ impl HostState {
         self.write_atomic(&format!("chunks-{key_id}.bin"), &encode_chunks(&all))
     }
 
-    /// Keep the plaintext copy of a committed manifest (`z`: from `manifest_zst`).
+    /// Keep the plaintext copy of a committed manifest (`z`: its zstd JSON, as `Writer::commit`
+    /// returns it).
     pub fn save_manifest(&self, snapshot: &SnapshotId, z: &[u8]) -> Result<()> {
         self.write_atomic(&format!("manifests/{snapshot}.json.zst"), z)
     }
@@ -261,12 +262,6 @@ pub(crate) fn decode_chunks(b: &[u8]) -> Option<HashMap<ChunkId, BlobLoc>> {
 async fn upload_key(repo: &Writer, id: &str, key: &[u8; 32]) -> Result<()> {
     let kf = KeyFile { key: hex::encode(key), created: chrono::Utc::now().to_rfc3339(), host: super::lock::hostname() };
     repo.put_chunk_key(id, &kf).await
-}
-
-/// A manifest as both copies store it: its JSON, zstd level 3.
-pub fn manifest_zst(m: &Manifest) -> Result<Vec<u8>> {
-    let json = serde_json::to_vec(m).expect("serialisable");
-    zstd::bulk::compress(&json, 3).map_err(|e| Error::failed(format!("cannot compress manifest: {e}")))
 }
 
 #[cfg(test)]

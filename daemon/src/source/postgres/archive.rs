@@ -83,7 +83,7 @@ fn read_head(path: &Path) -> Result<Vec<u8>> {
 /// `head` is what `read_head` saw: a file whose first bytes or length changed meanwhile is
 /// refused (PostgreSQL never writes a segment it asks to archive).
 pub fn load(path: &Path, head: &[u8]) -> Result<(String, Vec<u8>)> {
-    use blake3::hazmat::{left_subtree_len, merge_subtrees_root, HasherExt, Mode};
+    use blake3::hazmat::{left_subtree_len, merge_subtrees_root, Mode};
     use std::os::unix::fs::FileExt;
     let io = |e| Error::io("read WAL file", path, e);
     let file = std::fs::File::open(path).map_err(io)?;
@@ -95,11 +95,8 @@ pub fn load(path: &Path, head: &[u8]) -> Result<(String, Vec<u8>)> {
     };
     let half = |at: u64, n: u64| -> std::io::Result<(blake3::hazmat::ChainingValue, Vec<u8>, Vec<u8>)> {
         let part = read(at, n)?;
-        let mut h = blake3::Hasher::new();
-        h.set_input_offset(at);
-        h.update(&part);
         let z = zstd::bulk::compress(&part, 1)?;
-        Ok((h.finalize_non_root(), z, part))
+        Ok((subtree(&part, at), z, part))
     };
     let (fp, z, first) = if len <= 1024 {
         let data = read(0, len).map_err(io)?;
