@@ -181,6 +181,16 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             primary_only(&g, "wal-ahead")?;
             crate::jobs::walahead::run(&load_policy(&g, &policy)?, &state_dir(&g), &status_dir, &after).await.map(|_| 0)
         }
+        Command::WalTail { policy, wal_dir, from, segment_size } => {
+            primary_only(&g, "wal-tail")?;
+            let (p, state) = (load_policy(&g, &policy)?, state_dir(&g));
+            let run = move || crate::jobs::waltail::run(&p, &state, &wal_dir, &from, segment_size);
+            let n = tokio::task::spawn_blocking(run)
+                .await
+                .map_err(|e| crate::error::Error::failed(format!("wal-tail: {e}")))??;
+            tracing::debug!("wal-tail compressed {n} chunks ahead");
+            Ok(0)
+        }
         Command::WalSend { policy } => {
             primary_only(&g, "wal-send")?;
             let d = crate::jobs::walsend::send(&load_policy(&g, &policy)?, &state_dir(&g)).await?;

@@ -243,6 +243,18 @@ pub enum Command {
         #[arg(long, default_value = "")]
         after: String,
     },
+    /// Compress the segment PostgreSQL is writing ahead of archive_command (wal-push starts it
+    /// detached)
+    #[command(hide = true)]
+    WalTail {
+        policy: String,
+        #[arg(long)]
+        wal_dir: PathBuf,
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        segment_size: u64,
+    },
     /// Run the scheduler: every policy's jobs, /metrics, /healthz, /status
     Daemon {
         /// Address of the HTTP endpoints

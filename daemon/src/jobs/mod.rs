@@ -14,3 +14,4 @@ pub mod wal;
 pub mod walahead;
 pub mod walcheck;
 pub mod walsend;
+pub mod waltail;

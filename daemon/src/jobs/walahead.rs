@@ -52,7 +52,7 @@ fn marker_dir(state_dir: &Path, policy: &str) -> PathBuf {
 }
 
 /// The marker directory, private to the archiving user: a marker acknowledges WAL.
-fn create_private(dir: &Path) -> std::io::Result<()> {
+pub(super) fn create_private(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
 }
@@ -150,9 +150,11 @@ pub async fn run(policy: &Policy, state_dir: &Path, status: &Path, after: &str) 
                 async move {
                     let path = status.parent().unwrap_or(status).join(&name);
                     let Ok(before) = std::fs::metadata(&path) else { return Ok(false) };
-                    let (_, key) = crate::source::postgres::archive::push(writer, &path, data_dir)
+                    let ahead = super::waltail::ahead_file(state_dir, &policy.name, &name);
+                    let (_, key) = crate::source::postgres::archive::push(writer, &path, data_dir, Some(&ahead))
                         .await
                         .map_err(|e| e.context(format!("wal-ahead stops at {name}")))?;
+                    let _ = std::fs::remove_file(&ahead);
                     if !policy.replicas.is_empty() {
                         super::walsend::enqueue(state_dir, policy, &key);
                     }

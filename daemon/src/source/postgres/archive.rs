@@ -11,6 +11,7 @@
 //! local state.
 
 use super::wal::{WalKind, WalName};
+use super::walframes::{self, subtree, Ahead};
 use crate::error::{Error, Result};
 use crate::repository::{keys, Repository, Unlocked, Writer};
 use bytes::Bytes;
@@ -77,12 +78,15 @@ fn read_head(path: &Path) -> Result<Vec<u8>> {
 /// A WAL file's fingerprint and its zstd form, in one pass on two cores (PostgreSQL waits for
 /// each segment). The halves are split where BLAKE3's tree splits: each core reads its half
 /// into its own buffer (the page cache copy and a fresh buffer's page faults are a fifth of a
-/// push), hashes it as a subtree and compresses it as its own zstd frame (a decoder reads
-/// concatenated frames as one stream); the two chaining values merge into exactly
-/// `fingerprint` of the file, and each frame comes from the buffer its half was hashed from.
-/// `head` is what `read_head` saw: a file whose first bytes or length changed meanwhile is
-/// refused (PostgreSQL never writes a segment it asks to archive).
-pub fn load(path: &Path, head: &[u8]) -> Result<(String, Vec<u8>)> {
+/// push), hashes it as a subtree and compresses it; the chaining values merge into exactly
+/// `fingerprint` of the file, and each frame comes from the buffer it was hashed from. A
+/// segment is compressed as 1 MiB frames, one per subtree (`walframes`), and a frame that
+/// `wal-tail` compressed ahead from the same bytes is taken from `ahead`; any other file as
+/// one frame per half (a decoder reads concatenated frames as one stream). `head` is what
+/// `read_head` saw: a file whose first bytes or length changed meanwhile is refused
+/// (PostgreSQL never writes a segment it asks to archive). Also returns how many frames came
+/// from `ahead`.
+pub fn load(path: &Path, head: &[u8], ahead: &Ahead) -> Result<(String, Vec<u8>, usize)> {
     use blake3::hazmat::{left_subtree_len, merge_subtrees_root, Mode};
     use std::os::unix::fs::FileExt;
     let io = |e| Error::io("read WAL file", path, e);
@@ -95,20 +99,30 @@ pub fn load(path: &Path, head: &[u8]) -> Result<(String, Vec<u8>)> {
     };
     let half = |at: u64, n: u64| -> std::io::Result<(blake3::hazmat::ChainingValue, Vec<u8>, Vec<u8>)> {
         let part = read(at, n)?;
-        let z = zstd::bulk::compress(&part, 1)?;
+        let z = zstd::bulk::compress(&part, walframes::LEVEL)?;
         Ok((subtree(&part, at), z, part))
     };
-    let (fp, z, first) = if len <= 1024 {
+    let thread = || Error::failed("a WAL compression thread panicked");
+    let (fp, z, first, reused) = if walframes::chunked(len) {
+        let h = len / 2;
+        let (left, right) =
+            on_two_cores(|| walframes::half(&file, 0, h, ahead), || walframes::half(&file, h, h, ahead));
+        let (mut left, right) = (left.map_err(io)?, right.ok_or_else(thread)?.map_err(io)?);
+        left.cvs.extend(right.cvs);
+        left.z.extend_from_slice(&right.z);
+        (short_hex(&walframes::root(&left.cvs)), left.z, left.head, left.reused + right.reused)
+    } else if len <= 1024 {
         let data = read(0, len).map_err(io)?;
-        let z = zstd::bulk::compress(&data, 1).map_err(|e| Error::failed(format!("cannot compress WAL: {e}")))?;
-        (fingerprint(&data), z, data)
+        let z = zstd::bulk::compress(&data, walframes::LEVEL)
+            .map_err(|e| Error::failed(format!("cannot compress WAL: {e}")))?;
+        (fingerprint(&data), z, data, 0)
     } else {
         let split = left_subtree_len(len);
         let (left, right) = on_two_cores(|| half(0, split), || half(split, len - split));
-        let right = right.ok_or_else(|| Error::failed("a WAL compression thread panicked"))?.map_err(io)?;
+        let right = right.ok_or_else(thread)?.map_err(io)?;
         let (lcv, mut z, first) = left.map_err(io)?;
         z.extend_from_slice(&right.1);
-        (short_hex(&merge_subtrees_root(&lcv, &right.0, Mode::Hash)), z, first)
+        (short_hex(&merge_subtrees_root(&lcv, &right.0, Mode::Hash)), z, first, 0)
     };
     let same_len = file.metadata().map_err(io)?.len() == len;
     if !same_len || !first.starts_with(head) {
@@ -116,7 +130,7 @@ pub fn load(path: &Path, head: &[u8]) -> Result<(String, Vec<u8>)> {
             "PostgreSQL never writes a segment it hands to archive_command: is another process writing it?",
         ));
     }
-    Ok((fp, z))
+    Ok((fp, z, reused))
 }
 
 /// `fingerprint` on two cores: the halves where BLAKE3's tree splits, merged.
@@ -131,51 +145,72 @@ fn fingerprint_par(data: &[u8]) -> String {
     short_hex(&merge_subtrees_root(&l, &r, Mode::Hash))
 }
 
-fn subtree(part: &[u8], at: u64) -> blake3::hazmat::ChainingValue {
-    use blake3::hazmat::HasherExt;
-    let mut h = blake3::Hasher::new();
-    h.set_input_offset(at);
-    h.update(part);
-    h.finalize_non_root()
-}
-
 /// A stored WAL file's plaintext and its fingerprint, from its zstd form (restore_command waits
-/// for it). What `load` wrote, two frames split where BLAKE3's tree splits, is decompressed and
-/// hashed on two cores; any other form (one frame, an older writer's split) in one pass. The
-/// frames' declared sizes are trusted only up to the largest WAL file PostgreSQL writes.
+/// for it). What `load` writes, frames that split where BLAKE3's tree splits (two halves, or
+/// 1 MiB chunks), is decompressed and hashed on two cores, each half into its own buffer; any
+/// other form (one frame, an older writer's split) in one pass. The frames' declared sizes are
+/// trusted only up to the largest WAL file PostgreSQL writes, and each must be met exactly.
 fn unpack(z: &[u8]) -> std::io::Result<(String, Vec<u8>)> {
-    use zstd::zstd_safe::{find_frame_compressed_size, get_frame_content_size};
-    const MAX: u64 = 1 << 30;
     let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
-    let frames = find_frame_compressed_size(z).ok().filter(|&n| n < z.len()).map(|n| z.split_at(n));
-    let sized = frames.and_then(|(a, b)| {
-        let one = find_frame_compressed_size(b).ok() == Some(b.len());
-        match (get_frame_content_size(a), get_frame_content_size(b)) {
-            (Ok(Some(n1)), Ok(Some(n2))) if one && n1.checked_add(n2).is_some_and(|t| t <= MAX) => Some((a, b, n1, n2)),
-            _ => None,
-        }
-    });
-    let Some((a, b, n1, n2)) =
-        sized.filter(|&(_, _, n1, n2)| n1 + n2 > 1024 && blake3::hazmat::left_subtree_len(n1 + n2) == n1)
-    else {
+    let Some((frames, split)) = halves(z) else {
         let data = zstd::stream::decode_all(z)?;
         return Ok((fingerprint_par(&data), data));
     };
-    let half = |f: &[u8], n: u64, at: u64| -> std::io::Result<(Vec<u8>, blake3::hazmat::ChainingValue)> {
-        let mut out = Vec::with_capacity(if at == 0 { (n1 + n2) as usize } else { n as usize });
-        zstd::bulk::Decompressor::new()?.decompress_to_buffer(f, &mut out)?;
-        if out.len() as u64 != n {
-            return Err(bad("a frame is not the size it declares"));
+    let total: u64 = frames.iter().map(|f| f.1).sum();
+    let half = |fs: &[Frame], at: u64| -> std::io::Result<(Vec<u8>, blake3::hazmat::ChainingValue)> {
+        let n: u64 = fs.iter().map(|f| f.1).sum();
+        // The left half's buffer takes the right half after it, without a copy of its own.
+        let mut out = Vec::with_capacity(if at == 0 { total as usize } else { n as usize });
+        let mut d = zstd::bulk::Decompressor::new()?;
+        for (f, size) in fs {
+            let before = out.len();
+            let mut cursor = std::io::Cursor::new(&mut out);
+            cursor.set_position(before as u64);
+            d.decompress_to_buffer(f, &mut cursor)?;
+            if (out.len() - before) as u64 != *size {
+                return Err(bad("a frame is not the size it declares"));
+            }
         }
         let cv = subtree(&out, at);
         Ok((out, cv))
     };
-    let (left, right) = on_two_cores(|| half(a, n1, 0), || half(b, n2, n1));
+    let (l, r) = frames.split_at(split);
+    let at = l.iter().map(|f| f.1).sum();
+    let (left, right) = on_two_cores(|| half(l, 0), || half(r, at));
     let (mut data, lcv) = left?;
     let (rest, rcv) = right.ok_or_else(|| bad("a decompression thread panicked"))??;
     data.extend_from_slice(&rest);
     let fp = short_hex(&blake3::hazmat::merge_subtrees_root(&lcv, &rcv, blake3::hazmat::Mode::Hash));
     Ok((fp, data))
+}
+
+/// A zstd frame and the content size it declares.
+type Frame<'a> = (&'a [u8], u64);
+
+/// The frames of `z` with their declared sizes, and the index of the first frame of the right
+/// half, when the frames split where BLAKE3's tree splits the content they declare.
+fn halves(z: &[u8]) -> Option<(Vec<Frame<'_>>, usize)> {
+    use zstd::zstd_safe::{find_frame_compressed_size, get_frame_content_size};
+    const MAX: u64 = 1 << 30;
+    let (mut rest, mut frames, mut total) = (z, Vec::new(), 0u64);
+    while !rest.is_empty() {
+        let n = find_frame_compressed_size(rest).ok().filter(|&n| n > 0 && n <= rest.len())?;
+        let (f, tail) = rest.split_at(n);
+        let size = get_frame_content_size(f).ok().flatten()?;
+        total = total.checked_add(size).filter(|&t| t <= MAX)?;
+        frames.push((f, size));
+        rest = tail;
+    }
+    if frames.len() < 2 || total <= 1024 {
+        return None;
+    }
+    let want = blake3::hazmat::left_subtree_len(total);
+    let mut sum = 0;
+    let split = frames.iter().position(|f| {
+        sum += f.1;
+        sum >= want
+    })?;
+    (sum == want).then_some((frames, split + 1))
 }
 
 /// The system identifier in a segment's first page: a long page header (`XLP_LONG_HEADER` in
@@ -233,7 +268,13 @@ fn one_cluster(repo: &Repository, present: &[u64], cluster: u64) -> Result<()> {
 /// Store one WAL file of the cluster in `data_dir`. Returns only after the object store
 /// acknowledged the write.
 /// Also returns the object's key (the replica sender copies it).
-pub async fn push(repo: &Writer, path: &Path, data_dir: Option<&Path>) -> Result<(Pushed, String)> {
+/// `ahead`: the file where `wal-tail` compressed frames of this segment ahead, if any.
+pub async fn push(
+    repo: &Writer,
+    path: &Path,
+    data_dir: Option<&Path>,
+    ahead: Option<&Path>,
+) -> Result<(Pushed, String)> {
     let name = name_of_path(path)?;
     // The page header names the cluster, which the listings need; the rest is read below.
     let head = read_head(path)?;
@@ -241,9 +282,13 @@ pub async fn push(repo: &Writer, path: &Path, data_dir: Option<&Path>) -> Result
     // The CPU work (read, fingerprint, compression, sealing) runs while the two listings are
     // asked: on S3 each is a round trip. Only a re-push of a stored file wastes it.
     let work = tokio::task::spawn_blocking({
-        let (sealer, path) = (repo.sealer().clone(), path.to_path_buf());
+        let (sealer, path, ahead) = (repo.sealer().clone(), path.to_path_buf(), ahead.map(Path::to_path_buf));
         move || -> Result<(String, Vec<u8>)> {
-            let (fp, z) = load(&path, &head)?;
+            let ahead = ahead.as_deref().map(Ahead::read).unwrap_or_default();
+            let (fp, z, reused) = load(&path, &head, &ahead)?;
+            if reused > 0 {
+                tracing::debug!("{reused} frames of {} were compressed ahead", path.display());
+            }
             Ok((fp, sealer.seal(&z)?))
         }
     });
@@ -466,10 +511,14 @@ mod tests {
             std::fs::write(&path, &data).unwrap();
             let head = read_head(&path).unwrap();
             assert_eq!(head, data[..n.min(64)]);
-            let (fp, z) = load(&path, &head).unwrap();
+            let (fp, z, _) = load(&path, &head, &Ahead::default()).unwrap();
             assert_eq!(fp, fingerprint(&data), "size {n}");
             assert_eq!(zstd::stream::decode_all(&z[..]).unwrap(), data, "size {n}");
             assert_eq!(unpack(&z).unwrap(), (fp.clone(), data.clone()), "size {n}");
+            // A segment is 1 MiB frames, read back on two cores; other files two halves.
+            let frames = halves(&z).map(|(f, _)| f.len());
+            let want = if walframes::chunked(n as u64) { n >> 20 } else { 2 };
+            assert_eq!(frames, (n > 1024).then_some(want), "size {n}");
             assert_eq!(fingerprint_par(&data), fp);
             // One frame, and an older writer's halves (split in the middle), unpack too.
             let one = zstd::bulk::compress(&data, 1).unwrap();
@@ -498,7 +547,7 @@ mod tests {
         assert!(unpack(&z).is_err());
         // A file that is not the one whose header was read is refused.
         let path = dir.path().join(format!("f{}", 16 << 20));
-        let err = load(&path, &[1, 2, 3]).unwrap_err();
+        let err = load(&path, &[1, 2, 3], &Ahead::default()).unwrap_err();
         assert!(err.message.contains("changed while it was archived"), "{}", err.message);
     }
 }

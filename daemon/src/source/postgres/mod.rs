@@ -11,6 +11,7 @@ pub mod physical;
 pub mod recovery;
 pub mod server;
 pub mod wal;
+pub mod walframes;
 
 use crate::error::{Error, Kind, Result};
 use crate::policy::{PgMethod, PgSource, Policy};

@@ -101,6 +101,16 @@ impl WalName {
         self.position().map(|_| WalName(self.0[..24].to_string()))
     }
 
+    /// The LSN where a segment starts (segments only).
+    pub fn start_lsn(&self, seg_size: u64) -> Option<u64> {
+        if self.kind() != WalKind::Segment || seg_size == 0 {
+            return None;
+        }
+        let log = u64::from_str_radix(&self.0[8..16], 16).ok()?;
+        let seg = u64::from_str_radix(&self.0[16..24], 16).ok()?;
+        log.checked_mul(0x1_0000_0000)?.checked_add(seg.checked_mul(seg_size)?)
+    }
+
     /// The next segment on the same timeline (segments only).
     pub fn next(&self, seg_size: u64) -> Option<WalName> {
         if self.kind() != WalKind::Segment {

@@ -1,0 +1,191 @@
+//! A WAL segment as 1 MiB zstd frames, one per BLAKE3 subtree: how wal-push compresses a
+//! segment, and the frames `wal-tail` compresses ahead while PostgreSQL is still writing it
+//! (the "ahead" file), so that archive_command finds most of its work done.
+//!
+//! A segment (a power of two of at least 2 MiB, as PostgreSQL's `wal_segment_size` always is)
+//! is cut into 1 MiB chunks. Each chunk is an aligned subtree of BLAKE3's tree, so its chaining
+//! value (CV) depends on its bytes and position alone, and the CVs merge into exactly
+//! `blake3::hash(segment)`, the fingerprint that names the stored object. A chunk's frame is
+//! taken from the ahead file only when the file's CV for that chunk equals the CV the frame was
+//! compressed from: a frame of other bytes can never stand in for a chunk.
+
+use blake3::hazmat::{merge_subtrees_non_root, merge_subtrees_root, ChainingValue, HasherExt, Mode};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+/// The chunk: one frame, one subtree.
+pub const CHUNK: u64 = 1 << 20;
+/// The largest segment PostgreSQL writes (`wal_segment_size` is at most 1 GB).
+const MAX_SEGMENT: u64 = 1 << 30;
+/// zstd level of WAL frames.
+pub const LEVEL: i32 = 1;
+
+/// Whether a file of `len` bytes is stored as chunk frames.
+pub fn chunked(len: u64) -> bool {
+    (2 * CHUNK..=MAX_SEGMENT).contains(&len) && len.is_power_of_two()
+}
+
+/// The CV of `part`, the subtree of a file that starts at byte `at`.
+pub fn subtree(part: &[u8], at: u64) -> ChainingValue {
+    let mut h = blake3::Hasher::new();
+    h.set_input_offset(at);
+    h.update(part);
+    h.finalize_non_root()
+}
+
+/// The CV of a perfect subtree from the CVs of its chunks, in order (a power of two of them).
+fn tree(cvs: &[ChainingValue]) -> ChainingValue {
+    match cvs {
+        [one] => *one,
+        _ => {
+            let (l, r) = cvs.split_at(cvs.len() / 2);
+            merge_subtrees_non_root(&tree(l), &tree(r), Mode::Hash)
+        }
+    }
+}
+
+/// The hash of a chunked file from the CVs of all its chunks.
+pub fn root(cvs: &[ChainingValue]) -> blake3::Hash {
+    let (l, r) = cvs.split_at(cvs.len() / 2);
+    merge_subtrees_root(&tree(l), &tree(r), Mode::Hash)
+}
+
+/// Frames compressed ahead for one segment: chunk index → (the CV of the chunk it was
+/// compressed from, the frame).
+#[derive(Default)]
+pub struct Ahead(HashMap<u32, (ChainingValue, Vec<u8>)>);
+
+/// A record of the ahead file: index (u32 LE), frame length (u32 LE), the chunk's CV, BLAKE3
+/// of the frame, the frame. The frame's own hash makes a record torn by a crash or a lost
+/// write unusable rather than wrong.
+pub fn record(index: u32, cv: &ChainingValue, frame: &[u8]) -> Vec<u8> {
+    let mut r = Vec::with_capacity(72 + frame.len());
+    r.extend_from_slice(&index.to_le_bytes());
+    r.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+    r.extend_from_slice(cv);
+    r.extend_from_slice(blake3::hash(frame).as_bytes());
+    r.extend_from_slice(frame);
+    r
+}
+
+impl Ahead {
+    /// The intact records of the ahead file at `path` (none when there is no file). Reading
+    /// stops at the first record that is cut short or whose frame does not match its hash.
+    pub fn read(path: &Path) -> Ahead {
+        let Ok(b) = std::fs::read(path) else { return Ahead::default() };
+        Ahead::parse(&b)
+    }
+
+    fn parse(mut b: &[u8]) -> Ahead {
+        let mut out = HashMap::new();
+        while b.len() >= 72 {
+            let index = u32::from_le_bytes(b[0..4].try_into().expect("4 bytes"));
+            let n = u32::from_le_bytes(b[4..8].try_into().expect("4 bytes")) as usize;
+            let Some(frame) = b.get(72..72 + n) else { break };
+            if blake3::hash(frame).as_bytes()[..] != b[40..72] {
+                break;
+            }
+            let cv: ChainingValue = b[8..40].try_into().expect("32 bytes");
+            out.insert(index, (cv, frame.to_vec()));
+            b = &b[72 + n..];
+        }
+        Ahead(out)
+    }
+
+    /// The chunk indices held.
+    pub fn indices(&self) -> impl Iterator<Item = u32> + '_ {
+        self.0.keys().copied()
+    }
+
+    fn frame(&self, index: u64, cv: &ChainingValue) -> Option<&[u8]> {
+        let (want, frame) = self.0.get(&u32::try_from(index).ok()?)?;
+        (want == cv).then_some(frame.as_slice())
+    }
+}
+
+/// One half of a chunked file, `[at, at + n)`: read into one buffer, each chunk hashed and
+/// compressed (or its frame taken from `ahead`). Returns the chunks' CVs, their frames
+/// concatenated, the first bytes of the half (for the caller's check) and how many frames
+/// came from `ahead`.
+pub fn half(file: &std::fs::File, at: u64, n: u64, ahead: &Ahead) -> std::io::Result<Half> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; n as usize];
+    file.read_exact_at(&mut buf, at)?;
+    let mut zc = zstd::bulk::Compressor::new(LEVEL)?;
+    let mut out = Half { cvs: Vec::new(), z: Vec::new(), head: buf[..buf.len().min(64)].to_vec(), reused: 0 };
+    for (i, part) in buf.chunks(CHUNK as usize).enumerate() {
+        let off = at + i as u64 * CHUNK;
+        let cv = subtree(part, off);
+        match ahead.frame(off / CHUNK, &cv) {
+            Some(frame) => {
+                out.z.extend_from_slice(frame);
+                out.reused += 1;
+            }
+            None => out.z.extend_from_slice(&zc.compress(part)?),
+        }
+        out.cvs.push(cv);
+    }
+    Ok(out)
+}
+
+pub struct Half {
+    pub cvs: Vec<ChainingValue>,
+    pub z: Vec<u8>,
+    pub head: Vec<u8>,
+    pub reused: usize,
+}
+
+/// Compress chunk `index` of `file` and append its record to the ahead file `out`.
+pub fn compress_ahead(file: &std::fs::File, index: u64, out: &mut std::fs::File) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; CHUNK as usize];
+    file.read_exact_at(&mut buf, index * CHUNK)?;
+    let cv = subtree(&buf, index * CHUNK);
+    let frame = zstd::bulk::compress(&buf, LEVEL)?;
+    let index = u32::try_from(index).map_err(|_| std::io::Error::other("chunk index out of range"))?;
+    out.write_all(&record(index, &cv, &frame))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_cvs_merge_into_the_file_hash_and_only_an_intact_matching_frame_is_reused() {
+        let data: Vec<u8> = (0..(4u64 << 20)).map(|i| ((i * 2654435761) >> 13) as u8 & 0x3f).collect();
+        let cvs: Vec<_> = data.chunks(CHUNK as usize).enumerate().map(|(i, c)| subtree(c, i as u64 * CHUNK)).collect();
+        assert_eq!(root(&cvs), blake3::hash(&data));
+        assert!(chunked(2 << 20) && chunked(16 << 20) && !chunked(1 << 20) && !chunked(3 << 20));
+
+        let dir = tempfile::tempdir().unwrap();
+        let seg = dir.path().join("seg");
+        std::fs::write(&seg, &data).unwrap();
+        let f = std::fs::File::open(&seg).unwrap();
+        let ahead_path = dir.path().join("seg.frames");
+        let mut out = std::fs::File::create(&ahead_path).unwrap();
+        compress_ahead(&f, 1, &mut out).unwrap();
+        compress_ahead(&f, 2, &mut out).unwrap();
+        // A record for chunk 3 made from other bytes: its CV does not match the file's.
+        let other = vec![7u8; CHUNK as usize];
+        out.write_all(&record(3, &subtree(&other, 3 * CHUNK), &zstd::bulk::compress(&other, 1).unwrap())).unwrap();
+        drop(out);
+        let ahead = Ahead::read(&ahead_path);
+        let mut got: Vec<u32> = ahead.indices().collect();
+        got.sort();
+        assert_eq!(got, [1, 2, 3]);
+        let h = half(&f, 0, 4 << 20, &ahead).unwrap();
+        assert_eq!(h.reused, 2, "chunks 1 and 2 reused, not the forged chunk 3");
+        assert_eq!(h.cvs, cvs);
+        assert_eq!(zstd::stream::decode_all(&h.z[..]).unwrap(), data);
+
+        // A torn record (the file cut inside the second frame) keeps only the first; a flipped
+        // byte in a frame drops it and what follows.
+        let bytes = std::fs::read(&ahead_path).unwrap();
+        let first = 72 + u32::from_le_bytes(bytes[4..8].try_into().unwrap()) as usize;
+        assert_eq!(Ahead::parse(&bytes[..first + 100]).indices().collect::<Vec<_>>(), [1]);
+        let mut flipped = bytes.clone();
+        flipped[80] ^= 1;
+        assert_eq!(Ahead::parse(&flipped).indices().count(), 0);
+    }
+}
