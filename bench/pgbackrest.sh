@@ -195,9 +195,12 @@ done
 # archive_command as PostgreSQL sees it, one tool at a time, while a bulk load writes about
 # 32 segments; a wrapper times each call. veza-dr's look-ahead serves only when segments wait
 # behind the one being archived (here the archiver kept up in the runs so far, so it did not);
-# pgBackRest runs as configured above (archive-push synchronous, its default).
+# pgBackRest runs as configured above (archive-push synchronous, its default). veza-dr's
+# wal-tail (started by its wal-push, compressing the segment being written) is stopped before
+# each tool's turn, so it works only for veza-dr's own.
 declare -A ARCH_MED ARCH_P95
 for t in $TOOLS; do
+  pkill -f -- "$V .*wal-tail" || true
   case $t in
     vz) cmd="$VZ wal-push db" ;;
     br45) cmd="$B45 archive-push" ;;
@@ -217,6 +220,7 @@ SH
   echo "archive_command $t: $(wc -l < "$D/arch.$t") segments" >&2
 done
 $BIN/psql -qAtX -c "ALTER SYSTEM RESET archive_command" -c "SELECT pg_reload_conf()" postgres >/dev/null
+pkill -f -- "$V .*wal-tail" || true
 
 # Real segments, written by pgbench after the last checkpoint (a checkpoint recycles them).
 $BIN/pgbench -n -c 2 -j 2 -t 15000 postgres > "$D/pgbench-wal.out" 2>&1

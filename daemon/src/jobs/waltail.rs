@@ -6,8 +6,9 @@
 //! segment and leaves when no chunk was finished for `IDLE`.
 //!
 //! Nothing is acknowledged from what it writes. A frame only saves compressing a chunk whose
-//! bytes, at that position, have the BLAKE3 chaining value the frame was compressed from, so a
-//! chunk PostgreSQL wrote again after it was compressed is simply compressed again. When a
+//! bytes, at that position, have the BLAKE3 chaining value the frame was compressed from, and
+//! which the frame decodes to (`walframes`), so a chunk PostgreSQL wrote again after it was
+//! compressed is simply compressed again. When a
 //! chunk is finished is a guess that only decides how much work is saved: the first page of
 //! the next chunk carries this segment's address (`xlp_pageaddr`), which a recycled or zeroed
 //! file does not, and PostgreSQL writes WAL pages in order.
@@ -25,6 +26,8 @@ use std::time::{Duration, Instant};
 const IDLE: Duration = Duration::from_secs(120);
 /// How often the next chunk's first page is looked at (one 16-byte read).
 const POLL: Duration = Duration::from_millis(20);
+/// Segments with frames held at most (about 80 MiB of 16 MiB segments).
+const MAX_FILES: usize = 16;
 /// Ahead files older than this are removed (their segment was archived or never will be).
 const KEEP: Duration = Duration::from_secs(600);
 
@@ -111,7 +114,8 @@ impl Tail {
     /// finished, go on to the next; `Ok(false)`: idle for too long.
     fn follow(&mut self, seg: &WalName) -> Result<bool> {
         let out_path = self.dir.join(format!("{seg}.frames"));
-        let mut done: HashSet<u32> = Ahead::read(&out_path).indices().collect();
+        let held = Ahead::read(&out_path);
+        let mut done: HashSet<u32> = held.indices().collect();
         let chunks = (self.seg_size / CHUNK) as u32;
         let next = seg.next(self.seg_size);
         let (Some(start), Some(next_start)) =
@@ -141,9 +145,12 @@ impl Tail {
             let k = (0..chunks - 1).find(|k| !done.contains(k));
             if let (Some(f), Some(k)) = (&file, k) {
                 let at = u64::from(k + 1) * CHUNK;
-                if page_at(f, at, start + at, tli) {
+                if page_at(f, at, start + at, tli) && (out.is_some() || self.files() < MAX_FILES) {
                     if out.is_none() {
+                        // Appended after the intact records: a record torn by a crash would
+                        // hide every record after it.
                         let o = std::fs::OpenOptions::new().create(true).append(true).open(&out_path);
+                        let o = o.and_then(|o| o.set_len(held.intact).map(|_| o));
                         out = Some(o.map_err(|e| Error::io("create", &out_path, e))?);
                     }
                     let o = out.as_mut().expect("opened above");
@@ -159,6 +166,13 @@ impl Tail {
             }
             std::thread::sleep(POLL);
         }
+    }
+
+    /// How many segments have frames held (an archiver that fell behind stops the tailer at
+    /// `MAX_FILES`: wal-ahead catches up on a backlog, and the state directory stays small).
+    fn files(&self) -> usize {
+        let rd = std::fs::read_dir(&self.dir).into_iter().flatten().flatten();
+        rd.filter(|e| e.file_name().to_string_lossy().ends_with(".frames")).count()
     }
 
     fn remove_old(&self) {
@@ -232,6 +246,11 @@ mod tests {
         }
         data[100] ^= 0xff;
         write(&data);
+        // The first tailer died inside a record: the next one appends after the intact ones.
+        let frames = ahead_file(&state, "db", name.as_str());
+        let mut f = std::fs::OpenOptions::new().append(true).open(&frames).unwrap();
+        std::io::Write::write_all(&mut f, &[1u8; 100]).unwrap();
+        drop(f);
         (tail.idle, tail.last) = (Duration::from_secs(5), Instant::now());
         let ready = wal.join("archive_status").join(format!("{name}.ready"));
         let t = std::thread::spawn(move || {

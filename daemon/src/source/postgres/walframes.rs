@@ -2,12 +2,13 @@
 //! segment, and the frames `wal-tail` compresses ahead while PostgreSQL is still writing it
 //! (the "ahead" file), so that archive_command finds most of its work done.
 //!
-//! A segment (a power of two of at least 2 MiB, as PostgreSQL's `wal_segment_size` always is)
-//! is cut into 1 MiB chunks. Each chunk is an aligned subtree of BLAKE3's tree, so its chaining
+//! A segment of 2 MiB to 1 GiB (`wal_segment_size` is a power of two from 1 MiB to 1 GiB; a
+//! 1 MiB segment is stored as two halves) is cut into 1 MiB chunks. Each chunk is an aligned subtree of BLAKE3's tree, so its chaining
 //! value (CV) depends on its bytes and position alone, and the CVs merge into exactly
 //! `blake3::hash(segment)`, the fingerprint that names the stored object. A chunk's frame is
 //! taken from the ahead file only when the file's CV for that chunk equals the CV the frame was
-//! compressed from: a frame of other bytes can never stand in for a chunk.
+//! compressed from and the frame decodes to exactly the chunk: a frame of other bytes can never
+//! stand in for a chunk.
 
 use blake3::hazmat::{merge_subtrees_non_root, merge_subtrees_root, ChainingValue, HasherExt, Mode};
 use std::collections::HashMap;
@@ -54,7 +55,11 @@ pub fn root(cvs: &[ChainingValue]) -> blake3::Hash {
 /// Frames compressed ahead for one segment: chunk index → (the CV of the chunk it was
 /// compressed from, the frame).
 #[derive(Default)]
-pub struct Ahead(HashMap<u32, (ChainingValue, Vec<u8>)>);
+pub struct Ahead {
+    frames: HashMap<u32, (ChainingValue, Vec<u8>)>,
+    /// The length of the file's intact records (a record after a torn one is never read).
+    pub intact: u64,
+}
 
 /// A record of the ahead file: index (u32 LE), frame length (u32 LE), the chunk's CV, BLAKE3
 /// of the frame, the frame. The frame's own hash makes a record torn by a crash or a lost
@@ -78,7 +83,7 @@ impl Ahead {
     }
 
     fn parse(mut b: &[u8]) -> Ahead {
-        let mut out = HashMap::new();
+        let (mut out, whole) = (HashMap::new(), b.len());
         while b.len() >= 72 {
             let index = u32::from_le_bytes(b[0..4].try_into().expect("4 bytes"));
             let n = u32::from_le_bytes(b[4..8].try_into().expect("4 bytes")) as usize;
@@ -90,16 +95,16 @@ impl Ahead {
             out.insert(index, (cv, frame.to_vec()));
             b = &b[72 + n..];
         }
-        Ahead(out)
+        Ahead { frames: out, intact: (whole - b.len()) as u64 }
     }
 
     /// The chunk indices held.
     pub fn indices(&self) -> impl Iterator<Item = u32> + '_ {
-        self.0.keys().copied()
+        self.frames.keys().copied()
     }
 
     fn frame(&self, index: u64, cv: &ChainingValue) -> Option<&[u8]> {
-        let (want, frame) = self.0.get(&u32::try_from(index).ok()?)?;
+        let (want, frame) = self.frames.get(&u32::try_from(index).ok()?)?;
         (want == cv).then_some(frame.as_slice())
     }
 }
@@ -113,11 +118,12 @@ pub fn half(file: &std::fs::File, at: u64, n: u64, ahead: &Ahead) -> std::io::Re
     let mut buf = vec![0u8; n as usize];
     file.read_exact_at(&mut buf, at)?;
     let mut zc = zstd::bulk::Compressor::new(LEVEL)?;
+    let (mut zd, mut scratch) = (zstd::bulk::Decompressor::new()?, Vec::with_capacity(CHUNK as usize));
     let mut out = Half { cvs: Vec::new(), z: Vec::new(), head: buf[..buf.len().min(64)].to_vec(), reused: 0 };
     for (i, part) in buf.chunks(CHUNK as usize).enumerate() {
         let off = at + i as u64 * CHUNK;
         let cv = subtree(part, off);
-        match ahead.frame(off / CHUNK, &cv) {
+        match ahead.frame(off / CHUNK, &cv).filter(|f| decodes_to(f, part, &mut zd, &mut scratch)) {
             Some(frame) => {
                 out.z.extend_from_slice(frame);
                 out.reused += 1;
@@ -127,6 +133,17 @@ pub fn half(file: &std::fs::File, at: u64, n: u64, ahead: &Ahead) -> std::io::Re
         out.cvs.push(cv);
     }
     Ok(out)
+}
+
+/// Whether `frame` is one zstd frame that decodes to exactly `part`. A frame compressed ahead
+/// is stored only then: the chaining value finds it, this proves it, so no record (torn,
+/// stale, forged, or from a bug) can make wal-push acknowledge bytes other than the file's.
+/// Decoding costs a fraction of compressing.
+fn decodes_to(frame: &[u8], part: &[u8], d: &mut zstd::bulk::Decompressor, scratch: &mut Vec<u8>) -> bool {
+    scratch.clear();
+    zstd::zstd_safe::find_frame_compressed_size(frame).ok() == Some(frame.len())
+        && d.decompress_to_buffer(frame, scratch).is_ok()
+        && scratch[..] == *part
 }
 
 pub struct Half {
@@ -175,7 +192,21 @@ mod tests {
         got.sort();
         assert_eq!(got, [1, 2, 3]);
         let h = half(&f, 0, 4 << 20, &ahead).unwrap();
-        assert_eq!(h.reused, 2, "chunks 1 and 2 reused, not the forged chunk 3");
+        assert_eq!(h.reused, 2, "chunks 1 and 2 reused, not the other bytes' chunk 3");
+        assert_eq!(h.cvs, cvs);
+        assert_eq!(zstd::stream::decode_all(&h.z[..]).unwrap(), data);
+        // A forged record: chunk 3's true chaining value over a frame of other bytes, and a
+        // record of chunk 0 whose frame is chunk 0 and then more. Neither is stored.
+        let mut out = std::fs::OpenOptions::new().append(true).open(&ahead_path).unwrap();
+        out.write_all(&record(3, &cvs[3], &zstd::bulk::compress(&other, 1).unwrap())).unwrap();
+        let mut two = zstd::bulk::compress(&data[..CHUNK as usize], 1).unwrap();
+        two.extend(zstd::bulk::compress(b"more", 1).unwrap());
+        out.write_all(&record(0, &cvs[0], &two)).unwrap();
+        drop(out);
+        let forged = Ahead::read(&ahead_path);
+        assert_eq!(forged.intact, std::fs::metadata(&ahead_path).unwrap().len());
+        let h = half(&f, 0, 4 << 20, &forged).unwrap();
+        assert_eq!(h.reused, 2, "a forged frame is never stored");
         assert_eq!(h.cvs, cvs);
         assert_eq!(zstd::stream::decode_all(&h.z[..]).unwrap(), data);
 
@@ -183,7 +214,9 @@ mod tests {
         // byte in a frame drops it and what follows.
         let bytes = std::fs::read(&ahead_path).unwrap();
         let first = 72 + u32::from_le_bytes(bytes[4..8].try_into().unwrap()) as usize;
-        assert_eq!(Ahead::parse(&bytes[..first + 100]).indices().collect::<Vec<_>>(), [1]);
+        let torn = Ahead::parse(&bytes[..first + 100]);
+        assert_eq!(torn.indices().collect::<Vec<_>>(), [1]);
+        assert_eq!(torn.intact, first as u64);
         let mut flipped = bytes.clone();
         flipped[80] ^= 1;
         assert_eq!(Ahead::parse(&flipped).indices().count(), 0);
