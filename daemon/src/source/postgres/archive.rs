@@ -106,7 +106,7 @@ pub fn load(path: &Path, head: &[u8], ahead: &Ahead) -> Result<(String, Vec<u8>,
     let (fp, z, first, reused) = if walframes::chunked(len) {
         let h = len / 2;
         let (left, right) =
-            on_two_cores(|| walframes::half(&file, 0, h, ahead), || walframes::half(&file, h, h, ahead));
+            on_two_cores(|| walframes::half(&file, 0, h, len, ahead), || walframes::half(&file, h, h, h, ahead));
         let (mut left, right) = (left.map_err(io)?, right.ok_or_else(thread)?.map_err(io)?);
         left.cvs.extend(right.cvs);
         left.z.extend_from_slice(&right.z);

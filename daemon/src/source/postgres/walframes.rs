@@ -112,14 +112,28 @@ impl Ahead {
 /// One half of a chunked file, `[at, at + n)`: read into one buffer, each chunk hashed and
 /// compressed (or its frame taken from `ahead`). Returns the chunks' CVs, their frames
 /// concatenated, the first bytes of the half (for the caller's check) and how many frames
-/// came from `ahead`.
-pub fn half(file: &std::fs::File, at: u64, n: u64, ahead: &Ahead) -> std::io::Result<Half> {
-    use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; n as usize];
-    file.read_exact_at(&mut buf, at)?;
+/// came from `ahead`. The frames' buffer has room for the frames of `room` bytes (the whole
+/// file for the left half, so the right half's frames join it without a move).
+pub fn half(file: &std::fs::File, at: u64, n: u64, room: u64, ahead: &Ahead) -> std::io::Result<Half> {
+    // The half is mapped from the page cache, where PostgreSQL just wrote it: read() into a
+    // buffer cost as much as hashing it (the kernel zeroes every fresh page, then copies into
+    // it). SAFETY: the mapping is read-only and private; PostgreSQL never writes or truncates
+    // a segment it hands to archive_command. A process that truncated it under us would end
+    // wal-push with SIGBUS, which PostgreSQL treats as a failed archive_command and retries:
+    // nothing is acknowledged. One that rewrote it is caught by the caller's checks.
+    // A mapping past the end of the file would fault on first touch: the length is checked first.
+    if file.metadata()?.len() < at + n {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the WAL file is shorter than it was"));
+    }
+    let map = unsafe { memmap2::MmapOptions::new().offset(at).len(n as usize).populate().map(file)? };
+    let buf: &[u8] = &map;
     let mut zc = zstd::bulk::Compressor::new(LEVEL)?;
     let (mut zd, mut scratch) = (zstd::bulk::Decompressor::new()?, Vec::with_capacity(CHUNK as usize));
-    let mut out = Half { cvs: Vec::new(), z: Vec::new(), head: buf[..buf.len().min(64)].to_vec(), reused: 0 };
+    // Room for every frame at its bound, so appending never moves the frames already made; the
+    // pages past what is written are never touched.
+    let bound = zstd::zstd_safe::compress_bound(CHUNK as usize) * room.max(n).div_ceil(CHUNK) as usize;
+    let z = Vec::with_capacity(bound);
+    let mut out = Half { cvs: Vec::new(), z, head: buf[..buf.len().min(64)].to_vec(), reused: 0 };
     for (i, part) in buf.chunks(CHUNK as usize).enumerate() {
         let off = at + i as u64 * CHUNK;
         let cv = subtree(part, off);
@@ -128,7 +142,11 @@ pub fn half(file: &std::fs::File, at: u64, n: u64, ahead: &Ahead) -> std::io::Re
                 out.z.extend_from_slice(frame);
                 out.reused += 1;
             }
-            None => out.z.extend_from_slice(&zc.compress(part)?),
+            None => {
+                let mut cursor = std::io::Cursor::new(&mut out.z);
+                cursor.set_position(cursor.get_ref().len() as u64);
+                zc.compress_to_buffer(part, &mut cursor)?;
+            }
         }
         out.cvs.push(cv);
     }
@@ -191,10 +209,15 @@ mod tests {
         let mut got: Vec<u32> = ahead.indices().collect();
         got.sort();
         assert_eq!(got, [1, 2, 3]);
-        let h = half(&f, 0, 4 << 20, &ahead).unwrap();
+        let h = half(&f, 0, 4 << 20, 4 << 20, &ahead).unwrap();
         assert_eq!(h.reused, 2, "chunks 1 and 2 reused, not the other bytes' chunk 3");
         assert_eq!(h.cvs, cvs);
         assert_eq!(zstd::stream::decode_all(&h.z[..]).unwrap(), data);
+        // The right half on its own, and a half past the end of the file: an error, not a fault.
+        let r = half(&f, 2 << 20, 2 << 20, 2 << 20, &Ahead::default()).unwrap();
+        assert_eq!(r.cvs[..], cvs[2..]);
+        assert_eq!(zstd::stream::decode_all(&r.z[..]).unwrap(), data[2 << 20..]);
+        assert!(half(&f, 2 << 20, 4 << 20, 4 << 20, &ahead).is_err());
         // A forged record: chunk 3's true chaining value over a frame of other bytes, and a
         // record of chunk 0 whose frame is chunk 0 and then more. Neither is stored.
         let mut out = std::fs::OpenOptions::new().append(true).open(&ahead_path).unwrap();
@@ -205,7 +228,7 @@ mod tests {
         drop(out);
         let forged = Ahead::read(&ahead_path);
         assert_eq!(forged.intact, std::fs::metadata(&ahead_path).unwrap().len());
-        let h = half(&f, 0, 4 << 20, &forged).unwrap();
+        let h = half(&f, 0, 4 << 20, 4 << 20, &forged).unwrap();
         assert_eq!(h.reused, 2, "a forged frame is never stored");
         assert_eq!(h.cvs, cvs);
         assert_eq!(zstd::stream::decode_all(&h.z[..]).unwrap(), data);
