@@ -46,45 +46,20 @@ pub struct Summary {
 
 /// Chunk wants for a set of (file index, entry): each chunk with every place it lands.
 pub fn plan(manifest: &Manifest, files: &[&Entry]) -> Result<Vec<Want>> {
-    let packs: Vec<PackId> = manifest
-        .packs
-        .iter()
-        .map(|p| {
-            parse_hex32(p)
-                .ok_or_else(|| Error::damaged(format!("manifest of {} names a malformed pack id", manifest.snapshot)))
-        })
-        .collect::<Result<_>>()?;
     let mut wants: HashMap<u32, Want> = HashMap::new();
-    let mut add = |c: u32, t: Target| -> Result<()> {
-        let w = match wants.entry(c) {
-            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                let (id, p, o, len, raw) = super::pages::chunk(manifest, c)?;
-                let id = parse_hex32(id).ok_or_else(|| {
-                    Error::damaged(format!("manifest of {} holds a malformed chunk id", manifest.snapshot))
-                })?;
-                let pack = *packs.get(*p as usize).ok_or_else(|| {
-                    Error::damaged(format!("manifest of {} references pack {p} beyond its list", manifest.snapshot))
-                })?;
-                v.insert(Want { id, loc: BlobLoc { pack, offset: *o, len: *len, raw_len: *raw }, targets: vec![] })
-            }
-        };
-        w.targets.push(t);
-        Ok(())
-    };
     for (fi, e) in files.iter().enumerate() {
         match &e.pages {
             None => {
                 let mut off = 0u64;
                 for &c in &e.chunks {
                     let raw = super::pages::chunk(manifest, c)?.4;
-                    add(c, Target { file: fi, offset: off, part: None, piece: Some(off) })?;
+                    want(&mut wants, manifest, c, Target { file: fi, offset: off, part: None, piece: Some(off) })?;
                     off += raw as u64;
                 }
             }
             Some(layers) => {
                 for (c, t) in super::pages::layout(manifest, e, layers, fi)? {
-                    add(c, t)?;
+                    want(&mut wants, manifest, c, t)?;
                 }
             }
         }
@@ -96,25 +71,33 @@ pub fn plan(manifest: &Manifest, files: &[&Entry]) -> Result<Vec<Want>> {
 pub fn plan_digests(manifest: &Manifest, files: &[&Entry]) -> Result<Vec<Want>> {
     let mut wants: HashMap<u32, Want> = HashMap::new();
     for (fi, e) in files.iter().enumerate() {
-        let Some(c) = e.digests else { continue };
-        let (id, p, o, len, raw) = super::pages::chunk(manifest, c)?;
-        let id = parse_hex32(id)
-            .ok_or_else(|| Error::damaged(format!("manifest of {} holds a malformed chunk id", manifest.snapshot)))?;
-        let pack = manifest.packs.get(*p as usize).and_then(|p| parse_hex32(p)).ok_or_else(|| {
-            Error::damaged(format!("manifest of {} references pack {p} beyond its list", manifest.snapshot))
-        })?;
-        let t = Target { file: fi, offset: 0, part: None, piece: None };
-        wants
-            .entry(c)
-            .or_insert_with(|| Want {
-                id,
-                loc: BlobLoc { pack, offset: *o, len: *len, raw_len: *raw },
-                targets: vec![],
-            })
-            .targets
-            .push(t);
+        if let Some(c) = e.digests {
+            want(&mut wants, manifest, c, Target { file: fi, offset: 0, part: None, piece: None })?;
+        }
     }
     Ok(wants.into_values().collect())
+}
+
+/// Add target `t` to chunk `c`'s want, resolving the chunk's id and place the first time.
+fn want(wants: &mut HashMap<u32, Want>, manifest: &Manifest, c: u32, t: Target) -> Result<()> {
+    let w = match wants.entry(c) {
+        std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+        std::collections::hash_map::Entry::Vacant(v) => {
+            let snap = &manifest.snapshot;
+            let (id, p, o, len, raw) = super::pages::chunk(manifest, c)?;
+            let id = parse_hex32(id)
+                .ok_or_else(|| Error::damaged(format!("manifest of {snap} holds a malformed chunk id")))?;
+            let pack = manifest
+                .packs
+                .get(*p as usize)
+                .ok_or_else(|| Error::damaged(format!("manifest of {snap} references pack {p} beyond its list")))?;
+            let pack = parse_hex32(pack)
+                .ok_or_else(|| Error::damaged(format!("manifest of {snap} names a malformed pack id")))?;
+            v.insert(Want { id, loc: BlobLoc { pack, offset: *o, len: *len, raw_len: *raw }, targets: vec![] })
+        }
+    };
+    w.targets.push(t);
+    Ok(())
 }
 
 /// A one-line summary of damage: the objects and the files they affect.
