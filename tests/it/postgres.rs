@@ -32,9 +32,17 @@ fn physical(kind: Kind) -> (Backend, Fixture, Pg) {
 
 /// The same with `extra` policy text (retention, for one).
 pub(crate) fn physical_with(kind: Kind, extra: &str) -> (Backend, Fixture, Pg) {
+    physical_logging(kind, extra, None)
+}
+
+/// The same with `VEZA_DR_LOG` set for archive_command too (its lines go to the server's log).
+fn physical_logging(kind: Kind, extra: &str, log: Option<&str>) -> (Backend, Fixture, Pg) {
     let backend = Backend::start(kind);
     let mut fx = Fixture::new(&backend);
     pg_open(&fx);
+    if let Some(filter) = log {
+        fx.env.push(("VEZA_DR_LOG".into(), filter.into()));
+    }
     let pg = Pg::start(&fx.archive_command("db"), fx.env.clone());
     fx.env = env_with(&fx, &pg);
     fx.pg_policy("db", &backend, "db", "physical", &pg.data, extra);
@@ -563,14 +571,8 @@ fn delta_restore_brings_an_old_data_directory_to_a_newer_snapshot() {
 /// none is lost (a restore to the end of the archive matches the source).
 #[test]
 fn wal_pushed_ahead_is_acknowledged_once_stored_and_none_is_lost() {
-    let backend = Backend::start(Kind::Garage);
-    let mut fx = Fixture::new(&backend);
-    pg_open(&fx);
-    fx.env.push(("VEZA_DR_LOG".into(), "veza_dr=debug".into()));
-    let pg = Pg::start(&fx.archive_command("db"), fx.env.clone());
-    fx.env = env_with(&fx, &pg);
-    fx.pg_policy("db", &backend, "db", "physical", &pg.data, "");
-    let (mut backend, dsn) = (backend, pg.dsn());
+    let (mut backend, fx, pg) = physical_logging(Kind::Garage, "", Some("veza_dr=debug"));
+    let dsn = pg.dsn();
     load(&dsn);
     fx.ok(&["backup", "db", "--full"]);
     backend.stop();
@@ -604,13 +606,7 @@ fn wal_pushed_ahead_is_acknowledged_once_stored_and_none_is_lost() {
 /// restore through that WAL matches the source.
 #[test]
 fn wal_compressed_ahead_restores_exactly() {
-    let backend = Backend::start(Kind::Moto);
-    let mut fx = Fixture::new(&backend);
-    pg_open(&fx);
-    fx.env.push(("VEZA_DR_LOG".into(), "veza_dr=debug".into()));
-    let pg = Pg::start(&fx.archive_command("db"), fx.env.clone());
-    fx.env = env_with(&fx, &pg);
-    fx.pg_policy("db", &backend, "db", "physical", &pg.data, "");
+    let (_backend, fx, pg) = physical_logging(Kind::Moto, "", Some("veza_dr=debug"));
     let dsn = pg.dsn();
     load(&dsn);
     fx.ok(&["backup", "db", "--full"]);
