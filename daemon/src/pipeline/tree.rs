@@ -197,10 +197,12 @@ pub async fn restore(repo: &Unlocked, opts: &Options) -> Result<Summary> {
     let total: u64 = files.iter().map(|e| e.size).sum();
     opts.bytes_total.store(total, std::sync::atomic::Ordering::Relaxed);
     let sink = Arc::new(FileSink::new(dir.clone(), paths));
+    let flushing = dir.flush_behind();
     let damage = fetcher::fetch(repo, key, wants, sink, 4, opts.bytes_done.clone()).await?;
 
     let mut warnings = Vec::new();
     finish(&dir, &selected, opts.overwrite || opts.delta, &mut warnings)?;
+    drop(flushing);
     // Synced before damage is reported too: what could be restored is then on disk.
     dir.sync()?;
     if !damage.is_empty() {
