@@ -109,22 +109,22 @@ impl Ahead {
     }
 }
 
-/// One half of a chunked file, `[at, at + n)`: read into one buffer, each chunk hashed and
-/// compressed (or its frame taken from `ahead`). Returns the chunks' CVs, their frames
+/// One half of a chunked file, `[at, at + n)`: mapped, each chunk hashed and compressed (or
+/// its frame taken from `ahead`). Returns the chunks' CVs, their frames
 /// concatenated, the first bytes of the half (for the caller's check) and how many frames
 /// came from `ahead`. The frames' buffer has room for the frames of `room` bytes (the whole
 /// file for the left half, so the right half's frames join it without a move).
 pub fn half(file: &std::fs::File, at: u64, n: u64, room: u64, ahead: &Ahead) -> std::io::Result<Half> {
+    // A mapping past the end of the file would fault on first touch: the length is checked first.
+    if file.metadata()?.len() < at + n {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the WAL file is shorter than it was"));
+    }
     // The half is mapped from the page cache, where PostgreSQL just wrote it: read() into a
     // buffer cost as much as hashing it (the kernel zeroes every fresh page, then copies into
     // it). SAFETY: the mapping is read-only and private; PostgreSQL never writes or truncates
     // a segment it hands to archive_command. A process that truncated it under us would end
     // wal-push with SIGBUS, which PostgreSQL treats as a failed archive_command and retries:
     // nothing is acknowledged. One that rewrote it is caught by the caller's checks.
-    // A mapping past the end of the file would fault on first touch: the length is checked first.
-    if file.metadata()?.len() < at + n {
-        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the WAL file is shorter than it was"));
-    }
     let map = unsafe { memmap2::MmapOptions::new().offset(at).len(n as usize).populate().map(file)? };
     let buf: &[u8] = &map;
     let mut zc = zstd::bulk::Compressor::new(LEVEL)?;
