@@ -332,15 +332,67 @@ fn traced_restore(fx: &Fixture, policy: &str, target: &std::path::Path, calls: &
     traced(fx, calls, &args)
 }
 
-/// The target was synced (a successful syncfs on it) after the last write into it.
+/// strace -f's lines with each call whole: a call another thread interrupted is printed as
+/// `PID call(args <unfinished ...>` and later `PID <... call resumed>rest`; these are joined.
+fn joined(t: &str) -> Vec<String> {
+    let mut pending: std::collections::HashMap<&str, (usize, String)> = Default::default();
+    let mut out: Vec<String> = Vec::new();
+    for l in t.lines() {
+        let pid = l.split_whitespace().next().unwrap_or("");
+        if let Some(head) = l.strip_suffix(" <unfinished ...>") {
+            pending.insert(pid, (out.len(), head.to_string()));
+            out.push(String::new());
+        } else if let Some((_, rest)) = l.split_once(" resumed>") {
+            match pending.remove(pid) {
+                Some((at, head)) => out[at] = format!("{head}{rest}"),
+                None => out.push(l.to_string()),
+            }
+        } else {
+            out.push(l.to_string());
+        }
+    }
+    out
+}
+
+/// The target was synced (a successful syncfs on it) after the last write into it, through
+/// the restore's own handle of the target. The flush-behind thread also `syncfs`es the target,
+/// through a handle it opens as `.` from the root: its syncs are told apart by descriptor
+/// (the trace needs `openat` and `close`), so only the final one can satisfy this.
 fn synced_after_last_write(t: &str, target: &std::path::Path) {
     let target = target.canonicalize().unwrap().display().to_string();
-    let lines: Vec<&str> = t.lines().collect();
+    let lines = joined(t);
     let under = format!("{target}/");
-    let last_write =
-        lines.iter().rposition(|l| (l.contains("pwrite64(") || l.contains("write(")) && l.contains(&under));
-    let synced =
-        lines.iter().rposition(|l| l.contains("syncfs(") && l.contains(&format!("<{target}>")) && l.ends_with("= 0"));
+    let handle = format!("<{target}>");
+    // The descriptor a line's call returned (`= 7</path>`), or the first argument's (`(7</path>`).
+    let ret_fd = |l: &str| l.rsplit_once(") = ").and_then(|(_, r)| r.split('<').next()?.trim().parse::<i32>().ok());
+    let arg_fd = |l: &str| l.split_once('(').and_then(|(_, r)| r.split('<').next()?.parse::<i32>().ok());
+    let mut flusher_fds = std::collections::HashSet::new();
+    let (mut last_write, mut synced, mut flusher_seen) = (None, None, false);
+    for (i, l) in lines.iter().enumerate() {
+        if l.contains("openat(") && l.contains(&format!("{handle}, \".\"")) {
+            if let Some(fd) = ret_fd(l) {
+                flusher_fds.insert(fd);
+                flusher_seen = true;
+            }
+        } else if l.contains("openat(") {
+            if let Some(fd) = ret_fd(l) {
+                flusher_fds.remove(&fd);
+            }
+        } else if l.contains("close(") {
+            if let Some(fd) = arg_fd(l) {
+                flusher_fds.remove(&fd);
+            }
+        } else if (l.contains("pwrite64(") || l.contains("write(")) && l.contains(&under) {
+            last_write = Some(i);
+        } else if l.contains("syncfs(")
+            && l.contains(&handle)
+            && l.ends_with("= 0")
+            && arg_fd(l).is_some_and(|fd| !flusher_fds.contains(&fd))
+        {
+            synced = Some(i);
+        }
+    }
+    assert!(flusher_seen, "the flush-behind thread's handle was not traced (is openat traced?):\n{t}");
     assert!(last_write.is_some(), "no write into the target traced:\n{t}");
     assert!(synced.is_some() && synced > last_write, "the target was not synced after the last write:\n{t}");
 }
@@ -359,10 +411,19 @@ fn a_restore_syncs_its_target_before_it_reports_done() {
     fx.volume_policy("vol", &backend, "vol", &src, "");
     fx.ok(&["backup", "vol"]);
     let target = fx.path("restored");
-    let (o, t) = traced_restore(&fx, "vol", &target, "pwrite64,syncfs");
+    let (o, t) = traced_restore(&fx, "vol", &target, "pwrite64,syncfs,openat,close");
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(std::fs::read(target.join("d/big")).unwrap(), vec![7u8; 3 << 20]);
     synced_after_last_write(&t, &target);
+    // The large file went past the page cache (pipeline/sink.rs), the small one through it.
+    let opened = |name: &str| {
+        t.lines()
+            .filter(|l| l.contains("openat(") && l.contains(&format!("\"{name}\"")))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert!(opened("big").iter().any(|l| l.contains("O_DIRECT")), "d/big was not written direct:\n{t}");
+    assert!(opened("small").iter().all(|l| !l.contains("O_DIRECT")), "small was written direct:\n{t}");
 }
 
 /// A physical restore writes backup_label, recovery.signal and the recovery settings after
@@ -374,7 +435,7 @@ fn a_physical_restore_syncs_its_recovery_files_before_it_reports_done() {
     psql(&pg.dsn(), "CREATE TABLE t AS SELECT generate_series(1, 1000) AS i");
     fx.ok(&["backup", "db"]);
     let target = fx.path("restored");
-    let (o, t) = traced_restore(&fx, "db", &target, "write,pwrite64,syncfs");
+    let (o, t) = traced_restore(&fx, "db", &target, "write,pwrite64,syncfs,openat,close");
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(target.join("recovery.signal").exists() && target.join("backup_label").exists());
     assert!(

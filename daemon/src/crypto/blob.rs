@@ -146,15 +146,17 @@ pub(crate) fn encrypt_payload(ikm: &[u8], nonce: &[u8; NONCE], head: &[u8], body
     }
 }
 
-/// Open agead(ikm, nonce, …): `None` when any chunk fails, the stream was cut at a chunk
-/// boundary (the new last chunk is not marked final), or the final chunk is empty after others.
-pub(crate) fn decrypt_payload(ikm: &[u8], nonce: &[u8; NONCE], sealed: &[u8]) -> Option<Vec<u8>> {
+/// Open agead(ikm, nonce, …) into `out` (cleared first; a restore reuses its capacity): `None`
+/// when any chunk fails, the stream was cut at a chunk boundary (the new last chunk is not
+/// marked final), or the final chunk is empty after others.
+pub(crate) fn decrypt_payload_into(ikm: &[u8], nonce: &[u8; NONCE], sealed: &[u8], out: &mut Vec<u8>) -> Option<()> {
+    out.clear();
     if sealed.len() < TAG {
         return None;
     }
     let c = payload_cipher(ikm, nonce);
     let chunks = sealed.len().div_ceil(CHUNK + TAG);
-    let mut out = Vec::with_capacity(sealed.len());
+    out.reserve(sealed.len());
     for (i, piece) in sealed.chunks(CHUNK + TAG).enumerate() {
         let last = i + 1 == chunks;
         let (ct, tag) = piece.split_at_checked(piece.len().checked_sub(TAG)?)?;
@@ -165,7 +167,7 @@ pub(crate) fn decrypt_payload(ikm: &[u8], nonce: &[u8; NONCE], sealed: &[u8]) ->
         out.extend_from_slice(ct);
         c.decrypt_in_place_detached(&chunk_nonce(i, last), b"", &mut out[start..], Tag::from_slice(tag)).ok()?;
     }
-    Some(out)
+    Some(())
 }
 
 #[cfg(test)]
@@ -217,7 +219,9 @@ mod tests {
             let (file, fk) = age_file(&r, &plain);
             let hdr = file.len() - NONCE - sealed_len(n);
             let nonce: [u8; NONCE] = file[hdr..hdr + NONCE].try_into().unwrap();
-            assert_eq!(decrypt_payload(&fk, &nonce, &file[hdr + NONCE..]).unwrap(), plain, "n={n}");
+            let mut out = Vec::new();
+            decrypt_payload_into(&fk, &nonce, &file[hdr + NONCE..], &mut out).unwrap();
+            assert_eq!(out, plain, "n={n}");
             // Ours, under age's header and a new nonce, split between head and body.
             let mut ours = file[..hdr].to_vec();
             let nonce2 = [9u8; NONCE];

@@ -161,13 +161,21 @@ impl Identity {
     /// Decrypt one blob of a pack: sealed under a blob key (`crypto::blob`), or, as earlier
     /// versions wrote them, as an age file of its own. `what` names it in the error.
     pub fn open_blob(&self, sealed: &[u8], what: &dyn std::fmt::Display) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.open_blob_into(sealed, what, &mut out)?;
+        Ok(out)
+    }
+
+    /// `open_blob` into `out`, whose capacity a restore reuses from blob to blob.
+    pub fn open_blob_into(&self, sealed: &[u8], what: &dyn std::fmt::Display, out: &mut Vec<u8>) -> Result<()> {
         if !sealed.starts_with(super::blob::MAGIC) {
-            return self.open(sealed, what);
+            *out = self.open(sealed, what)?;
+            return Ok(());
         }
         let p = super::blob::parse(sealed)
             .ok_or_else(|| Error::damaged(format!("{what} is cut short or has a malformed header")))?;
         let key = self.blob_key(p.envelope, what)?;
-        super::blob::decrypt_payload(key.expose_secret(), p.nonce, p.payload)
+        super::blob::decrypt_payload_into(key.expose_secret(), p.nonce, p.payload, out)
             .ok_or_else(|| Error::damaged(format!("{what} is corrupted (authentication failed)")))
     }
 

@@ -7,6 +7,7 @@ pub mod delta;
 pub mod pages;
 pub mod restore;
 pub mod safe_dir;
+pub mod sink;
 pub mod snapshot;
 pub mod tree;
 pub mod walk;
@@ -50,18 +51,40 @@ pub fn open_blob(
     raw_len: u32,
     sealed: &[u8],
     what: &dyn std::fmt::Display,
-) -> Result<bytes::Bytes> {
-    let framed = opener.open_blob(sealed, what)?;
-    let data = match framed.first() {
-        // The chunk after its flag byte, without moving it down by one.
-        Some(&BLOB_RAW) => bytes::Bytes::from(framed).slice(1..),
-        Some(&BLOB_ZSTD) => dz
-            .decompress(&framed[1..], raw_len as usize)
-            .map_err(|e| Error::damaged(format!("{what} does not decompress: {e}")))?
-            .into(),
+) -> Result<Vec<u8>> {
+    let mut bufs = (Vec::new(), Vec::new());
+    Ok(open_blob_into(opener, dz, key, id, raw_len, sealed, what, &mut bufs)?.to_vec())
+}
+
+/// `open_blob` through two buffers a restore worker keeps (the decrypted blob, the
+/// decompressed chunk): a fresh pair per chunk was allocated, faulted in and freed again
+/// for every megabyte restored. Returns the chunk, borrowed from one of them.
+#[allow(clippy::too_many_arguments)]
+pub fn open_blob_into<'b>(
+    opener: &Identity,
+    dz: &mut zstd::bulk::Decompressor<'_>,
+    key: &[u8; 32],
+    id: &ChunkId,
+    raw_len: u32,
+    sealed: &[u8],
+    what: &dyn std::fmt::Display,
+    (framed, plain): &'b mut (Vec<u8>, Vec<u8>),
+) -> Result<&'b [u8]> {
+    opener.open_blob_into(sealed, what, framed)?;
+    let data: &[u8] = match framed.first() {
+        Some(&BLOB_RAW) => &framed[1..],
+        Some(&BLOB_ZSTD) => {
+            plain.clear();
+            plain.reserve(raw_len as usize);
+            // Into the buffer's capacity, never more: a blob that inflates past its recorded
+            // length fails here or in the length check below.
+            dz.decompress_to_buffer(&framed[1..], plain)
+                .map_err(|e| Error::damaged(format!("{what} does not decompress: {e}")))?;
+            plain
+        }
         _ => return Err(Error::damaged(format!("{what} has an unknown blob framing"))),
     };
-    if data.len() != raw_len as usize || &chunk_id(key, &data) != id {
+    if data.len() != raw_len as usize || &chunk_id(key, data) != id {
         return Err(Error::damaged(format!("{what} does not match its id (tampered or swapped)")));
     }
     Ok(data)

@@ -3,15 +3,16 @@
 //! against its id and written at its offsets. Damage is collected, not fatal: everything that
 //! can be restored is, and the damaged chunks are reported with the files they affect.
 
-use super::open_blob;
+use super::open_blob_into;
 use crate::error::{Error, Kind, Result};
 use crate::repository::format::*;
 use crate::repository::Unlocked;
 use futures::StreamExt;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+pub use super::sink::{FileSink, NullSink, Sink};
 
 /// One destination of a chunk: a file, the offset there, and which bytes of the chunk go
 /// (`None`: all of it; a page layer writes only the pages no later layer replaces).
@@ -40,42 +41,9 @@ pub struct Damage {
     pub files: Vec<usize>,
 }
 
-/// Where restored bytes go: a file path per index, or a sink for verification only.
-pub trait Sink: Send + Sync {
-    fn write(&self, file: usize, offset: u64, data: &[u8]) -> Result<()>;
-}
-
-/// Writes into files under a target directory, through its no-follow handles.
-pub struct FileSink {
-    dir: Arc<super::safe_dir::SafeDir>,
-    /// Each file's path relative to the target.
-    paths: Vec<PathBuf>,
-    /// One writer per file at a time: concurrent pwrites into one large file make the kernel
-    /// spin on its inode lock (a 2.7 GB PostgreSQL restore spent twice its time in the kernel).
-    locks: Vec<std::sync::Mutex<()>>,
-}
-
-impl FileSink {
-    pub fn new(dir: Arc<super::safe_dir::SafeDir>, paths: Vec<PathBuf>) -> FileSink {
-        let locks = paths.iter().map(|_| std::sync::Mutex::new(())).collect();
-        FileSink { dir, paths, locks }
-    }
-}
-
-impl Sink for FileSink {
-    fn write(&self, file: usize, offset: u64, data: &[u8]) -> Result<()> {
-        let _one_writer = self.locks[file].lock().unwrap_or_else(|e| e.into_inner());
-        self.dir.write_at(&self.paths[file], offset, data)
-    }
-}
-
-/// Discards the bytes: used by `verify --read-data`, which only needs the checks.
-pub struct NullSink;
-
-impl Sink for NullSink {
-    fn write(&self, _: usize, _: u64, _: &[u8]) -> Result<()> {
-        Ok(())
-    }
+struct Scratch {
+    dz: zstd::bulk::Decompressor<'static>,
+    bufs: (Vec<u8>, Vec<u8>),
 }
 
 const MAX_RANGE: u64 = 8 << 20;
@@ -115,11 +83,16 @@ pub async fn fetch(
         }
     }
 
+    // One worker's decompressor and buffers, kept from range to range: at most `concurrency`
+    // exist, where a fresh set per range or chunk kept the allocator returning and faulting
+    // in memory (and holding freed megabytes for its purge delay).
+    let scratch: Arc<std::sync::Mutex<Vec<Scratch>>> = Default::default();
     let results: Vec<Result<Vec<Damage>>> = futures::stream::iter(ranges)
         .map(|(pack, ws)| {
             let repo = repo.clone();
             let sink = sink.clone();
             let bytes_done = bytes_done.clone();
+            let scratch = scratch.clone();
             async move {
                 let object = crate::repository::keys::pack(&pack);
                 let start = ws[0].loc.offset;
@@ -141,20 +114,28 @@ pub async fn fetch(
                 };
                 tokio::task::spawn_blocking(move || {
                     let mut damage = Vec::new();
-                    let mut dz = zstd::bulk::Decompressor::new()
-                        .map_err(|e| Error::failed(format!("cannot start zstd: {e}")))?;
+                    let taken = scratch.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                    let mut mine = match taken {
+                        Some(s) => s,
+                        None => Scratch {
+                            dz: zstd::bulk::Decompressor::new()
+                                .map_err(|e| Error::failed(format!("cannot start zstd: {e}")))?,
+                            bufs: Default::default(),
+                        },
+                    };
+                    let Scratch { dz, bufs } = &mut mine;
                     for w in ws {
                         let a = (w.loc.offset - start) as usize;
                         let sealed = &data[a..a + w.loc.len as usize];
                         let what = format_args!("chunk {} in {object}", &hex::encode(w.id)[..16]).to_string();
-                        match open_blob(repo.identity(), &mut dz, &key, &w.id, w.loc.raw_len, sealed, &what) {
+                        match open_blob_into(repo.identity(), dz, &key, &w.id, w.loc.raw_len, sealed, &what, bufs) {
                             Ok(plain) => {
                                 let mut n = 0u64;
                                 for t in &w.targets {
                                     // Parts were checked against the chunk's length when planned;
                                     // `get` keeps a crafted one from panicking all the same.
                                     let bytes = match t.part {
-                                        None => Some(&plain[..]),
+                                        None => Some(plain),
                                         Some((a, len)) => plain.get(a as usize..a as usize + len as usize),
                                     };
                                     let Some(bytes) = bytes else {
@@ -176,6 +157,7 @@ pub async fn fetch(
                             }),
                         }
                     }
+                    scratch.lock().unwrap_or_else(|e| e.into_inner()).push(mine);
                     Ok(damage)
                 })
                 .await

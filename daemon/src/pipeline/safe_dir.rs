@@ -230,6 +230,35 @@ impl SafeDir {
         std::os::unix::fs::FileExt::write_all_at(&f, data, offset).map_err(|e| Error::io("write", &self.full(rel), e))
     }
 
+    /// The file `rel` (made by `create_file`) opened for writes past the page cache
+    /// (`O_DIRECT`), if the kernel says this file takes them at offsets and addresses aligned
+    /// to `align` (statx `STATX_DIOALIGN`); `None` otherwise, and the caller writes through
+    /// the page cache. A kernel without `STATX_DIOALIGN` (before 6.1) gets `None` as well.
+    pub fn open_direct(&self, rel: &Path, align: usize) -> Result<Option<std::fs::File>> {
+        let (dir, name) = self.parent(rel)?;
+        let flags = OFlag::O_RDWR | OFlag::O_DIRECT | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let fd = match nix::fcntl::openat(dir.as_fd(), name, flags, Mode::empty()) {
+            Ok(fd) => fd,
+            // The file system refuses O_DIRECT (tmpfs before 6.6, some FUSE file systems).
+            Err(nix::errno::Errno::EINVAL) => return Ok(None),
+            Err(e) => return Err(err("open", &self.full(rel), e)),
+        };
+        use nix::libc;
+        use std::os::fd::AsRawFd;
+        // SAFETY: statx only writes into `st`, a plain struct for which zeroes are valid.
+        let mut st: libc::statx = unsafe { std::mem::zeroed() };
+        let empty = c"";
+        // SAFETY: a valid descriptor, a NUL-terminated empty path with AT_EMPTY_PATH, and `st`.
+        let rc =
+            unsafe { libc::statx(fd.as_raw_fd(), empty.as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut st) };
+        let (mem, off) = (st.stx_dio_mem_align as usize, st.stx_dio_offset_align as usize);
+        let fits = |a: usize| a != 0 && align.is_multiple_of(a);
+        if rc != 0 || st.stx_mask & libc::STATX_DIOALIGN == 0 || !fits(mem) || !fits(off) {
+            return Ok(None);
+        }
+        Ok(Some(std::fs::File::from(fd)))
+    }
+
     /// Wait until everything written under the target is on disk (`syncfs`: one journal
     /// commit for the whole tree, where an fsync per file would pay one each). A write error
     /// that only writeback found is reported here, so a restore never says done over bytes a

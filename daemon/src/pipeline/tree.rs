@@ -3,7 +3,7 @@
 //! restores through this: volumes into their target, PostgreSQL into a data directory,
 //! logical dumps into a scratch directory.
 
-use super::restore::{self as fetcher, Damage, FileSink, Target, Want};
+use super::restore::{self as fetcher, Damage, FileSink, Sink, Target, Want};
 use super::safe_dir::SafeDir;
 use crate::error::{Error, Result};
 use crate::repository::format::*;
@@ -196,9 +196,13 @@ pub async fn restore(repo: &Unlocked, opts: &Options) -> Result<Summary> {
     };
     let total: u64 = files.iter().map(|e| e.size).sum();
     opts.bytes_total.store(total, std::sync::atomic::Ordering::Relaxed);
-    let sink = Arc::new(FileSink::new(dir.clone(), paths));
+    let sink = Arc::new(match opts.delta {
+        true => FileSink::new(dir.clone(), paths),
+        false => FileSink::fresh(dir.clone(), paths, files.iter().map(|e| e.size).collect()),
+    });
     let flushing = dir.flush_behind();
-    let damage = fetcher::fetch(repo, key, wants, sink, 4, opts.bytes_done.clone()).await?;
+    let damage = fetcher::fetch(repo, key, wants, sink.clone(), 4, opts.bytes_done.clone()).await?;
+    sink.finish()?;
 
     let mut warnings = Vec::new();
     finish(&dir, &selected, opts.overwrite || opts.delta, &mut warnings)?;
