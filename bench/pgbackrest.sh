@@ -120,6 +120,10 @@ backup() { # TOOL full|incr
 }
 declare -A FULL_S FULL_B INC_S INC_B CHAIN_B
 for t in $TOOLS; do b0=$(bytes $t); backup $t full; FULL_S[$t]=$WALL; FULL_B[$t]=$(( $(bytes $t) - b0 )); done
+# Each tool's full backup, restored again after the hours (files only): no page layers there.
+SET_vz=$(as_pg $VZ snapshots db --json | python3 -c 'import json, sys; print(json.load(sys.stdin)[0]["id"])')
+SET_br45=$(as_pg $B45 info | awk '/full backup/ {print $3; exit}')
+SET_br59=; [ -n "$B59" ] && SET_br59=$(as_pg $B59C info | awk '/full backup/ {print $3; exit}')
 
 hour() {
   $BIN/pgbench -n -c 2 -j 2 -t 10000 postgres > "$D/pgbench.out" 2>&1
@@ -161,13 +165,21 @@ files_restore() { # TOOL DIR [--delta]
     br59) as_pg $B59C --pg1-path="$2" restore ${3:-} ;;
   esac
 }
-export -f files_restore as_pg; export VZ B45 B59C D
-declare -A FILES_S DELTA_S RUN_S
+full_restore() { # TOOL DIR
+  case $1 in
+    vz) as_pg $VZ restore db --snapshot "$SET_vz" --target "$2" --identity "$D/restore.key" ;;
+    br45) as_pg $B45 --pg1-path="$2" --set="$SET_br45" restore ;;
+    br59) as_pg $B59C --pg1-path="$2" --set="$SET_br59" restore ;;
+  esac
+}
+export -f files_restore full_restore as_pg; export VZ B45 B59C D SET_vz SET_br45 SET_br59
+declare -A FILES_S DELTA_S RUN_S FULLR_S
 for t in $TOOLS; do
-  rm -rf "$D/new-$t"; mkdir -p "$D/new-$t"; chown postgres "$D/new-$t"
+  rm -rf "$D/new-$t" "$D/full-$t"; mkdir -p "$D/new-$t" "$D/full-$t"; chown postgres "$D/new-$t" "$D/full-$t"
   run "${t}_files" bash -c "files_restore $t $D/new-$t"; FILES_S[$t]=$WALL
   run "${t}_delta" bash -c "files_restore $t $D/old-$t --delta"; DELTA_S[$t]=$WALL
-  rm -rf "$D/new-$t"
+  run "${t}_fullr" bash -c "full_restore $t $D/full-$t"; FULLR_S[$t]=$WALL
+  rm -rf "$D/new-$t" "$D/full-$t"
 done
 start_restore() { # TOOL DIR PORT
   case $1 in
@@ -297,6 +309,7 @@ row "hourly incremental" "≤ 0.33" INC_S
 row "hourly incremental, bytes stored" "≤ 0.5" INC_B mib
 row "chain of $HOURS hourly incrementals, bytes stored" "≤ 0.5" CHAIN_B mib
 row "restore, files only" "" FILES_S
+row "restore of the full backup, files only" "" FULLR_S
 row "delta restore over a directory one hour old" "" DELTA_S
 row "delta restore / files-only restore" "≤ 0.25 (veza-dr)" DRATIO raw
 row "restore to a running server (best of 3)" "≤ 0.5" RUN_S
