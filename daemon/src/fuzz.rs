@@ -42,7 +42,16 @@ pub fn blob(data: &[u8]) {
     let mut dz = zstd::bulk::Decompressor::new().expect("zstd");
     let raw = data.first().map(|b| *b as u32 * 1024).unwrap_or(0);
     ID.with(|id| {
-        let _ = crate::pipeline::open_blob(id, &mut dz, &[7; 32], &[9; 32], raw, data, &"fuzz blob");
+        let _ = crate::pipeline::open_blob(
+            id,
+            &mut dz,
+            &[7; 32],
+            &[9; 32],
+            raw,
+            data,
+            &"fuzz blob",
+            &mut Default::default(),
+        );
     });
 }
 

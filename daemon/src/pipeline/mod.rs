@@ -42,25 +42,12 @@ pub fn seal_blob(
     sealer.seal(&[BLOB_ZSTD], scratch)
 }
 
-/// Decrypt, decompress and check one chunk against its id. `what` names it in errors.
-pub fn open_blob(
-    opener: &Identity,
-    dz: &mut zstd::bulk::Decompressor<'_>,
-    key: &[u8; 32],
-    id: &ChunkId,
-    raw_len: u32,
-    sealed: &[u8],
-    what: &dyn std::fmt::Display,
-) -> Result<Vec<u8>> {
-    let mut bufs = (Vec::new(), Vec::new());
-    Ok(open_blob_into(opener, dz, key, id, raw_len, sealed, what, &mut bufs)?.to_vec())
-}
-
-/// `open_blob` through two buffers a restore worker keeps (the decrypted blob, the
-/// decompressed chunk): a fresh pair per chunk was allocated, faulted in and freed again
-/// for every megabyte restored. Returns the chunk, borrowed from one of them.
+/// Decrypt, decompress and check one chunk against its id. `what` names it in errors. The
+/// work goes through two buffers the caller keeps (the decrypted blob, the decompressed
+/// chunk): a restore worker reuses them, where a fresh pair per chunk was allocated, faulted
+/// in and freed again for every megabyte restored. Returns the chunk, borrowed from one of them.
 #[allow(clippy::too_many_arguments)]
-pub fn open_blob_into<'b>(
+pub fn open_blob<'b>(
     opener: &Identity,
     dz: &mut zstd::bulk::Decompressor<'_>,
     key: &[u8; 32],
@@ -105,19 +92,32 @@ mod tests {
         let key = [7u8; 32];
         let mut zc = zstd::bulk::Compressor::new(3).unwrap();
         let mut dz = zstd::bulk::Decompressor::new().unwrap();
+        let mut bufs = Default::default();
         let a = vec![b'a'; 10_000];
         let b: Vec<u8> = (0..10_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
         let (ia, ib) = (chunk_id(&key, &a), chunk_id(&key, &b));
         let sa = seal_blob(&mut blobs, &mut zc, &mut scratch, &a).unwrap();
         let sb = seal_blob(&mut blobs, &mut zc, &mut scratch, &b).unwrap();
         assert!(sa.len() < 1000, "compressible data was not compressed");
-        assert_eq!(open_blob(&opener, &mut dz, &key, &ia, 10_000, &sa, &"a").unwrap(), a);
-        assert_eq!(open_blob(&opener, &mut dz, &key, &ib, 10_000, &sb, &"b").unwrap(), b);
+        assert_eq!(open_blob(&opener, &mut dz, &key, &ia, 10_000, &sa, &"a", &mut bufs).unwrap(), &a[..]);
+        assert_eq!(open_blob(&opener, &mut dz, &key, &ib, 10_000, &sb, &"b", &mut bufs).unwrap(), &b[..]);
         // A swapped blob decrypts fine but fails its id check.
-        let err = open_blob(&opener, &mut dz, &key, &ia, 10_000, &sb, &"a").unwrap_err();
+        let err = open_blob(&opener, &mut dz, &key, &ia, 10_000, &sb, &"a", &mut bufs).unwrap_err();
         assert!(err.message.contains("does not match its id"), "{}", err.message);
         // A blob as earlier versions sealed it, one age file of its own, still opens.
         let old = sealer.seal(&[&[BLOB_ZSTD][..], &zstd::bulk::compress(&a, 3).unwrap()].concat()).unwrap();
-        assert_eq!(open_blob(&opener, &mut dz, &key, &ia, 10_000, &old, &"old").unwrap(), a);
+        assert_eq!(open_blob(&opener, &mut dz, &key, &ia, 10_000, &old, &"old", &mut bufs).unwrap(), &a[..]);
+        // The buffers carry nothing from one chunk to the next: a short chunk after a longer
+        // one, each way of framing, gives exactly its own bytes.
+        let c = vec![b'c'; 100];
+        let ic = chunk_id(&key, &c);
+        let sc = seal_blob(&mut blobs, &mut zc, &mut scratch, &c).unwrap();
+        assert_eq!(open_blob(&opener, &mut dz, &key, &ic, 100, &sc, &"c", &mut bufs).unwrap(), &c[..]);
+        let d: Vec<u8> = b[..100].to_vec();
+        let sd = seal_blob(&mut blobs, &mut zc, &mut scratch, &d).unwrap();
+        let id_d = chunk_id(&key, &d);
+        assert_eq!(open_blob(&opener, &mut dz, &key, &id_d, 100, &sd, &"d", &mut bufs).unwrap(), &d[..]);
+        // A blob that inflates past its recorded length is refused, whatever room the buffer has.
+        assert!(open_blob(&opener, &mut dz, &key, &ia, 100, &sa, &"a", &mut bufs).is_err());
     }
 }

@@ -3,7 +3,7 @@
 //! against its id and written at its offsets. Damage is collected, not fatal: everything that
 //! can be restored is, and the damaged chunks are reported with the files they affect.
 
-use super::open_blob_into;
+use super::open_blob;
 use crate::error::{Error, Kind, Result};
 use crate::repository::format::*;
 use crate::repository::Unlocked;
@@ -128,7 +128,7 @@ pub async fn fetch(
                         let a = (w.loc.offset - start) as usize;
                         let sealed = &data[a..a + w.loc.len as usize];
                         let what = format_args!("chunk {} in {object}", &hex::encode(w.id)[..16]).to_string();
-                        match open_blob_into(repo.identity(), dz, &key, &w.id, w.loc.raw_len, sealed, &what, bufs) {
+                        match open_blob(repo.identity(), dz, &key, &w.id, w.loc.raw_len, sealed, &what, bufs) {
                             Ok(plain) => {
                                 let mut n = 0u64;
                                 for t in &w.targets {
