@@ -9,7 +9,7 @@
 use super::safe_dir::SafeDir;
 use crate::error::{Error, Result};
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -40,6 +40,10 @@ const ALIGN: usize = 4096;
 const MIN_DIRECT: u64 = 1 << 20;
 /// A worker thread's aligned scratch, which the middle of a write is copied through.
 const SCRATCH_BLOCKS: usize = 256;
+/// Partial blocks one file may hold in memory: past this the oldest goes out as it is (its
+/// missing bytes are the sparse file's zeroes, and a later write reads it back first), so a
+/// crafted layout of tiny chunks cannot make a restore hold a block per byte.
+const MAX_PENDING: usize = 1024;
 
 #[repr(C, align(4096))]
 #[derive(Clone)]
@@ -60,7 +64,7 @@ enum State {
 
 /// A file written past the page cache.
 struct Direct {
-    pending: HashMap<u64, Pending>,
+    pending: BTreeMap<u64, Pending>,
     /// Blocks already on disk, as ranges `start..end` by start.
     written: BTreeMap<u64, u64>,
     /// The file's length once restored: its recorded size, or the end of a write beyond it.
@@ -116,7 +120,7 @@ impl Sink for FileSink {
             let size = self.sizes.get(file).copied().filter(|&s| s >= MIN_DIRECT);
             *st = match size {
                 Some(len) if self.dir.open_direct(&self.paths[file], ALIGN)?.is_some() => {
-                    State::Direct(Direct { pending: HashMap::new(), written: BTreeMap::new(), len, padded: false })
+                    State::Direct(Direct { pending: BTreeMap::new(), written: BTreeMap::new(), len, padded: false })
                 }
                 _ => State::Buffered,
             };
@@ -151,13 +155,23 @@ thread_local! {
 impl Direct {
     fn write(&mut self, f: &std::fs::File, offset: u64, data: &[u8]) -> std::io::Result<()> {
         let a = ALIGN as u64;
-        let end = offset + data.len() as u64;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let end = offset.checked_add(data.len() as u64).filter(|&e| e <= u64::MAX - a).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "a write beyond the largest file offset")
+        })?;
         self.len = self.len.max(end);
         let (first, last) = (offset.next_multiple_of(a), end / a * a);
         if first < last {
             let (head, rest) = data.split_at((first - offset) as usize);
             let (middle, tail) = rest.split_at((last - first) as usize);
             write_aligned(f, first, middle)?;
+            // A block waiting there (bytes written twice) would go out later over these.
+            let stale: Vec<u64> = self.pending.range(first / a..last / a).map(|(&k, _)| k).collect();
+            for k in stale {
+                self.pending.remove(&k);
+            }
             self.mark(first / a, last / a);
             self.merge(f, offset, head)?;
             self.merge(f, last, tail)
@@ -179,14 +193,14 @@ impl Direct {
                 // A block already on disk (a crafted manifest writing the same bytes twice) is
                 // read back first, so the rewrite changes only the bytes written now.
                 if self.is_written(k) {
-                    let mut got = 0;
-                    while got < ALIGN {
-                        match f.read_at(&mut p.block.0[got..], k * a + got as u64)? {
-                            0 => break,
-                            r => got += r,
-                        }
-                    }
+                    // One aligned read: a short one is the end of the file (the rest stays zero),
+                    // and reading on from a ragged offset is not allowed past the page cache.
+                    f.read_at(&mut p.block.0, k * a)?;
                     p.filled = [u64::MAX; ALIGN / 64];
+                }
+                if self.pending.len() >= MAX_PENDING {
+                    let oldest = *self.pending.keys().next().expect("not empty");
+                    self.flush(f, oldest)?;
                 }
                 self.pending.insert(k, p);
             }
@@ -215,8 +229,7 @@ impl Direct {
     /// Write out every block still pending (bytes never written are zeroes, as they read in
     /// the new sparse file), then cut the file to its length.
     fn finish(&mut self, f: &std::fs::File) -> std::io::Result<()> {
-        let mut ks: Vec<u64> = self.pending.keys().copied().collect();
-        ks.sort_unstable();
+        let ks: Vec<u64> = self.pending.keys().copied().collect();
         for k in ks {
             self.flush(f, k)?;
         }
@@ -335,9 +348,58 @@ mod tests {
         assert!(got == want);
     }
 
+    /// Writes as `writes`, through the direct path, give the bytes of the same plain writes.
+    fn same_as_plain(size: u64, writes: &[(u64, Vec<u8>)]) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Arc::new(SafeDir::open(tmp.path()).unwrap());
+        let rel = PathBuf::from("f");
+        dir.create_file(&rel, size, false).unwrap();
+        let sink = FileSink::fresh(dir.clone(), vec![rel], vec![size]);
+        let mut want = vec![0u8; size as usize];
+        for (at, bytes) in writes {
+            sink.write(0, *at, bytes).unwrap();
+            // A plain write of nothing does not lengthen a file either.
+            if bytes.is_empty() {
+                continue;
+            }
+            let end = *at as usize + bytes.len();
+            if want.len() < end {
+                want.resize(end, 0);
+            }
+            want[*at as usize..end].copy_from_slice(bytes);
+        }
+        sink.finish().unwrap();
+        let got = std::fs::read(tmp.path().join("f")).unwrap();
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "the bytes differ");
+    }
+
+    /// A partial block waiting in memory does not go out later over a direct write of it.
+    #[test]
+    fn a_pending_block_rewritten_direct_is_dropped() {
+        same_as_plain(2 << 20, &[(4096, vec![5; 10]), (4096, vec![6; 8192])]);
+    }
+
+    /// An empty write (a zero-length chunk past the end) does not lengthen the file.
+    #[test]
+    fn an_empty_write_past_the_end_changes_nothing() {
+        let size = (1 << 20) + 100;
+        same_as_plain(size, &[(0, vec![3; size as usize]), (2 << 20, vec![])]);
+    }
+
+    /// More partial blocks than a file may hold: the oldest go out early and are read back
+    /// when the rest of their bytes arrive.
+    #[test]
+    fn pending_blocks_beyond_the_cap_still_rebuild_the_file() {
+        let n = MAX_PENDING as u64 * 2;
+        let mut writes: Vec<(u64, Vec<u8>)> = (0..n).map(|k| (k * 4096, vec![k as u8 ^ 0x55])).collect();
+        writes.extend((0..n).map(|k| (k * 4096 + 1, vec![k as u8; 4095])));
+        same_as_plain(n * 4096, &writes);
+    }
+
     #[test]
     fn written_ranges_merge() {
-        let mut d = Direct { pending: HashMap::new(), written: BTreeMap::new(), len: 0, padded: false };
+        let mut d = Direct { pending: BTreeMap::new(), written: BTreeMap::new(), len: 0, padded: false };
         d.mark(5, 7);
         d.mark(1, 2);
         d.mark(2, 5);
