@@ -88,16 +88,12 @@ pub struct FileSink {
 impl FileSink {
     /// Every write through the page cache (`--delta` rewrites parts of files in place).
     pub fn new(dir: Arc<SafeDir>, paths: Vec<PathBuf>) -> FileSink {
-        FileSink::with_sizes(dir, paths, Vec::new())
+        FileSink::fresh(dir, paths, Vec::new())
     }
 
     /// Files just created with these sizes: the large ones are written direct (a size of 0
     /// keeps a file in the page cache).
     pub fn fresh(dir: Arc<SafeDir>, paths: Vec<PathBuf>, sizes: Vec<u64>) -> FileSink {
-        FileSink::with_sizes(dir, paths, sizes)
-    }
-
-    fn with_sizes(dir: Arc<SafeDir>, paths: Vec<PathBuf>, sizes: Vec<u64>) -> FileSink {
         let files = paths.iter().map(|_| Mutex::new(State::New)).collect();
         FileSink { dir, paths, sizes, files }
     }
@@ -116,10 +112,16 @@ impl FileSink {
 impl Sink for FileSink {
     fn write(&self, file: usize, offset: u64, data: &[u8]) -> Result<()> {
         let mut st = self.files[file].lock().unwrap_or_else(|e| e.into_inner());
+        // The first write decides, and the handle it opened serves that write too.
+        let mut opened = None;
         if let State::New = *st {
             let size = self.sizes.get(file).copied().filter(|&s| s >= MIN_DIRECT);
-            *st = match size {
-                Some(len) if self.dir.open_direct(&self.paths[file], ALIGN)?.is_some() => {
+            opened = match size {
+                Some(_) => self.dir.open_direct(&self.paths[file], ALIGN)?,
+                None => None,
+            };
+            *st = match (size, &opened) {
+                (Some(len), Some(_)) => {
                     State::Direct(Direct { pending: BTreeMap::new(), written: BTreeMap::new(), len, padded: false })
                 }
                 _ => State::Buffered,
@@ -127,7 +129,10 @@ impl Sink for FileSink {
         }
         match &mut *st {
             State::Direct(d) => {
-                let f = self.direct_file(file)?;
+                let f = match opened {
+                    Some(f) => f,
+                    None => self.direct_file(file)?,
+                };
                 d.write(&f, offset, data).map_err(|e| self.io(file, e))
             }
             _ => self.dir.write_at(&self.paths[file], offset, data),
