@@ -284,3 +284,84 @@ fn delta_restore_over_a_drifted_directory_yields_the_snapshot_exactly() {
     let o2 = fx.run(&["restore", "vol", "--target", o, "--identity", &id]);
     assert_eq!(o2.status.code(), Some(2), "{}", stderr(&o2));
 }
+
+/// The record of a restore: a later `--delta` into the same directory compares the files
+/// untouched since (same inode, size, mtime and ctime) by the snapshots' manifests instead of
+/// reading them; a file changed in place behind its mtime, and a record rewritten by someone
+/// without the repository's key, are seen, and the target still ends up exactly the snapshot.
+#[test]
+fn delta_restore_trusts_only_files_untouched_since_the_recorded_restore() {
+    use std::os::unix::fs::MetadataExt;
+    let backend = Backend::start(Kind::File);
+    let fx = Fixture::new(&backend);
+    let src = fx.path("src");
+    tree::generate(&src, 24, 41);
+    fx.volume_policy("vol", &backend, "vol", &src, "");
+    fx.ok(&["backup", "vol", "--full"]);
+    let out = fx.path("out");
+    let (id, o) = (fx.identity.to_str().unwrap().to_string(), out.to_str().unwrap().to_string());
+    fx.ok(&["restore", "vol", "--target", &o, "--identity", &id]);
+    let records: Vec<_> = std::fs::read_dir(fx.path("state/restored")).unwrap().flatten().map(|e| e.path()).collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    let record = records[0].clone();
+
+    // The source moves on: one large file changes in the middle, one file is new.
+    let changed = src.join("large/file-002.bin");
+    let mut b = std::fs::read(&changed).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 0x5a;
+    std::fs::write(&changed, &b).unwrap();
+    std::fs::write(src.join("new.txt"), "after the first backup").unwrap();
+    fx.ok(&["backup", "vol"]);
+
+    // The copy drifts behind its mtime: same size, same mtime, other bytes.
+    let sneaky = out.join("large/file-001.bin");
+    let flip_keeping_mtime = |p: &std::path::Path| {
+        let mtime = std::fs::metadata(p).unwrap().modified().unwrap();
+        let mut b = std::fs::read(p).unwrap();
+        let at = b.len() / 3;
+        b[at] ^= 0x01;
+        let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &b[at..at + 1], at as u64).unwrap();
+        f.set_modified(mtime).unwrap();
+    };
+    flip_keeping_mtime(&sneaky);
+    let r = fx.json(&["restore", "vol", "--target", &o, "--identity", &id, "--delta"]);
+    tree::assert_same(&src, &out);
+    let d = &r["delta"];
+    let (known, files) = (d["files-known"].as_u64().unwrap(), r["files"].as_u64().unwrap());
+    assert!(known > files / 2 && known < files, "{r}");
+    let (fetched, total) = (d["bytes-fetched"].as_u64().unwrap(), r["bytes"].as_u64().unwrap());
+    assert!(fetched > 0 && fetched < total / 4, "{r}");
+
+    // Nothing changed since that delta: every single-link file is known, nothing is read.
+    let again = fx.json(&["restore", "vol", "--target", &o, "--identity", &id, "--delta"]);
+    assert_eq!(again["delta"]["files-changed"], 0, "{again}");
+    assert!(again["delta"]["files-known"].as_u64().unwrap() > known, "{again}");
+    // With --checksum every file is read again.
+    let all = fx.json(&["restore", "vol", "--target", &o, "--identity", &id, "--delta", "--checksum"]);
+    assert_eq!(all["delta"]["files-known"], 0, "{all}");
+    tree::assert_same(&src, &out);
+
+    // Someone without the key changes a file and rewrites its stat in the record: the MAC no
+    // longer matches, the record is not used, and the file is restored.
+    let victim = out.join("large/file-003.bin");
+    flip_keeping_mtime(&victim);
+    let m = std::fs::metadata(&victim).unwrap();
+    let text = std::fs::read_to_string(&record).unwrap();
+    let (mac, body) = text.split_once('\n').unwrap();
+    let mut body: serde_json::Value = serde_json::from_str(body).unwrap();
+    let mut rewritten = 0;
+    for f in body["files"].as_array_mut().unwrap() {
+        if f[1]["ino"].as_u64() == Some(m.ino()) {
+            f[1]["ctime_ns"] = serde_json::json!(m.ctime() * 1_000_000_000 + m.ctime_nsec());
+            rewritten += 1;
+        }
+    }
+    assert_eq!(rewritten, 1, "{body}");
+    std::fs::write(&record, format!("{mac}\n{body}")).unwrap();
+    let forged = fx.json(&["restore", "vol", "--target", &o, "--identity", &id, "--delta"]);
+    assert_eq!(forged["delta"]["files-known"], 0, "{forged}");
+    assert!(forged["delta"]["files-changed"].as_u64().unwrap() >= 1, "{forged}");
+    tree::assert_same(&src, &out);
+}

@@ -90,6 +90,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             identity,
             overwrite,
             delta,
+            checksum,
             to_time,
             to_lsn,
             to_xid,
@@ -109,6 +110,8 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
                 includes: include,
                 overwrite,
                 delta,
+                checksum,
+                records: Some(crate::pipeline::record::dir(&state_dir(&g))),
                 recovery: crate::source::postgres::RecoveryTarget {
                     time: to_time,
                     lsn: to_lsn,

@@ -171,13 +171,14 @@ pub async fn restore(g: &Global, p: &Policy, identity: Option<&Path>, req: &Rest
 fn print_delta(d: Option<&crate::pipeline::delta::DeltaStats>, total: u64) {
     if let Some(d) = d {
         crate::outln!(
-            "delta: fetched {} of {}; {} files unchanged, {} changed, {} created; {} entries removed",
+            "delta: fetched {} of {}; {} files unchanged, {} changed, {} created; {} entries removed; {} files known from the last restore's record (not read)",
             bytes(d.bytes_fetched),
             bytes(total),
             d.files_unchanged,
             d.files_changed,
             d.files_created,
-            d.removed
+            d.removed,
+            d.files_known
         );
     }
 }

@@ -180,6 +180,10 @@ pub enum Command {
         /// only the pieces that differ, remove what the snapshot does not hold
         #[arg(long)]
         delta: bool,
+        /// With --delta: read and hash every file, even those unchanged (same inode, size,
+        /// mtime and ctime) since veza-dr last restored into this directory
+        #[arg(long, requires = "delta")]
+        checksum: bool,
     },
     /// Check the repository; with --read-data, the data itself
     Verify {

@@ -179,7 +179,7 @@ async fn run_leased(
         let files: Vec<&Entry> = m.entries.iter().filter(|e| e.kind == EntryKind::File).collect();
         // What a restore writes, and the page digests a delta restore reads.
         let planned = crate::pipeline::tree::plan(&m, &files).and_then(|mut w| {
-            w.extend(crate::pipeline::tree::plan_digests(&m, &files)?);
+            w.extend(crate::pipeline::tree::plan_digests(&m, &files, &vec![true; files.len()])?);
             Ok(w)
         });
         let wants = match planned {

@@ -11,6 +11,7 @@
 //! (a hard link planted to a file outside, a device, a FIFO) is unlinked and created anew,
 //! so a delta restore never writes through a name into something it did not create.
 
+use super::record::{Known, Prior, Stat};
 use super::restore::{Sink, Target};
 use super::safe_dir::{Kind as OnDisk, SafeDir};
 use crate::error::Result;
@@ -29,6 +30,9 @@ pub struct DeltaStats {
     pub files_created: u64,
     pub bytes_kept: u64,
     pub bytes_fetched: u64,
+    /// Files whose stat was still what the record of the last restore into this directory
+    /// holds: compared by the two snapshots' manifests, not read.
+    pub files_known: u64,
     /// Entries of the target that the snapshot does not hold (removed, with what they held).
     pub removed: u64,
 }
@@ -110,16 +114,18 @@ impl Differ {
     }
 }
 
-/// Fetch the page digests of the files that have them (small blobs, a restore-side read).
-/// A digest blob that cannot be read only costs precision: its file is compared by pieces.
+/// Fetch the page digests of the files that have them and are marked in `need` (small
+/// blobs, a restore-side read). A digest blob that cannot be read only costs precision: its
+/// file is compared by pieces.
 pub async fn fetch_digests(
     repo: &Unlocked,
     key: [u8; 32],
     manifest: &Manifest,
     files: &[&Entry],
+    need: &[bool],
 ) -> Result<Vec<Option<Vec<u8>>>> {
     // A digest the manifest cannot place only costs precision: its file is compared by pieces.
-    let wants = super::tree::plan_digests(manifest, files).unwrap_or_default();
+    let wants = super::tree::plan_digests(manifest, files, need).unwrap_or_default();
     let sink = Arc::new(MemSink(files.iter().map(|_| Mutex::new(Vec::new())).collect()));
     let damage = super::restore::fetch(repo, key, wants, sink.clone(), 4, Default::default()).await?;
     let bad: HashSet<usize> = damage.iter().flat_map(|d| d.files.iter().copied()).collect();
@@ -132,6 +138,42 @@ pub async fn fetch_digests(
             (!v.is_empty() && !bad.contains(&i)).then_some(v)
         })
         .collect())
+}
+
+/// What the record of the last restore says of the target: the recorded snapshot's entry for
+/// each file (when its stat still matches, that is what the file holds) and its digests.
+pub struct Before<'a> {
+    manifest: &'a Manifest,
+    priors: Vec<Option<Prior<'a>>>,
+    digests: Vec<Option<Vec<u8>>>,
+}
+
+impl<'a> Before<'a> {
+    /// The priors of `files` (chunk key `key`), with the old page digests of the files whose
+    /// content changed between the two snapshots.
+    pub async fn fetch(repo: &Unlocked, known: &'a Known, key: &[u8; 32], files: &[&'a Entry]) -> Result<Before<'a>> {
+        let priors = known.priors(key, files);
+        let old: Vec<&Entry> = files.iter().zip(&priors).map(|(e, p)| p.as_ref().map_or(*e, |p| p.entry)).collect();
+        let need: Vec<bool> = files
+            .iter()
+            .zip(&priors)
+            .map(|(e, p)| {
+                p.as_ref().is_some_and(|p| p.entry.digests.is_some() && e.digests.is_some() && !same_hash(p.entry, e))
+            })
+            .collect();
+        let digests = fetch_digests(repo, known.key, &known.manifest, &old, &need).await?;
+        Ok(Before { manifest: &known.manifest, priors, digests })
+    }
+
+    /// Whether file `fi` is known unchanged between the snapshots (if its stat still matches):
+    /// its new digests are then not needed.
+    pub fn unchanged(&self, fi: usize, e: &Entry) -> bool {
+        self.priors.get(fi).and_then(|p| p.as_ref()).is_some_and(|p| same_hash(p.entry, e))
+    }
+}
+
+fn same_hash(a: &Entry, b: &Entry) -> bool {
+    a.size == b.size && a.hash.is_some() && a.hash == b.hash
 }
 
 /// Collects fetched bytes in memory, one buffer per file.
@@ -157,6 +199,7 @@ pub fn compare(
     files: &[&Entry],
     key: &[u8; 32],
     digests: &[Option<Vec<u8>>],
+    before: Option<&Before>,
     stats: &mut DeltaStats,
 ) -> Result<Vec<Differ>> {
     let next = std::sync::atomic::AtomicUsize::new(0);
@@ -170,8 +213,10 @@ pub fn compare(
                         let fi = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let Some(e) = files.get(fi) else { return Ok(out) };
                         let mut st = DeltaStats::default();
-                        let d =
-                            compare_one(dir, manifest, e, key, digests.get(fi).and_then(|d| d.as_deref()), &mut st)?;
+                        let digests = digests.get(fi).and_then(|d| d.as_deref());
+                        let prior =
+                            before.and_then(|b| Some((b, b.priors.get(fi)?.as_ref()?, b.digests[fi].as_deref())));
+                        let d = compare_one(dir, manifest, e, key, digests, prior, &mut st)?;
                         out.push((fi, d, st));
                     }
                 })
@@ -190,6 +235,7 @@ pub fn compare(
             stats.files_created += st.files_created;
             stats.bytes_kept += st.bytes_kept;
             stats.bytes_fetched += st.bytes_fetched;
+            stats.files_known += st.files_known;
         }
     }
     Ok(out.into_iter().map(|d| d.unwrap_or(Differ::Whole)).collect())
@@ -201,6 +247,7 @@ fn compare_one(
     e: &Entry,
     key: &[u8; 32],
     digests: Option<&[u8]>,
+    prior: Option<(&Before, &Prior, Option<&[u8]>)>,
     stats: &mut DeltaStats,
 ) -> Result<Differ> {
     let rel = e.rel_path();
@@ -213,6 +260,25 @@ fn compare_one(
     let io = |err| crate::error::Error::io("read", &dir.full(&rel), err);
     let resize =
         |f: &std::fs::File| f.set_len(e.size).map_err(|err| crate::error::Error::io("resize", &dir.full(&rel), err));
+    if let Some((b, p, old_digests)) = prior {
+        let now = nix::sys::stat::fstat(&f).map(|st| Stat::of(&st)).ok();
+        let known = now
+            .filter(|s| *s == p.stat)
+            .and_then(|_| super::record::differ(b.manifest, p.entry, old_digests, manifest, e, digests));
+        if let Some(d) = known {
+            let fetched = fetched_bytes(manifest, e, &d);
+            stats.files_known += 1;
+            stats.bytes_fetched += fetched;
+            stats.bytes_kept += e.size.saturating_sub(fetched);
+            if fetched == 0 && p.entry.size == e.size {
+                stats.files_unchanged += 1;
+            } else {
+                stats.files_changed += 1;
+            }
+            resize(&f)?;
+            return Ok(d);
+        }
+    }
     if let Some(d) = digests {
         // Page by page: a page whose digest matches stays as it is.
         let bits = super::pages::differing_pages(&f, key, e.size, d).map_err(io)?;
@@ -257,4 +323,24 @@ fn compare_one(
         stats.files_changed += 1;
     }
     Ok(Differ::Pieces(differ))
+}
+
+/// The bytes of `e` that a differ fetches.
+fn fetched_bytes(manifest: &Manifest, e: &Entry, d: &Differ) -> u64 {
+    match d {
+        Differ::Whole => e.size,
+        Differ::Pages(bits) => (bits.iter().filter(|b| **b).count() as u64 * super::pages::PAGE as u64).min(e.size),
+        Differ::Pieces(set) => {
+            let mut off = 0u64;
+            let mut n = 0u64;
+            for &c in &e.chunks {
+                let raw = manifest.chunks.get(c as usize).map_or(0, |c| c.4 as u64);
+                if set.contains(&off) {
+                    n += raw;
+                }
+                off += raw;
+            }
+            n
+        }
+    }
 }

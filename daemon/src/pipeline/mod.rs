@@ -5,6 +5,7 @@ pub mod backup;
 pub mod chunker;
 pub mod delta;
 pub mod pages;
+pub mod record;
 pub mod restore;
 pub mod safe_dir;
 pub mod sink;

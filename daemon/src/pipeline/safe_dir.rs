@@ -191,6 +191,13 @@ impl SafeDir {
         Ok(None)
     }
 
+    /// The stat of the regular file at `rel` if it has one link (links not followed).
+    pub fn file_stat(&self, rel: &Path) -> Option<nix::sys::stat::FileStat> {
+        let (dir, name) = self.parent(rel).ok()?;
+        let st = nix::sys::stat::fstatat(dir.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW).ok()?;
+        (st.st_mode & nix::libc::S_IFMT == nix::libc::S_IFREG && st.st_nlink == 1).then_some(st)
+    }
+
     /// A directory (0700 until `set_meta`). An existing directory is kept as it is.
     pub fn mkdir(&self, rel: &Path, overwrite: bool) -> Result<()> {
         if parts(rel)?.is_empty() {

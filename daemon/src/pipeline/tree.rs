@@ -20,6 +20,11 @@ pub struct Options {
     pub overwrite: bool,
     /// Bring an existing target to the snapshot, fetching only what differs (`delta`).
     pub delta: bool,
+    /// With `delta`: read every file, even those the last restore's record vouches for.
+    pub checksum: bool,
+    /// Where restore records live (the state directory's `restored/`); `None`: no record is
+    /// read, and the summary's `record` is still returned for the caller to save.
+    pub records: Option<PathBuf>,
     pub bytes_done: Arc<AtomicU64>,
     pub bytes_total: Arc<AtomicU64>,
 }
@@ -42,6 +47,10 @@ pub struct Summary {
     /// Owner of the source root, for restores that must hand the tree to a service user.
     #[serde(skip)]
     pub owner: (u32, u32),
+    /// The record to save once the caller's last change to the target is synced (whole
+    /// restores only).
+    #[serde(skip)]
+    pub record: Option<super::record::Pending>,
 }
 
 /// Chunk wants for a set of (file index, entry): each chunk with every place it lands.
@@ -68,10 +77,10 @@ pub fn plan(manifest: &Manifest, files: &[&Entry]) -> Result<Vec<Want>> {
 }
 
 /// The blobs of the files' page digests (`Entry::digests`), each fetched whole for its file.
-pub fn plan_digests(manifest: &Manifest, files: &[&Entry]) -> Result<Vec<Want>> {
+pub fn plan_digests(manifest: &Manifest, files: &[&Entry], need: &[bool]) -> Result<Vec<Want>> {
     let mut wants: HashMap<u32, Want> = HashMap::new();
     for (fi, e) in files.iter().enumerate() {
-        if let Some(c) = e.digests {
+        if let Some(c) = e.digests.filter(|_| need.get(fi).copied().unwrap_or(false)) {
             want(&mut wants, manifest, c, Target { file: fi, offset: 0, part: None, piece: None })?;
         }
     }
@@ -180,9 +189,19 @@ pub async fn restore(repo: &Unlocked, opts: &Options) -> Result<Summary> {
         let skeleton: Vec<(usize, &Entry)> =
             selected.iter().filter(|(_, e)| e.kind != EntryKind::File).map(|(i, e)| (*i, *e)).collect();
         prepare(&dir, &skeleton, true)?;
+        let known = match (&opts.records, opts.checksum) {
+            (Some(r), false) => super::record::load(repo, r, target).await,
+            _ => None,
+        };
+        let before = match &known {
+            Some(k) => Some(super::delta::Before::fetch(repo, k, &key, &files).await?),
+            None => None,
+        };
+        let need: Vec<bool> =
+            files.iter().enumerate().map(|(i, e)| !before.as_ref().is_some_and(|b| b.unchanged(i, e))).collect();
+        let digests = super::delta::fetch_digests(repo, key, &manifest, &files, &need).await?;
         // Reading the target happens before any fetch starts: nothing else waits on this task.
-        let digests = super::delta::fetch_digests(repo, key, &manifest, &files).await?;
-        let differ = super::delta::compare(&dir, &manifest, &files, &key, &digests, &mut stats)?;
+        let differ = super::delta::compare(&dir, &manifest, &files, &key, &digests, before.as_ref(), &mut stats)?;
         let mut wants = plan(&manifest, &files)?;
         for w in &mut wants {
             let raw = w.loc.raw_len;
@@ -228,6 +247,7 @@ pub async fn restore(repo: &Unlocked, opts: &Options) -> Result<Summary> {
         delta,
         owner: manifest.entries.iter().find(|e| e.path == ".").map(|e| (e.uid, e.gid)).unwrap_or((0, 0)),
         label: manifest.extra.clone(),
+        record: opts.includes.is_empty().then(|| super::record::Pending::new(snap.id.as_str(), key, &selected)),
     })
 }
 

@@ -34,6 +34,26 @@ pub fn default_state_dir() -> PathBuf {
     }
 }
 
+/// Write `data` to `path` (0600) through a temporary file, synced before the rename: a crash
+/// leaves the old content or the new, never a part.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    // Unique per writer: two processes never write through the same temporary file.
+    let tmp =
+        path.with_file_name(format!(".{file}.{}.{}.tmp", std::process::id(), hex::encode(rand::random::<[u8; 4]>())));
+    let mut f = std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| Error::io("write", &tmp, e))?;
+    f.write_all(data).and_then(|_| f.sync_all()).map_err(|e| Error::io("write", &tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io("write", path, e)
+    })
+}
+
 const REC: usize = 32 + 32 + 8 + 4 + 4;
 const MAGIC: &[u8; 8] = b"VZCHUNK2";
 
@@ -80,25 +100,7 @@ impl HostState {
     }
 
     fn write_atomic(&self, name: &str, data: &[u8]) -> Result<()> {
-        let path = self.dir.join(name);
-        let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-        // Unique per writer: two processes never write through the same temporary file.
-        let tmp = path.with_file_name(format!(
-            ".{file}.{}.{}.tmp",
-            std::process::id(),
-            hex::encode(rand::random::<[u8; 4]>())
-        ));
-        let mut f = std::fs::OpenOptions::new()
-            .create_new(true)
-            .write(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| Error::io("write", &tmp, e))?;
-        f.write_all(data).and_then(|_| f.sync_all()).map_err(|e| Error::io("write", &tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            Error::io("write", &path, e)
-        })
+        write_atomic(&self.dir.join(name), data)
     }
 
     /// The chunk-id key of this host for this repository, creating and uploading it if needed.

@@ -325,6 +325,8 @@ async fn run_restore(c: &RestoreCfg, p: &Policy, env: &Env<'_>) -> std::result::
         includes: vec![],
         overwrite: false,
         delta: c.delta,
+        checksum: false,
+        records: Some(crate::pipeline::record::dir(env.state_dir)),
         recovery: recovery(c),
         start: physical && c.start.unwrap_or(true),
         port: c.port.unwrap_or(5432),

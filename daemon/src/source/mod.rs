@@ -55,6 +55,10 @@ pub struct RestoreRequest {
     pub overwrite: bool,
     /// Bring an existing target to the snapshot, fetching only what differs.
     pub delta: bool,
+    /// With `delta`: read and hash every file, even those the last restore's record vouches for.
+    pub checksum: bool,
+    /// Where restore records live (`<state-dir>/restored`); `None`: none is read or written.
+    pub records: Option<PathBuf>,
     pub recovery: postgres::RecoveryTarget,
     pub start: bool,
     pub port: u16,

@@ -44,10 +44,15 @@ impl Source for Volume {
             includes: req.includes.clone(),
             overwrite: req.overwrite,
             delta: req.delta,
+            checksum: req.checksum,
+            records: req.records.clone(),
             bytes_done: req.progress.done.clone(),
             bytes_total: req.progress.total.clone(),
         };
-        tree::restore(repo, &opts).await.map(Restored::Tree)
+        let mut s = tree::restore(repo, &opts).await?;
+        let target = PathBuf::from(&s.target);
+        crate::pipeline::record::save_or_warn(s.record.take(), &target, req.records.as_deref(), &mut s.warnings);
+        Ok(Restored::Tree(s))
     }
 
     async fn drill(&self, repo: &Unlocked, snap: &Sidecar, env: &mut dyn DrillEnv) -> Option<Drilled> {
@@ -58,6 +63,8 @@ impl Source for Volume {
             includes: vec![],
             overwrite: false,
             delta: false,
+            checksum: false,
+            records: None,
             bytes_done: Default::default(),
             bytes_total: Default::default(),
         };

@@ -77,6 +77,8 @@ pub async fn restore_dumps(
     let dir = tmp.path().join("dumps");
     let opts = tree::Options {
         delta: false,
+        checksum: false,
+        records: None,
         snapshot: snapshot.to_string(),
         target: dir.clone(),
         includes: vec![],

@@ -49,7 +49,8 @@ impl Source for Physical {
             None => req.recovery.choose(&repo.snapshots().await?)?,
         };
         let t0 = std::time::Instant::now();
-        let prepared = prepare(&self.policy, repo, &snap, &target, &req.recovery, &req.progress, req.delta).await?;
+        let delta = Delta { on: req.delta, checksum: req.checksum, records: req.records.clone() };
+        let prepared = prepare(&self.policy, repo, &snap, &target, &req.recovery, &req.progress, &delta).await?;
         let mut out = prepared.summary(&snap, &target, &req.recovery, t0);
         if !req.start {
             out.warnings.push(format!(
@@ -98,7 +99,9 @@ impl Source for Physical {
         };
         let recovery = RecoveryTarget::default();
         let prepared =
-            match prepare(&self.policy, repo, snap, &target, &recovery, &RestoreProgress::default(), false).await {
+            match prepare(&self.policy, repo, snap, &target, &recovery, &RestoreProgress::default(), &Delta::default())
+                .await
+            {
                 Ok(p) => p,
                 Err(e) => return fail(env, e),
             };
@@ -461,6 +464,14 @@ fn conf_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
+/// How `prepare` treats an existing target, and where it records what it restored.
+#[derive(Default)]
+struct Delta {
+    on: bool,
+    checksum: bool,
+    records: Option<PathBuf>,
+}
+
 /// Restore `snap` into `target` and write what recovery needs.
 async fn prepare(
     policy: &Policy,
@@ -469,9 +480,10 @@ async fn prepare(
     target: &Path,
     recovery: &RecoveryTarget,
     progress: &RestoreProgress,
-    delta: bool,
+    d: &Delta,
 ) -> Result<Prepared> {
     let settings = recovery.settings()?;
+    let delta = d.on;
     if delta {
         // Never under a running server; a stale pid file from a crash is the operator's call.
         if target.join("postmaster.pid").exists() {
@@ -496,10 +508,12 @@ async fn prepare(
         includes: vec![],
         overwrite: false,
         delta,
+        checksum: d.checksum,
+        records: d.records.clone(),
         bytes_done: progress.done.clone(),
         bytes_total: progress.total.clone(),
     };
-    let summary = tree::restore(repo, &opts).await?;
+    let mut summary = tree::restore(repo, &opts).await?;
     let io = |what: &str, p: &Path, e: std::io::Error| Error::io(what, p, e);
     let label = summary.label.as_ref().map(|l| l.backup_label.as_str()).unwrap_or("");
     if label.is_empty() {
@@ -568,6 +582,8 @@ async fn prepare(
     // backup_label, recovery.signal and the recovery settings came after the tree's own sync:
     // without them the copy is no valid recovery, so they are on disk before "done" too.
     crate::pipeline::safe_dir::SafeDir::open(target)?.sync()?;
+    // Recorded after the hand-over: chown moves every file's ctime.
+    crate::pipeline::record::save_or_warn(summary.record.take(), target, d.records.as_deref(), &mut summary.warnings);
     Ok(Prepared {
         files: summary.files,
         bytes: summary.bytes,
