@@ -364,4 +364,19 @@ fn delta_restore_trusts_only_files_untouched_since_the_recorded_restore() {
     assert_eq!(forged["delta"]["files-known"], 0, "{forged}");
     assert!(forged["delta"]["files-changed"].as_u64().unwrap() >= 1, "{forged}");
     tree::assert_same(&src, &out);
+
+    // A delta that fails once it has started leaves no record: its writes may have reached
+    // the disk before their ctimes (a power cut), so the next delta reads every file.
+    assert!(record.exists());
+    flip_keeping_mtime(&victim);
+    let data = backend.file_path("vol", "data");
+    let hidden = fx.path("data-hidden");
+    std::fs::rename(&data, &hidden).unwrap();
+    let failed = fx.run(&["restore", "vol", "--target", &o, "--identity", &id, "--delta"]);
+    assert_ne!(failed.status.code(), Some(0), "{}", stderr(&failed));
+    std::fs::rename(&hidden, &data).unwrap();
+    assert!(!record.exists(), "a failed delta left its target's record");
+    let after = fx.json(&["restore", "vol", "--target", &o, "--identity", &id, "--delta"]);
+    assert_eq!(after["delta"]["files-known"], 0, "{after}");
+    tree::assert_same(&src, &out);
 }

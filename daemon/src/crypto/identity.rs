@@ -71,6 +71,15 @@ impl Identity {
     }
 
     /// Load an identity file (as written by `veza-dr keygen`, `age-keygen` or `ssh-keygen`).
+    /// A key only a holder of this identity can derive, for `context` over `salt`: it MACs host
+    /// state that a backup host, which holds no identity, must not be able to forge.
+    pub fn derive_key(&self, context: &str, salt: &[u8]) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_derive_key(context);
+        h.update(self.text.expose_secret().trim().as_bytes());
+        h.update(salt);
+        *h.finalize().as_bytes()
+    }
+
     pub fn from_file(path: &Path) -> Result<Identity> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             Error::io("read identity", path, e)

@@ -94,6 +94,8 @@ pub fn clear_extras(dir: &SafeDir, entries: &[(usize, &Entry)], stats: &mut Delt
 pub enum Differ {
     /// Created anew: everything.
     Whole,
+    /// Known to hold the snapshot's bytes already: nothing.
+    Nothing,
     /// The stored pieces (by file offset) whose content differs.
     Pieces(HashSet<u64>),
     /// The 8 KiB pages that differ (relation files with page digests).
@@ -105,6 +107,7 @@ impl Differ {
     pub fn keep(&self, t: Target, raw_len: u32) -> Vec<Target> {
         match self {
             Differ::Whole => vec![t],
+            Differ::Nothing => vec![],
             Differ::Pieces(d) => match t.piece {
                 Some(p) if !d.contains(&p) => vec![],
                 _ => vec![t],
@@ -329,6 +332,7 @@ fn compare_one(
 fn fetched_bytes(manifest: &Manifest, e: &Entry, d: &Differ) -> u64 {
     match d {
         Differ::Whole => e.size,
+        Differ::Nothing => 0,
         Differ::Pages(bits) => (bits.iter().filter(|b| **b).count() as u64 * super::pages::PAGE as u64).min(e.size),
         Differ::Pieces(set) => {
             let mut off = 0u64;

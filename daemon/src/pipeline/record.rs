@@ -8,8 +8,10 @@
 //! exactly what the record holds therefore holds what that restore wrote, the recorded
 //! snapshot's entry. What it cannot see: writes below the file system (the block device, bit
 //! rot) and a clock set back to the same nanosecond; `--checksum` reads every file for those.
-//! The record is MACed under a key derived from the snapshot's chunk key, so only a holder of
-//! the repository's identity can write one a delta believes.
+//! A crash of the kernel can lose a change's new ctime while its data reached the disk, so a
+//! record serves only the boot it was made in, and every restore removes the target's record
+//! before it writes. The record is MACed under a key derived from the restore identity, so
+//! only its holder can write one a delta believes (a backup host holds no identity).
 
 use super::safe_dir::SafeDir;
 use crate::error::{Error, Result};
@@ -54,13 +56,35 @@ struct Body {
     version: u32,
     snapshot: String,
     target: String,
+    /// The kernel's boot id: after a crash, a file's ctime may be older than its data.
+    boot: String,
     made_ns: i64,
     /// (index of the entry in the snapshot's manifest, the file's stat).
     files: Vec<(u32, Stat)>,
 }
 
-fn mac_key(chunk_key: &[u8; 32]) -> [u8; 32] {
-    blake3::derive_key("veza-dr restore record v1", chunk_key)
+/// The record's MAC key: from the identity that restores, salted with the snapshot's chunk key.
+pub fn mac_key(identity: &crate::crypto::Identity, chunk_key: &[u8; 32]) -> [u8; 32] {
+    identity.derive_key("veza-dr restore record v1", chunk_key)
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+/// Remove the record of `target` before a restore writes into it: a restore that fails or is
+/// cut short leaves no record behind. The removal is synced, as the writes may be.
+pub fn remove(records: &Path, target: &Path) {
+    let path = path_for(records, target);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {
+            if let Ok(d) = std::fs::File::open(records) {
+                let _ = d.sync_all();
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(record = %path.display(), error = %e, "could not remove the restore record"),
+    }
 }
 
 /// Where the record of restores into `target` lives under `records` (the state directory's
@@ -94,12 +118,13 @@ fn coarse_now_ns() -> i64 {
 #[derive(Debug)]
 pub struct Pending {
     snapshot: String,
+    /// The MAC key (`mac_key`).
     key: [u8; 32],
     files: Vec<(u32, PathBuf)>,
 }
 
 impl Pending {
-    /// `entries`: (manifest index, entry) of everything restored.
+    /// `entries`: (manifest index, entry) of everything restored; `key`: `mac_key`.
     pub fn new(snapshot: &str, key: [u8; 32], entries: &[(usize, &Entry)]) -> Pending {
         let files = entries
             .iter()
@@ -107,6 +132,12 @@ impl Pending {
             .filter_map(|(i, e)| Some((u32::try_from(*i).ok()?, e.rel_path())))
             .collect();
         Pending { snapshot: snapshot.to_string(), key, files }
+    }
+
+    /// Leave out files the caller changed after the restore (their content is no longer the
+    /// snapshot's, whatever their stat says).
+    pub fn forget(&mut self, rels: &[&str]) {
+        self.files.retain(|(_, p)| !rels.iter().any(|r| p == Path::new(r)));
     }
 
     /// Write the record of `target` under `records`, replacing the last one. A file with more
@@ -132,15 +163,21 @@ impl Pending {
             version: VERSION,
             snapshot: self.snapshot.clone(),
             target: canonical(target),
+            boot: boot_id(),
             made_ns,
             files,
         };
         let body = serde_json::to_vec(&body).map_err(|e| Error::failed(format!("encode the restore record: {e}")))?;
-        let mac = blake3::keyed_hash(&mac_key(&self.key), &body);
+        let mac = blake3::keyed_hash(&self.key, &body);
         let mut text = mac.to_hex().to_string().into_bytes();
         text.push(b'\n');
         text.extend_from_slice(&body);
-        std::fs::create_dir_all(records).map_err(|e| Error::io("create", records, e))?;
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(records)
+            .map_err(|e| Error::io("create", records, e))?;
         let path = path_for(records, target);
         crate::repository::state::write_atomic(&path, &text)
     }
@@ -169,10 +206,18 @@ pub async fn load(repo: &Unlocked, records: &Path, target: &Path) -> Option<Know
     let nl = text.iter().position(|b| *b == b'\n')?;
     let (mac, body) = (std::str::from_utf8(&text[..nl]).ok()?, &text[nl + 1..]);
     let parsed: Body = serde_json::from_slice(body).ok()?;
+    let why = |what: &str| tracing::info!(target = %target.display(), "restore record not used: {what}");
     if parsed.version != VERSION || parsed.target != canonical(target) {
         return None;
     }
-    let why = |what: &str| tracing::info!(target = %target.display(), "restore record not used: {what}");
+    if parsed.boot != boot_id() || parsed.boot.is_empty() {
+        why("it was made before the last boot");
+        return None;
+    }
+    if parsed.made_ns > coarse_now_ns() {
+        why("it is dated after now: the clock was set back");
+        return None;
+    }
     let snap = match repo.find_snapshot(&parsed.snapshot).await {
         Ok(s) if s.id.as_str() == parsed.snapshot => s,
         _ => {
@@ -182,7 +227,7 @@ pub async fn load(repo: &Unlocked, records: &Path, target: &Path) -> Option<Know
     };
     let manifest = repo.manifest(&snap).await.ok()?;
     let key = repo.chunk_key(&snap, &manifest.key_id).await.ok()?;
-    let want = blake3::keyed_hash(&mac_key(&key), body);
+    let want = blake3::keyed_hash(&mac_key(repo.identity(), &key), body);
     if parse_hex32(mac).map(blake3::Hash::from_bytes) != Some(want) {
         why("its MAC does not match");
         return None;
@@ -215,9 +260,14 @@ impl Known {
     }
 }
 
-/// What differs between the file as `old` (of `om`, with page digests `od`) left it and `new`
-/// (of `nm`, digests `nd`), from the manifests alone; `None` when they cannot tell (a layered
-/// file without digests on both sides), and the file is read instead.
+/// What differs between the file as a restore of `old` (of `om`, with page digests `od`)
+/// left it and `new` (of `nm`, digests `nd`), from the manifests alone; `None` when they cannot
+/// tell, and the file is read instead.
+///
+/// A file's hash and digests describe the pages as the backup read them; a layered entry is
+/// restored with some pages from its parent's base instead (a hint bit set without WAL makes
+/// the two differ). So a layered entry on either side is compared by where each page is
+/// restored from (chunk id and offset): the same source, the same bytes.
 pub fn differ(
     om: &Manifest,
     old: &Entry,
@@ -228,8 +278,18 @@ pub fn differ(
 ) -> Option<super::delta::Differ> {
     use super::delta::Differ;
     use super::pages::{DIGEST, PAGE};
+    if old.pages.is_some() || new.pages.is_some() {
+        let (was, now) = (page_sources(om, old)?, page_sources(nm, new)?);
+        let bits: Vec<bool> = now.iter().enumerate().map(|(p, src)| was.get(p) != Some(src)).collect();
+        // After a new base nearly every page has another source: reading the file then costs
+        // less than fetching it.
+        if bits.iter().filter(|b| **b).count() * 2 > bits.len() {
+            return None;
+        }
+        return Some(Differ::Pages(bits));
+    }
     if old.size == new.size && old.hash.is_some() && old.hash == new.hash {
-        return Some(Differ::Pieces(Default::default()));
+        return Some(Differ::Nothing);
     }
     if let (Some(od), Some(nd)) = (od, nd) {
         let page_len = |size: u64, p: u64| size.saturating_sub(p * PAGE as u64).min(PAGE as u64);
@@ -242,9 +302,6 @@ pub fn differ(
             })
             .collect();
         return Some(Differ::Pages(bits));
-    }
-    if old.pages.is_some() || new.pages.is_some() {
-        return None;
     }
     let pieces = |m: &Manifest, e: &Entry| -> Option<Vec<(u64, String, u32)>> {
         let mut off = 0u64;
@@ -271,6 +328,48 @@ pub fn differ(
     Some(Differ::Pieces(differs))
 }
 
+/// Where a restore takes each 8 KiB page of `e` from: (chunk id, offset in the chunk, length).
+/// `None` if a write does not start on a page or a page has no source.
+fn page_sources<'m>(m: &'m Manifest, e: &Entry) -> Option<Vec<(&'m str, u32, u32)>> {
+    use super::pages::PAGE;
+    let writes: Vec<(u32, u64, u32, u32)> = match &e.pages {
+        Some(l) => super::pages::layout(m, e, l, 0)
+            .ok()?
+            .into_iter()
+            .map(|(c, t)| {
+                let raw = m.chunks.get(c as usize)?.4;
+                let (src, len) = t.part.unwrap_or((0, raw));
+                Some((c, t.offset, src, len))
+            })
+            .collect::<Option<_>>()?,
+        None => {
+            let mut off = 0u64;
+            let mut v = Vec::with_capacity(e.chunks.len());
+            for &c in &e.chunks {
+                let raw = m.chunks.get(c as usize)?.4;
+                v.push((c, off, 0, raw));
+                off += raw as u64;
+            }
+            v
+        }
+    };
+    let npages = e.size.div_ceil(PAGE as u64) as usize;
+    let mut out: Vec<Option<(&str, u32, u32)>> = vec![None; npages];
+    for (c, off, src, len) in writes {
+        if !off.is_multiple_of(PAGE as u64) {
+            return None;
+        }
+        let id = m.chunks.get(c as usize)?.0.as_str();
+        let first = (off / PAGE as u64) as usize;
+        for (k, at) in (0..len).step_by(PAGE).enumerate() {
+            if let Some(slot) = out.get_mut(first + k) {
+                *slot = Some((id, src + at, (len - at).min(PAGE as u32)));
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
 /// Save `pending` under `records` (if both are there); a record that cannot be written costs
 /// only the next delta's speed, so it is a warning.
 pub fn save_or_warn(pending: Option<Pending>, target: &Path, records: Option<&Path>, warnings: &mut Vec<String>) {
@@ -278,5 +377,99 @@ pub fn save_or_warn(pending: Option<Pending>, target: &Path, records: Option<&Pa
         if let Err(e) = p.save(target, r) {
             warnings.push(format!("the record of this restore was not saved ({e}): the next --delta reads every file"));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::delta::Differ;
+    use crate::pipeline::pages::{DIGEST, PAGE};
+    use crate::repository::format::{PageLayers, SnapshotId, MANIFEST_FORMAT};
+
+    fn manifest(chunks: &[(&str, u32)]) -> Manifest {
+        Manifest {
+            format: MANIFEST_FORMAT,
+            snapshot: SnapshotId::parse("s").unwrap(),
+            policy: "p".into(),
+            key_id: "k".into(),
+            source_path: "/".into(),
+            packs: vec![],
+            chunks: chunks.iter().map(|(id, raw)| (id.repeat(32), 0, 0, 1, *raw)).collect(),
+            entries: vec![],
+            extra: None,
+            warnings: vec![],
+            page_basis: None,
+        }
+    }
+
+    fn file(size: u64, chunks: Vec<u32>, hash: &str) -> Entry {
+        let mut e = crate::pipeline::snapshot::dir_entry("f", 0);
+        e.kind = EntryKind::File;
+        e.size = size;
+        e.chunks = chunks;
+        e.hash = Some(hash.into());
+        e
+    }
+
+    #[test]
+    fn manifests_alone_tell_what_of_a_recorded_file_differs() {
+        let m = manifest(&[("aa", 100), ("bb", 50), ("cc", 100), ("dd", 70)]);
+        // Same hash and size: nothing to fetch.
+        let d = differ(&m, &file(150, vec![0, 1], "h1"), None, &m, &file(150, vec![0, 1], "h1"), None);
+        assert!(matches!(d, Some(Differ::Nothing)), "{d:?}");
+        // Pieces: the second piece changed, and a third was added after the old end.
+        let d = differ(&m, &file(150, vec![0, 1], "h1"), None, &m, &file(270, vec![0, 3, 2], "h2"), None);
+        let Some(Differ::Pieces(s)) = d else { panic!("{d:?}") };
+        assert_eq!(s.into_iter().collect::<std::collections::BTreeSet<_>>(), [100, 170].into());
+        // The same id at another offset is not the same piece.
+        let d = differ(&m, &file(150, vec![1, 0], "h1"), None, &m, &file(150, vec![0, 1], "h2"), None);
+        let Some(Differ::Pieces(s)) = d else { panic!("{d:?}") };
+        assert_eq!(s.len(), 2);
+        // A chunk index outside the table: read the file instead.
+        assert!(differ(&m, &file(150, vec![0, 9], "x"), None, &m, &file(150, vec![0, 1], "y"), None).is_none());
+
+        // Pages: old 3 pages, new 4 pages and a short fifth; page 1 changed.
+        let dig = |pages: &[u8]| pages.iter().flat_map(|p| [*p; DIGEST]).collect::<Vec<u8>>();
+        let (old, new) = (file(3 * PAGE as u64, vec![], "o"), file(4 * PAGE as u64 + 100, vec![], "n"));
+        let d = differ(&m, &old, Some(&dig(&[1, 2, 3])), &m, &new, Some(&dig(&[1, 9, 3, 4, 5])));
+        let Some(Differ::Pages(bits)) = d else { panic!("{d:?}") };
+        assert_eq!(bits, vec![false, true, false, true, true]);
+        // A last page of another length differs even with the same digest bytes.
+        let (old, new) = (file(PAGE as u64 + 10, vec![], "o"), file(PAGE as u64 + 20, vec![], "n"));
+        let d = differ(&m, &old, Some(&dig(&[1, 2])), &m, &new, Some(&dig(&[1, 2])));
+        assert!(matches!(d, Some(Differ::Pages(b)) if b == vec![false, true]));
+        // A digest list shorter than the file: the pages it lacks differ.
+        let d = differ(&m, &old, Some(&dig(&[1])), &m, &file(PAGE as u64 + 10, vec![], "o2"), Some(&dig(&[1, 2])));
+        assert!(matches!(d, Some(Differ::Pages(b)) if b == vec![false, true]));
+    }
+
+    #[test]
+    fn a_layered_file_is_compared_by_where_its_pages_come_from() {
+        use crate::repository::format::PageLayer;
+        let pg = PAGE as u32;
+        // Chunk 0: a 4-page base; chunks 1 and 2: one page each, two layers' blobs.
+        let m = manifest(&[("aa", 4 * pg), ("bb", pg), ("cc", pg)]);
+        let base = file(4 * PAGE as u64, vec![0], "live-1");
+        let layered = |runs: Vec<(u32, u32)>, chunks: Vec<u32>, hash: &str| {
+            let mut e = file(4 * PAGE as u64, vec![0], hash);
+            e.pages = Some(PageLayers { base_size: 4 * PAGE as u64, layers: vec![PageLayer { chunks, runs }] });
+            e
+        };
+        // Page 2 now comes from a layer: only it differs, even though the hashes (of the live
+        // read) say nothing about what was restored.
+        let one = layered(vec![(2, 1)], vec![1], "live-2");
+        let d = differ(&m, &base, None, &m, &one, None);
+        assert!(matches!(&d, Some(Differ::Pages(b)) if *b == vec![false, false, true, false]), "{d:?}");
+        // The same hash on a layered entry proves nothing: the sources decide (page 2 moved
+        // from layer blob bb to cc).
+        let other = layered(vec![(2, 1)], vec![2], "live-2");
+        let d = differ(&m, &one, None, &m, &other, None);
+        assert!(matches!(&d, Some(Differ::Pages(b)) if *b == vec![false, false, true, false]), "{d:?}");
+        let d = differ(&m, &one, None, &m, &one, None);
+        assert!(matches!(&d, Some(Differ::Pages(b)) if b.iter().all(|x| !x)), "{d:?}");
+        // A new base under every page: the file is read rather than fetched whole.
+        let m2 = manifest(&[("aa", 4 * pg), ("ee", 4 * pg)]);
+        assert!(differ(&m2, &one, None, &m2, &file(4 * PAGE as u64, vec![1], "x"), None).is_none());
     }
 }

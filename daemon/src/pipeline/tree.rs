@@ -193,8 +193,12 @@ pub async fn restore(repo: &Unlocked, opts: &Options) -> Result<Summary> {
             (Some(r), false) => super::record::load(repo, r, target).await,
             _ => None,
         };
+        if let Some(r) = &opts.records {
+            super::record::remove(r, target);
+        }
+        // Old digests that cannot be fetched only mean the files are read.
         let before = match &known {
-            Some(k) => Some(super::delta::Before::fetch(repo, k, &key, &files).await?),
+            Some(k) => super::delta::Before::fetch(repo, k, &key, &files).await.ok(),
             None => None,
         };
         let need: Vec<bool> =
@@ -211,6 +215,9 @@ pub async fn restore(repo: &Unlocked, opts: &Options) -> Result<Summary> {
         delta = Some(stats);
         (files.iter().map(|e| e.rel_path()).collect(), wants)
     } else {
+        if let Some(r) = &opts.records {
+            super::record::remove(r, target);
+        }
         (prepare(&dir, &selected, opts.overwrite)?, plan(&manifest, &files)?)
     };
     let total: u64 = files.iter().map(|e| e.size).sum();
@@ -247,7 +254,9 @@ pub async fn restore(repo: &Unlocked, opts: &Options) -> Result<Summary> {
         delta,
         owner: manifest.entries.iter().find(|e| e.path == ".").map(|e| (e.uid, e.gid)).unwrap_or((0, 0)),
         label: manifest.extra.clone(),
-        record: opts.includes.is_empty().then(|| super::record::Pending::new(snap.id.as_str(), key, &selected)),
+        record: opts.includes.is_empty().then(|| {
+            super::record::Pending::new(snap.id.as_str(), super::record::mac_key(repo.identity(), &key), &selected)
+        }),
     })
 }
 

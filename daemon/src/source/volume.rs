@@ -50,8 +50,7 @@ impl Source for Volume {
             bytes_total: req.progress.total.clone(),
         };
         let mut s = tree::restore(repo, &opts).await?;
-        let target = PathBuf::from(&s.target);
-        crate::pipeline::record::save_or_warn(s.record.take(), &target, req.records.as_deref(), &mut s.warnings);
+        crate::pipeline::record::save_or_warn(s.record.take(), &opts.target, req.records.as_deref(), &mut s.warnings);
         Ok(Restored::Tree(s))
     }
 

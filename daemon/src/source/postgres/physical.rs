@@ -582,8 +582,13 @@ async fn prepare(
     // backup_label, recovery.signal and the recovery settings came after the tree's own sync:
     // without them the copy is no valid recovery, so they are on disk before "done" too.
     crate::pipeline::safe_dir::SafeDir::open(target)?.sync()?;
-    // Recorded after the hand-over: chown moves every file's ctime.
-    crate::pipeline::record::save_or_warn(summary.record.take(), target, d.records.as_deref(), &mut summary.warnings);
+    // Recorded after the hand-over (chown moves every file's ctime), without the files written
+    // here: they no longer hold the snapshot's bytes.
+    let mut record = summary.record.take();
+    if let Some(r) = record.as_mut() {
+        r.forget(&["backup_label", "postgresql.auto.conf", "recovery.signal", "tablespace_map"]);
+    }
+    crate::pipeline::record::save_or_warn(record, target, d.records.as_deref(), &mut summary.warnings);
     Ok(Prepared {
         files: summary.files,
         bytes: summary.bytes,
