@@ -390,7 +390,7 @@ pub fn layout(m: &Manifest, e: &Entry, l: &PageLayers, file: usize) -> Result<Ve
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn page(lsn: u64, fill: u8) -> Vec<u8> {
@@ -462,6 +462,11 @@ mod tests {
     }
 
     fn manifest(rows: &[u32]) -> Manifest {
+        manifest_of(&rows.iter().map(|&raw| ("00", raw)).collect::<Vec<_>>())
+    }
+
+    /// A manifest whose chunk table holds these (id byte in hex, plaintext length) rows.
+    pub(crate) fn manifest_of(chunks: &[(&str, u32)]) -> Manifest {
         Manifest {
             format: MANIFEST_FORMAT,
             snapshot: SnapshotId::parse("s").unwrap(),
@@ -469,7 +474,7 @@ mod tests {
             key_id: "k".into(),
             source_path: "/".into(),
             packs: vec![],
-            chunks: rows.iter().map(|&raw| ("00".repeat(32), 0, 0, 1, raw)).collect(),
+            chunks: chunks.iter().map(|(id, raw)| (id.repeat(32), 0, 0, 1, *raw)).collect(),
             entries: vec![],
             extra: None,
             warnings: vec![],

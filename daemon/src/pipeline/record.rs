@@ -385,22 +385,10 @@ mod tests {
     use super::*;
     use crate::pipeline::delta::Differ;
     use crate::pipeline::pages::{DIGEST, PAGE};
-    use crate::repository::format::{PageLayers, SnapshotId, MANIFEST_FORMAT};
+    use crate::repository::format::PageLayers;
 
     fn manifest(chunks: &[(&str, u32)]) -> Manifest {
-        Manifest {
-            format: MANIFEST_FORMAT,
-            snapshot: SnapshotId::parse("s").unwrap(),
-            policy: "p".into(),
-            key_id: "k".into(),
-            source_path: "/".into(),
-            packs: vec![],
-            chunks: chunks.iter().map(|(id, raw)| (id.repeat(32), 0, 0, 1, *raw)).collect(),
-            entries: vec![],
-            extra: None,
-            warnings: vec![],
-            page_basis: None,
-        }
+        crate::pipeline::pages::tests::manifest_of(chunks)
     }
 
     fn file(size: u64, chunks: Vec<u32>, hash: &str) -> Entry {
