@@ -11,7 +11,7 @@
 //! (a hard link planted to a file outside, a device, a FIFO) is unlinked and created anew,
 //! so a delta restore never writes through a name into something it did not create.
 
-use super::record::{Known, Prior, Stat};
+use super::record::{same_content, Known, Prior, Stat};
 use super::restore::{Sink, Target};
 use super::safe_dir::{Kind as OnDisk, SafeDir};
 use crate::error::Result;
@@ -160,8 +160,12 @@ impl<'a> Before<'a> {
         let need: Vec<bool> = files
             .iter()
             .zip(&priors)
+            // `record::differ` compares layered entries by page source, without digests.
             .map(|(e, p)| {
-                p.as_ref().is_some_and(|p| p.entry.digests.is_some() && e.digests.is_some() && !same_hash(p.entry, e))
+                p.as_ref().is_some_and(|p| {
+                    let plain = p.entry.pages.is_none() && e.pages.is_none();
+                    plain && p.entry.digests.is_some() && e.digests.is_some() && !same_content(p.entry, e)
+                })
             })
             .collect();
         let digests = fetch_digests(repo, known.key, &known.manifest, &old, &need).await?;
@@ -171,12 +175,8 @@ impl<'a> Before<'a> {
     /// Whether file `fi` is known unchanged between the snapshots (if its stat still matches):
     /// its new digests are then not needed.
     pub fn unchanged(&self, fi: usize, e: &Entry) -> bool {
-        self.priors.get(fi).and_then(|p| p.as_ref()).is_some_and(|p| same_hash(p.entry, e))
+        self.priors.get(fi).and_then(|p| p.as_ref()).is_some_and(|p| same_content(p.entry, e))
     }
-}
-
-fn same_hash(a: &Entry, b: &Entry) -> bool {
-    a.size == b.size && a.hash.is_some() && a.hash == b.hash
 }
 
 /// Collects fetched bytes in memory, one buffer per file.

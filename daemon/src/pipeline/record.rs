@@ -288,7 +288,7 @@ pub fn differ(
         }
         return Some(Differ::Pages(bits));
     }
-    if old.size == new.size && old.hash.is_some() && old.hash == new.hash {
+    if same_content(old, new) {
         return Some(Differ::Nothing);
     }
     if let (Some(od), Some(nd)) = (od, nd) {
@@ -326,6 +326,11 @@ pub fn differ(
         .map(|(at, _, _)| at)
         .collect();
     Some(Differ::Pieces(differs))
+}
+
+/// Whether two entries' live reads had the same bytes (size and file hash; same chunk key).
+pub fn same_content(a: &Entry, b: &Entry) -> bool {
+    a.size == b.size && a.hash.is_some() && a.hash == b.hash
 }
 
 /// Where a restore takes each 8 KiB page of `e` from: (chunk id, offset in the chunk, length).

@@ -181,6 +181,15 @@ pub async fn restore(repo: &Unlocked, opts: &Options) -> Result<Summary> {
         return Err(Error::not_found(format!("no path in snapshot {} matches --include", snap.id)));
     }
     let files: Vec<&Entry> = selected.iter().filter(|(_, e)| e.kind == EntryKind::File).map(|(_, e)| *e).collect();
+    // The target's record is read (a delta compares by it) and removed before anything in the
+    // target changes: a restore cut short leaves none behind.
+    let known = match (opts.delta, &opts.records, opts.checksum) {
+        (true, Some(r), false) => super::record::load(repo, r, target).await,
+        _ => None,
+    };
+    if let Some(r) = &opts.records {
+        super::record::remove(r, target);
+    }
     let mut delta = None;
     let (paths, wants) = if opts.delta {
         let mut stats = super::delta::DeltaStats::default();
@@ -189,13 +198,6 @@ pub async fn restore(repo: &Unlocked, opts: &Options) -> Result<Summary> {
         let skeleton: Vec<(usize, &Entry)> =
             selected.iter().filter(|(_, e)| e.kind != EntryKind::File).map(|(i, e)| (*i, *e)).collect();
         prepare(&dir, &skeleton, true)?;
-        let known = match (&opts.records, opts.checksum) {
-            (Some(r), false) => super::record::load(repo, r, target).await,
-            _ => None,
-        };
-        if let Some(r) = &opts.records {
-            super::record::remove(r, target);
-        }
         // Old digests that cannot be fetched only mean the files are read.
         let before = match &known {
             Some(k) => super::delta::Before::fetch(repo, k, &key, &files).await.ok(),
@@ -215,9 +217,6 @@ pub async fn restore(repo: &Unlocked, opts: &Options) -> Result<Summary> {
         delta = Some(stats);
         (files.iter().map(|e| e.rel_path()).collect(), wants)
     } else {
-        if let Some(r) = &opts.records {
-            super::record::remove(r, target);
-        }
         (prepare(&dir, &selected, opts.overwrite)?, plan(&manifest, &files)?)
     };
     let total: u64 = files.iter().map(|e| e.size).sum();
