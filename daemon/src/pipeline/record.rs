@@ -376,10 +376,16 @@ fn page_sources<'m>(m: &'m Manifest, e: &Entry) -> Option<Vec<(&'m str, u32, u32
 }
 
 /// Save `pending` under `records` (if both are there); a record that cannot be written costs
-/// only the next delta's speed, so it is a warning.
-pub fn save_or_warn(pending: Option<Pending>, target: &Path, records: Option<&Path>, warnings: &mut Vec<String>) {
+/// only the next delta's speed, so it is a warning. The save waits out the clock and stats
+/// every file: it runs on a blocking thread, not on the caller's async worker (the daemon has
+/// two).
+pub async fn save_or_warn(pending: Option<Pending>, target: &Path, records: Option<&Path>, warnings: &mut Vec<String>) {
     if let (Some(p), Some(r)) = (pending, records) {
-        if let Err(e) = p.save(target, r) {
+        let (target, r) = (target.to_path_buf(), r.to_path_buf());
+        let saved = tokio::task::spawn_blocking(move || p.save(&target, &r))
+            .await
+            .unwrap_or_else(|e| Err(Error::failed(format!("the record's writer failed: {e}"))));
+        if let Err(e) = saved {
             warnings.push(format!("the record of this restore was not saved ({e}): the next --delta reads every file"));
         }
     }

@@ -50,7 +50,8 @@ impl Source for Volume {
             bytes_total: req.progress.total.clone(),
         };
         let mut s = tree::restore(repo, &opts).await?;
-        crate::pipeline::record::save_or_warn(s.record.take(), &opts.target, req.records.as_deref(), &mut s.warnings);
+        crate::pipeline::record::save_or_warn(s.record.take(), &opts.target, req.records.as_deref(), &mut s.warnings)
+            .await;
         Ok(Restored::Tree(s))
     }
 

@@ -588,7 +588,7 @@ async fn prepare(
     if let Some(r) = record.as_mut() {
         r.forget(&["backup_label", "postgresql.auto.conf", "recovery.signal", "tablespace_map"]);
     }
-    crate::pipeline::record::save_or_warn(record, target, d.records.as_deref(), &mut summary.warnings);
+    crate::pipeline::record::save_or_warn(record, target, d.records.as_deref(), &mut summary.warnings).await;
     Ok(Prepared {
         files: summary.files,
         bytes: summary.bytes,
