@@ -458,6 +458,25 @@ fn tablespaces_are_backed_up_and_restored_beside_the_copy() {
     // The source's own tablespace was not touched.
     assert_eq!(walkdir::WalkDir::new(&ts).into_iter().count(), source_files);
     assert_eq!(psql(&dsn, "SELECT count(*) FROM hot"), "60000");
+
+    // A delta restore over that copy, drifted inside its tablespace, brings it to a newer
+    // snapshot: the tablespace is compared in place and linked beside the copy again.
+    psql(&dsn, "UPDATE hot SET v = 'changed' WHERE id % 100 = 0");
+    fx.ok(&["backup", "db"]);
+    let want = table_hashes(&dsn, &["hot"]);
+    switch_and_wait_archived(&dsn);
+    let rel = psql(&dsn, "SELECT pg_relation_filepath('hot')");
+    assert!(rel.starts_with("pg_tblspc/"), "{rel}");
+    std::fs::remove_file(r.join(&rel)).unwrap();
+    let port = free_port();
+    let d = fx.json(&restore_args(&fx, &r, port, &["--delta"]));
+    let srv = Restored { data: r.clone(), port };
+    assert_eq!(table_hashes(&srv.dsn(), &["hot"]), want, "{d}");
+    let again = psql(&srv.dsn(), "SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = 'fast'");
+    assert_eq!(again, loc, "the tablespace moved");
+    assert!(d["delta"]["files-unchanged"].as_u64().unwrap() > 0, "{d}");
+    drop(srv);
+    assert_eq!(table_hashes(&dsn, &["hot"]), want, "the source's own tablespace changed");
 }
 
 #[test]

@@ -133,17 +133,10 @@ impl Identity {
         Identity::new(vec![Box::new(id)], text, "memory".into())
     }
 
-    /// Write the identity to `path` (created new, mode 0600): a copy for a restored server's
+    /// Write the identity into `f` (a new 0600 file at `path`, for errors): a copy for a restored server's
     /// restore_command, which the caller places outside the data directory and removes.
-    pub fn write_copy(&self, path: &Path) -> Result<()> {
+    pub fn write_copy(&self, f: &mut std::fs::File, path: &Path) -> Result<()> {
         use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| Error::io("write identity copy", path, e))?;
         f.write_all(self.text.expose_secret().as_bytes())
             .and_then(|_| f.sync_all())
             .map_err(|e| Error::io("write identity copy", path, e))

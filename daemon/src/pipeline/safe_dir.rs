@@ -63,6 +63,81 @@ impl SafeDir {
         Ok(SafeDir { root: Arc::new(fd), display: root.to_path_buf(), dirs: Mutex::new(HashMap::new()) })
     }
 
+    /// Open directory `name` inside `parent` (the path as the operator's target gives it),
+    /// never through a link: a link planted at `name` is refused. With `create` the directory
+    /// is made first (0700); with `new` it must not exist yet.
+    pub fn open_child(parent: &Path, name: &OsStr, create: bool, new: bool) -> Result<SafeDir> {
+        let display = parent.join(name);
+        let pfd = nix::fcntl::open(parent, OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
+            .map_err(|e| err("open directory", parent, e))?;
+        if create {
+            match nix::sys::stat::mkdirat(pfd.as_fd(), name, Mode::from_bits_truncate(0o700)) {
+                Ok(()) => {}
+                Err(nix::errno::Errno::EEXIST) if !new => {}
+                Err(e) => return Err(err("create directory", &display, e)),
+            }
+        }
+        let fd = nix::fcntl::openat(pfd.as_fd(), name, DIR_FLAGS, Mode::empty()).map_err(|e| match e {
+            nix::errno::Errno::ELOOP | nix::errno::Errno::ENOTDIR => {
+                Error::usage(format!("{} is not a directory (a link?): refused", display.display()))
+                    .with_hint("remove it, then run the restore again")
+            }
+            e => err("open directory", &display, e),
+        })?;
+        Ok(SafeDir { root: Arc::new(fd), display, dirs: Mutex::new(HashMap::new()) })
+    }
+
+    /// Move the entry `rel` to `to_rel` in `to` (same file system), never onto an entry that
+    /// exists. The entry moved is the one in the directory reached without links.
+    pub fn move_to(&self, rel: &Path, to: &SafeDir, to_rel: &Path) -> Result<()> {
+        let (dir, name) = self.parent(rel)?;
+        let (tdir, tname) = to.parent(to_rel)?;
+        nix::fcntl::renameat2(dir.as_fd(), name, tdir.as_fd(), tname, nix::fcntl::RenameFlags::RENAME_NOREPLACE)
+            .map_err(|e| err(&format!("move {} to", self.full(rel).display()), &to.full(to_rel), e))?;
+        let key: PathBuf = parts(rel)?.iter().collect();
+        self.dirs.lock().expect("not poisoned").retain(|k, _| !k.starts_with(&key));
+        Ok(())
+    }
+
+    /// Swap the entries `rel` and `to_rel` of `to` in one step (both must exist; same file
+    /// system): each is the entry in the directory reached without links.
+    pub fn exchange(&self, rel: &Path, to: &SafeDir, to_rel: &Path) -> Result<()> {
+        let (dir, name) = self.parent(rel)?;
+        let (tdir, tname) = to.parent(to_rel)?;
+        nix::fcntl::renameat2(dir.as_fd(), name, tdir.as_fd(), tname, nix::fcntl::RenameFlags::RENAME_EXCHANGE)
+            .map_err(|e| err(&format!("swap {} with", self.full(rel).display()), &to.full(to_rel), e))?;
+        for (d, r) in [(self, rel), (to, to_rel)] {
+            let key: PathBuf = parts(r)?.iter().collect();
+            d.dirs.lock().expect("not poisoned").retain(|k, _| !k.starts_with(&key));
+        }
+        Ok(())
+    }
+
+    /// What the link `rel` names (`None` when `rel` is not a link).
+    pub fn read_link(&self, rel: &Path) -> Result<Option<std::ffi::OsString>> {
+        let (dir, name) = self.parent(rel)?;
+        if self.existing(&dir, name) != Some(nix::sys::stat::SFlag::S_IFLNK) {
+            return Ok(None);
+        }
+        nix::fcntl::readlinkat(dir.as_fd(), name).map(Some).map_err(|e| err("read link", &self.full(rel), e))
+    }
+
+    /// A new regular file `rel` (0600) opened for writing, in place of whatever entry is
+    /// there (a link is unlinked, never written through).
+    pub fn create_new(&self, rel: &Path) -> Result<std::fs::File> {
+        let (dir, name) = self.parent(rel)?;
+        self.clear(&dir, name, rel, true)?;
+        let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let fd = nix::fcntl::openat(dir.as_fd(), name, flags, Mode::from_bits_truncate(0o600))
+            .map_err(|e| err("create", &self.full(rel), e))?;
+        Ok(std::fs::File::from(fd))
+    }
+
+    /// The target's path, as it was opened.
+    pub fn path(&self) -> &Path {
+        &self.display
+    }
+
     pub fn full(&self, rel: &Path) -> PathBuf {
         self.display.join(rel)
     }
@@ -317,6 +392,60 @@ impl SafeDir {
             .map_err(|e| err("create hard link", &self.full(rel), e))
     }
 
+    /// Give the whole tree to `uid`:`gid`, never following a link, for a tree whose owner-to-be
+    /// may already write in it (a delta restore's target, or any directory once its own owner
+    /// is set). Each directory is walked through a handle opened with `O_NOFOLLOW`, and each
+    /// entry is changed through an `O_PATH` handle of the entry itself, after a look at that
+    /// same handle: a directory swapped for a link between the listing and the change gives
+    /// away the link, never what it names. A regular file with more than one link keeps its
+    /// owner (PostgreSQL makes none, and the other name may be outside the tree). Returns how
+    /// many entries could not be changed.
+    pub fn chown_tree(&self, uid: u32, gid: u32) -> usize {
+        let owner = (Some(nix::unistd::Uid::from_raw(uid)), Some(nix::unistd::Gid::from_raw(gid)));
+        let mut failed = walk_chown(&self.root, owner, 0);
+        if nix::unistd::fchown(self.root.as_fd(), owner.0, owner.1).is_err() {
+            failed += 1;
+        }
+        failed
+    }
+
+    /// Write a new regular file `rel` (0600) holding `data`, in place of whatever entry is
+    /// there (a link is unlinked, never written through). Durable at the caller's `sync`.
+    pub fn write_new(&self, rel: &Path, data: &[u8]) -> Result<()> {
+        use std::io::Write;
+        self.create_new(rel)?.write_all(data).map_err(|e| Error::io("write", &self.full(rel), e))
+    }
+
+    /// The bytes of the regular file `rel`, if there is one (a link is not followed).
+    pub fn read_file(&self, rel: &Path) -> Result<Option<Vec<u8>>> {
+        use std::io::Read;
+        let (dir, name) = self.parent(rel)?;
+        let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+        let fd = match nix::fcntl::openat(dir.as_fd(), name, flags, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ELOOP) => return Ok(None),
+            Err(e) => return Err(err("open", &self.full(rel), e)),
+        };
+        let st = nix::sys::stat::fstat(&fd).map_err(|e| err("stat", &self.full(rel), e))?;
+        if st.st_mode & nix::libc::S_IFMT != nix::libc::S_IFREG {
+            return Ok(None);
+        }
+        let mut out = Vec::new();
+        std::fs::File::from(fd).read_to_end(&mut out).map_err(|e| Error::io("read", &self.full(rel), e))?;
+        Ok(Some(out))
+    }
+
+    /// Directory `rel` and its parents, each created if missing (0700) and none a link: an
+    /// entry in the way that is not a directory is replaced.
+    pub fn mkdir_all(&self, rel: &Path) -> Result<()> {
+        let mut so_far = PathBuf::new();
+        for n in parts(rel)? {
+            so_far.push(n);
+            self.mkdir(&so_far, true)?;
+        }
+        Ok(())
+    }
+
     /// Owner (when allowed), mode and times of the entry itself. Returns false when the owner
     /// could not be set and `must_own` is false (not root).
     pub fn set_meta(
@@ -371,4 +500,44 @@ impl SafeDir {
         }
         Ok(owned)
     }
+}
+
+/// `chown_tree`'s walk below `dir`, deepest first. `depth` bounds the handles held open.
+fn walk_chown(dir: &OwnedFd, owner: (Option<nix::unistd::Uid>, Option<nix::unistd::Gid>), depth: usize) -> usize {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(dup) = nix::unistd::dup(dir.as_fd()) else { return 1 };
+    let Ok(mut d) = nix::dir::Dir::from_fd(dup) else { return 1 };
+    let names: Vec<std::ffi::OsString> = d
+        .iter()
+        .flatten()
+        .map(|e| OsStr::from_bytes(e.file_name().to_bytes()).to_os_string())
+        .filter(|n| n != "." && n != "..")
+        .collect();
+    let mut failed = 0;
+    for name in names {
+        // The entry itself: a link is opened as the link (O_PATH with O_NOFOLLOW).
+        let flags = OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let Ok(fd) = nix::fcntl::openat(dir.as_fd(), name.as_os_str(), flags, Mode::empty()) else {
+            failed += 1;
+            continue;
+        };
+        let Ok(st) = nix::sys::stat::fstat(&fd) else {
+            failed += 1;
+            continue;
+        };
+        let kind = st.st_mode & nix::libc::S_IFMT;
+        if kind == nix::libc::S_IFDIR {
+            // Reopened for reading through the O_PATH handle (".": no name a swap could change).
+            match nix::fcntl::openat(fd.as_fd(), ".", DIR_FLAGS, Mode::empty()) {
+                Ok(sub) if depth < 64 => failed += walk_chown(&sub, owner, depth + 1),
+                _ => failed += 1,
+            }
+        } else if kind == nix::libc::S_IFREG && st.st_nlink > 1 {
+            continue;
+        }
+        if nix::unistd::fchownat(fd.as_fd(), "", owner.0, owner.1, AtFlags::AT_EMPTY_PATH).is_err() {
+            failed += 1;
+        }
+    }
+    failed
 }

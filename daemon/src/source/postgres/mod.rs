@@ -5,6 +5,7 @@
 
 pub mod archive;
 pub mod dsn;
+pub mod handover;
 pub mod logical;
 pub mod pagecheck;
 pub mod physical;

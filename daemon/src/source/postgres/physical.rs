@@ -6,11 +6,11 @@
 //! owner and, with `--start`, runs the server until recovery has finished.
 
 use super::archive;
+use super::handover::{self, IdentityCopy};
 use super::recovery::RecoveryTarget;
 use super::server::{Recovered, Server};
 use super::wal::{parse_lsn, WalName};
 use super::{connect, db_error, one_text, wal_timeout};
-use crate::crypto::Identity;
 use crate::error::{Error, Kind, Result};
 use crate::pipeline::snapshot::{commit, prepare_tree, Options as BackupOptions, PgRead};
 use crate::pipeline::tree;
@@ -68,7 +68,9 @@ impl Source for Physical {
         out.seconds_recovery = t1.elapsed().as_secs_f64();
         let rec = rec?;
         drop(prepared.identity);
-        let _ = std::fs::remove_dir_all(archive::spool_dir(&target));
+        // Through handles: the running server's user could have put a link in the way.
+        let _ = crate::pipeline::safe_dir::SafeDir::open(&target)
+            .and_then(|t| t.remove_all(&Path::new(handover::WORK).join("spool")));
         out.started = true;
         out.port = Some(req.port);
         out.socket_dir = Some(server.socket_dir().display().to_string());
@@ -377,46 +379,6 @@ pub struct PhysicalSummary {
     pub warnings: Vec<String>,
 }
 
-/// A private copy of the identity for the restored server's restore_command: outside the
-/// data directory, in a 0700 directory of the server's user, removed when dropped (unless
-/// kept for a server the operator starts later).
-pub struct IdentityCopy {
-    pub dir: PathBuf,
-    pub file: PathBuf,
-    keep: bool,
-}
-
-impl IdentityCopy {
-    fn create(identity: &Identity, target: &Path, uid: u32, gid: u32) -> Result<IdentityCopy> {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-        let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "data".into());
-        let parent = target.parent().unwrap_or(Path::new("/"));
-        let dir = parent.join(format!(".{name}.veza-dr-{}", hex::encode(rand::random::<[u8; 4]>())));
-        std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| Error::io("create", &dir, e))?;
-        let mut copy = IdentityCopy { file: dir.join("identity"), dir, keep: false };
-        identity.write_copy(&copy.file)?;
-        for p in [&copy.dir, &copy.file] {
-            let _ = std::os::unix::fs::chown(p, Some(uid), Some(gid));
-        }
-        let _ = std::fs::set_permissions(&copy.dir, std::fs::Permissions::from_mode(0o700));
-        copy.keep = false;
-        Ok(copy)
-    }
-
-    /// Leave the copy for a server the operator starts (they are told to delete it).
-    fn keep(mut self) {
-        self.keep = true;
-    }
-}
-
-impl Drop for IdentityCopy {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
 /// A restored data directory, ready for the server to start and recover.
 struct Prepared {
     files: u64,
@@ -493,14 +455,8 @@ async fn prepare(
             ))
             .with_hint("stop it (pg_ctl -D DIR stop); if it crashed, remove the stale postmaster.pid, then run the delta restore again"));
         }
-        let tablespaces = std::fs::read_dir(target.join("pg_tblspc")).map(|mut d| d.next().is_some()).unwrap_or(false);
-        if tablespaces {
-            return Err(Error::usage(format!(
-                "{} has tablespaces: a delta restore of a cluster with tablespaces is not supported yet",
-                target.display()
-            ))
-            .with_hint("restore into an empty directory instead"));
-        }
+        // Tablespaces an earlier restore moved beside the target are compared in place.
+        handover::bring_back_tablespaces(target)?;
     }
     let opts = tree::Options {
         snapshot: snap.id.to_string(),
@@ -514,37 +470,19 @@ async fn prepare(
         bytes_total: progress.total.clone(),
     };
     let mut summary = tree::restore(repo, &opts).await?;
-    let io = |what: &str, p: &Path, e: std::io::Error| Error::io(what, p, e);
     let label = summary.label.as_ref().map(|l| l.backup_label.as_str()).unwrap_or("");
     if label.is_empty() {
         return Err(Error::damaged(format!("snapshot {} has no backup_label: it is not a physical backup", snap.id)));
     }
-    std::fs::write(target.join("backup_label"), label).map_err(|e| io("write", &target.join("backup_label"), e))?;
-    // Tablespaces come back as directories under pg_tblspc/<oid>: move each beside the data
-    // directory and link it, as PostgreSQL expects (never onto the source's own locations).
-    // With the links in place, tablespace_map is not needed.
-    let mut tablespace_dirs = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(target.join("pg_tblspc")) {
-        for e in rd.flatten() {
-            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                let home = PathBuf::from(format!("{}-tablespaces", target.display())).join(e.file_name());
-                std::fs::create_dir_all(home.parent().unwrap_or(target)).map_err(|err| io("create", &home, err))?;
-                std::fs::rename(e.path(), &home).map_err(|err| io("move tablespace to", &home, err))?;
-                std::os::unix::fs::symlink(&home, e.path()).map_err(|err| io("link tablespace", &e.path(), err))?;
-                tablespace_dirs.push(home);
-            }
-        }
-    }
-    std::fs::create_dir_all(target.join("pg_wal/archive_status")).map_err(|e| io("create", target, e))?;
+    let io = |what: &str, p: &Path, e: std::io::Error| Error::io(what, p, e);
+    let tablespaces = handover::link_tablespaces(target)?;
 
     // What wal-fetch needs: the policy (references only) and a spool inside the restored
     // cluster; the identity outside it.
-    let work = target.join("veza-dr-restore");
-    std::fs::create_dir_all(archive::spool_dir(target)).map_err(|e| io("create", &work, e))?;
     let (uid, gid) = summary.owner;
     let identity = IdentityCopy::create(repo.identity(), target, uid, gid)?;
-    let policy_copy = work.join(format!("{}.toml", policy.name));
-    std::fs::copy(&policy.path, &policy_copy).map_err(|e| io("copy policy", &policy.path, e))?;
+    let policy_copy = target.join(handover::WORK).join(format!("{}.toml", policy.name));
+    let policy_bytes = std::fs::read(&policy.path).map_err(|e| io("read policy", &policy.path, e))?;
     let exe = std::env::current_exe().map_err(|e| Error::failed(format!("cannot find the veza-dr binary: {e}")))?;
     let cluster = snap.pg().map(|p| p.system_identifier.clone()).unwrap_or_default();
     // A restore from a replica fetches its WAL from the same replica.
@@ -563,19 +501,15 @@ async fn prepare(
     for (k, v) in &settings {
         conf += &format!("{k} = {}\n", conf_quote(v));
     }
-    let auto = target.join("postgresql.auto.conf");
-    let mut text = std::fs::read_to_string(&auto).unwrap_or_default();
-    text += &conf;
-    std::fs::write(&auto, text).map_err(|e| io("write", &auto, e))?;
-    std::fs::write(target.join("recovery.signal"), "").map_err(|e| io("write", target, e))?;
+    handover::write_recovery(target, label, &policy.name, &policy_bytes, &conf)?;
 
     // Hand the tree to the data directory's owner, 0700 as PostgreSQL requires.
-    let tablespace_parent: Vec<PathBuf> =
-        tablespace_dirs.iter().filter_map(|d| d.parent().map(Path::to_path_buf)).take(1).collect();
-    for root in std::iter::once(target.to_path_buf()).chain(tablespace_parent) {
-        for e in walkdir::WalkDir::new(&root).into_iter().flatten() {
-            let _ = std::os::unix::fs::lchown(e.path(), Some(uid), Some(gid));
-        }
+    let mut kept = 0;
+    for root in std::iter::once(target).chain(tablespaces.as_deref()) {
+        kept += handover::hand_over(root, uid, gid)?;
+    }
+    if kept > 0 && nix::unistd::geteuid().is_root() {
+        summary.warnings.push(format!("{kept} entries of the restored tree could not be given to uid {uid}"));
     }
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o700)).map_err(|e| io("chmod", target, e))?;
