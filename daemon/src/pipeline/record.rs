@@ -143,7 +143,11 @@ impl Pending {
     /// Write the record of `target` under `records`, replacing the last one. A file with more
     /// than one link, or changed too recently (`MARGIN_NS`), is left out: a delta reads it.
     pub fn save(&self, target: &Path, records: &Path) -> Result<()> {
-        let dir = SafeDir::open(target)?;
+        self.save_in(&SafeDir::open(target)?, target, records)
+    }
+
+    /// `save`, through the caller's handle of `target` (a tree handed to another user).
+    pub fn save_in(&self, dir: &SafeDir, target: &Path, records: &Path) -> Result<()> {
         // The restore's last changes (owners, modes, times) were just made: let the clock
         // move past them once, rather than leave every file out.
         std::thread::sleep(std::time::Duration::from_nanos(MARGIN_NS as u64 + 10_000_000));
@@ -379,12 +383,22 @@ fn page_sources<'m>(m: &'m Manifest, e: &Entry) -> Option<Vec<(&'m str, u32, u32
 /// only the next delta's speed, so it is a warning. The save waits out the clock and stats
 /// every file: it runs on a blocking thread, not on the caller's async worker (the daemon has
 /// two).
-pub async fn save_or_warn(pending: Option<Pending>, target: &Path, records: Option<&Path>, warnings: &mut Vec<String>) {
+/// `dir`: the caller's handle of `target`, if it has one.
+pub async fn save_or_warn(
+    pending: Option<Pending>,
+    target: &Path,
+    dir: Option<std::sync::Arc<SafeDir>>,
+    records: Option<&Path>,
+    warnings: &mut Vec<String>,
+) {
     if let (Some(p), Some(r)) = (pending, records) {
         let (target, r) = (target.to_path_buf(), r.to_path_buf());
-        let saved = tokio::task::spawn_blocking(move || p.save(&target, &r))
-            .await
-            .unwrap_or_else(|e| Err(Error::failed(format!("the record's writer failed: {e}"))));
+        let saved = tokio::task::spawn_blocking(move || match dir {
+            Some(d) => p.save_in(&d, &target, &r),
+            None => p.save(&target, &r),
+        })
+        .await
+        .unwrap_or_else(|e| Err(Error::failed(format!("the record's writer failed: {e}"))));
         if let Err(e) = saved {
             warnings.push(format!("the record of this restore was not saved ({e}): the next --delta reads every file"));
         }

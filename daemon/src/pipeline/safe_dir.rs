@@ -40,6 +40,9 @@ fn err(what: &str, path: &Path, e: nix::errno::Errno) -> Error {
     Error::io(what, path, std::io::Error::from_raw_os_error(e as i32))
 }
 
+/// The largest file `read_file` reads.
+pub const READ_LIMIT: u64 = 16 << 20;
+
 const DIR_FLAGS: OFlag = OFlag::O_DIRECTORY.union(OFlag::O_NOFOLLOW).union(OFlag::O_RDONLY).union(OFlag::O_CLOEXEC);
 
 /// The normal components of a relative path (`.` dropped); anything else is refused.
@@ -61,6 +64,33 @@ impl SafeDir {
         let fd = nix::fcntl::open(root, OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
             .map_err(|e| err("open restore target", root, e))?;
         Ok(SafeDir { root: Arc::new(fd), display: root.to_path_buf(), dirs: Mutex::new(HashMap::new()) })
+    }
+
+    /// Open the target of a restore whose tree is handed to another user, once, for every
+    /// step after (`O_NOFOLLOW` on its last component, created 0700 when missing, its parents
+    /// as the operator's path gives them). The target's parent may belong to that user, who
+    /// could put a link in the target's place at any time: a handle opened once keeps every
+    /// later step on the directory it first named, and a link already there is refused.
+    pub fn open_target(target: &Path) -> Result<SafeDir> {
+        let abs = std::path::absolute(target).map_err(|e| Error::io("resolve", target, e))?;
+        let (Some(parent), Some(name)) = (abs.parent(), abs.file_name()) else {
+            return Err(Error::usage(format!("{} cannot be a restore target", target.display()))
+                .with_hint("name a directory below /, such as /var/lib/postgresql/15/main"));
+        };
+        std::fs::create_dir_all(parent).map_err(|e| Error::io("create restore target", parent, e))?;
+        // Only for the message: the no-follow open below is what refuses it.
+        if std::fs::symlink_metadata(&abs).is_ok_and(|m| m.is_symlink()) {
+            return Err(Error::usage(format!("restore target {} is a link", target.display()))
+                .with_hint("name the directory it points to: the restored tree goes to another user, and a link in its place could send it anywhere"));
+        }
+        let mut d = SafeDir::open_child(parent, name, true, false)?;
+        d.display = target.to_path_buf();
+        Ok(d)
+    }
+
+    /// `chmod` of the root itself, through its handle.
+    pub fn chmod_root(&self, mode: u32) -> Result<()> {
+        nix::sys::stat::fchmod(&self.root, Mode::from_bits_truncate(mode)).map_err(|e| err("chmod", &self.display, e))
     }
 
     /// Open directory `name` inside `parent` (the path as the operator's target gives it),
@@ -397,9 +427,9 @@ impl SafeDir {
     /// is set). Each directory is walked through a handle opened with `O_NOFOLLOW`, and each
     /// entry is changed through an `O_PATH` handle of the entry itself, after a look at that
     /// same handle: a directory swapped for a link between the listing and the change gives
-    /// away the link, never what it names. A regular file with more than one link keeps its
-    /// owner (PostgreSQL makes none, and the other name may be outside the tree). Returns how
-    /// many entries could not be changed.
+    /// away the link, never what it names. An entry other than a directory with more than one
+    /// link keeps its owner (PostgreSQL makes none, and the other name may be outside the
+    /// tree), and so does a device node. Returns how many entries kept their owner.
     pub fn chown_tree(&self, uid: u32, gid: u32) -> usize {
         let owner = (Some(nix::unistd::Uid::from_raw(uid)), Some(nix::unistd::Gid::from_raw(gid)));
         let mut failed = walk_chown(&self.root, owner, 0);
@@ -416,7 +446,9 @@ impl SafeDir {
         self.create_new(rel)?.write_all(data).map_err(|e| Error::io("write", &self.full(rel), e))
     }
 
-    /// The bytes of the regular file `rel`, if there is one (a link is not followed).
+    /// The bytes of the regular file `rel`, if there is one (a link is not followed), up to
+    /// `READ_LIMIT`: the file may be the server user's, who could make it as large as the
+    /// disk (or sparse, larger than memory) for root to read.
     pub fn read_file(&self, rel: &Path) -> Result<Option<Vec<u8>>> {
         use std::io::Read;
         let (dir, name) = self.parent(rel)?;
@@ -431,7 +463,20 @@ impl SafeDir {
             return Ok(None);
         }
         let mut out = Vec::new();
-        std::fs::File::from(fd).read_to_end(&mut out).map_err(|e| Error::io("read", &self.full(rel), e))?;
+        std::fs::File::from(fd)
+            .take(READ_LIMIT + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| Error::io("read", &self.full(rel), e))?;
+        if out.len() as u64 > READ_LIMIT {
+            return Err(Error::usage(format!(
+                "{} is larger than {} MiB: refused",
+                self.full(rel).display(),
+                READ_LIMIT >> 20
+            ))
+            .with_hint(
+                "a configuration file is never that large: look at what wrote it, remove it, then restore again",
+            ));
+        }
         Ok(Some(out))
     }
 
@@ -532,7 +577,10 @@ fn walk_chown(dir: &OwnedFd, owner: (Option<nix::unistd::Uid>, Option<nix::unist
                 Ok(sub) if depth < 64 => failed += walk_chown(&sub, owner, depth + 1),
                 _ => failed += 1,
             }
-        } else if kind == nix::libc::S_IFREG && st.st_nlink > 1 {
+        } else if st.st_nlink > 1 || kind == nix::libc::S_IFCHR || kind == nix::libc::S_IFBLK {
+            // Counted, never given: another name of the same inode may be outside the tree
+            // (any kind, with fs.protected_hardlinks off), and a device node gives raw access.
+            failed += 1;
             continue;
         }
         if nix::unistd::fchownat(fd.as_fd(), "", owner.0, owner.1, AtFlags::AT_EMPTY_PATH).is_err() {

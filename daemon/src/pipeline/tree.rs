@@ -27,6 +27,9 @@ pub struct Options {
     pub records: Option<PathBuf>,
     pub bytes_done: Arc<AtomicU64>,
     pub bytes_total: Arc<AtomicU64>,
+    /// The target, opened by the caller (`SafeDir::open_target`) for steps of its own after
+    /// the restore: used instead of opening `target` by path.
+    pub dir: Option<Arc<SafeDir>>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -163,15 +166,25 @@ pub async fn restore(repo: &Unlocked, opts: &Options) -> Result<Summary> {
         return Err(Error::usage("--delta restores the whole snapshot: it cannot be combined with --include")
             .with_hint("restore the paths into an empty directory instead"));
     }
-    if target.exists() && !opts.overwrite && !opts.delta {
-        let non_empty = std::fs::read_dir(target).map_err(|e| Error::io("read", target, e))?.next().is_some();
-        if non_empty {
-            return Err(Error::usage(format!("restore target {} is not empty", target.display()))
-                .with_hint("restore into an empty or new directory, or pass --overwrite"));
-        }
+    let non_empty = || -> Result<bool> {
+        Ok(match &opts.dir {
+            Some(d) => !d.list(Path::new(""))?.is_empty(),
+            None => {
+                target.exists() && std::fs::read_dir(target).map_err(|e| Error::io("read", target, e))?.next().is_some()
+            }
+        })
+    };
+    if !opts.overwrite && !opts.delta && non_empty()? {
+        return Err(Error::usage(format!("restore target {} is not empty", target.display()))
+            .with_hint("restore into an empty or new directory, or pass --overwrite"));
     }
-    create_private(target)?;
-    let dir = Arc::new(SafeDir::open(target)?);
+    let dir = match &opts.dir {
+        Some(d) => d.clone(),
+        None => {
+            create_private(target)?;
+            Arc::new(SafeDir::open(target)?)
+        }
+    };
     check_tree(&manifest)?;
 
     let entries = detach_hardlinks(&manifest.entries, &opts.includes);

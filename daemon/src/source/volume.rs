@@ -48,10 +48,17 @@ impl Source for Volume {
             records: req.records.clone(),
             bytes_done: req.progress.done.clone(),
             bytes_total: req.progress.total.clone(),
+            dir: None,
         };
         let mut s = tree::restore(repo, &opts).await?;
-        crate::pipeline::record::save_or_warn(s.record.take(), &opts.target, req.records.as_deref(), &mut s.warnings)
-            .await;
+        crate::pipeline::record::save_or_warn(
+            s.record.take(),
+            &opts.target,
+            None,
+            req.records.as_deref(),
+            &mut s.warnings,
+        )
+        .await;
         Ok(Restored::Tree(s))
     }
 
@@ -67,6 +74,7 @@ impl Source for Volume {
             records: None,
             bytes_done: Default::default(),
             bytes_total: Default::default(),
+            dir: None,
         };
         let restore = tree::restore(repo, &ropts);
         phase(env, "fetch, decrypt, write", restore, |s| {

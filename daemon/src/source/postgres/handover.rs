@@ -1,6 +1,8 @@
 //! The restored data directory handed to the server's user, without following a link: the
-//! tree below the target belongs to that user while root works in it, so every step goes
-//! through directory handles (`SafeDir`), never through a path a link could redirect.
+//! tree below the target belongs to that user while root works in it, and so may the target's
+//! parent, so every step goes through directory handles (`SafeDir`) opened once, the target's
+//! at the start of the restore (`SafeDir::open_target`), never through a path a link could
+//! redirect.
 
 use crate::crypto::Identity;
 use crate::error::{Error, Result};
@@ -65,10 +67,10 @@ fn tablespace_home(target: &Path) -> Result<Option<(PathBuf, std::ffi::OsString)
 
 /// Tablespaces come back as directories under `pg_tblspc/<oid>`: move each into
 /// `<target>-tablespaces/<oid>` and link it there, as PostgreSQL expects (never onto the
-/// source's own locations; with the links in place, tablespace_map is not needed). Returns
-/// that directory when there was a tablespace.
-pub fn link_tablespaces(target: &Path) -> Result<Option<PathBuf>> {
-    let safe = SafeDir::open(target)?;
+/// source's own locations; with the links in place, tablespace_map is not needed). `safe` is
+/// the handle of `target`. Returns that directory's handle when there was a tablespace: the
+/// hand-over goes through it, never through its name (whose parent the server's user may own).
+pub fn link_tablespaces(safe: &SafeDir, target: &Path) -> Result<Option<SafeDir>> {
     let spc = Path::new("pg_tblspc");
     // No pg_tblspc (or one that is not a directory): no tablespace to move.
     let Ok(entries) = safe.list(spc) else { return Ok(None) };
@@ -91,7 +93,30 @@ pub fn link_tablespaces(target: &Path) -> Result<Option<PathBuf>> {
         safe.move_to(&at, h, Path::new(&oid))?;
         safe.symlink(&at, h.path().join(&oid).as_os_str(), false)?;
     }
-    Ok(home.map(|h| h.path().to_path_buf()))
+    Ok(home)
+}
+
+/// Before anything is written: a directory already at `<target>-tablespaces/<oid>` (left by
+/// an earlier restore into another copy) would stop `link_tablespaces` after the whole tree
+/// was written, with no recovery files. Links there are fine (they are removed). A delta
+/// calls this after `bring_back_tablespaces`.
+pub fn check_tablespace_home(target: &Path) -> Result<()> {
+    let Some((parent, dir)) = tablespace_home(target)? else { return Ok(()) };
+    let home = parent.join(&dir);
+    if std::fs::symlink_metadata(&home).is_err() {
+        return Ok(());
+    }
+    let h = SafeDir::open_child(&parent, &dir, false, false)?;
+    if let Some((oid, _)) = h.list(Path::new(""))?.into_iter().find(|(_, k)| *k != Kind::Symlink) {
+        return Err(Error::usage(format!(
+            "{} is in the way: a restore into {} moves its tablespaces to {}",
+            home.join(&oid).display(),
+            target.display(),
+            home.display()
+        ))
+        .with_hint("it is left from an earlier restore: move it away or remove it, then run the restore again"));
+    }
+    Ok(())
 }
 
 /// Before a delta restore over a data directory an earlier restore made: each tablespace
@@ -99,9 +124,9 @@ pub fn link_tablespaces(target: &Path) -> Result<Option<PathBuf>> {
 /// `pg_tblspc/<oid>` (swapped with its link in one step, then the link removed), so the delta
 /// compares it in place and `link_tablespaces` moves it out again. A tablespace linked
 /// anywhere else (the source's own location, on a failed primary) is refused: a delta
-/// restore writes only inside its target. Returns how many were brought back.
-pub fn bring_back_tablespaces(target: &Path) -> Result<usize> {
-    let safe = SafeDir::open(target)?;
+/// restore writes only inside its target. `safe` is the handle of `target`. Returns how many
+/// were brought back.
+pub fn bring_back_tablespaces(safe: &SafeDir, target: &Path) -> Result<usize> {
     let spc = Path::new("pg_tblspc");
     let Ok(entries) = safe.list(spc) else { return Ok(0) };
     let Some((parent, dir)) = tablespace_home(target)? else { return Ok(0) };
@@ -151,10 +176,9 @@ pub fn bring_back_tablespaces(target: &Path) -> Result<usize> {
 
 /// What recovery needs, written into the restored tree `target`: `backup_label`, `pg_wal`,
 /// the work directory with its spool and a copy of the policy, `conf` appended to
-/// `postgresql.auto.conf`, and `recovery.signal`. Through directory handles: a link planted
-/// at any of these names is replaced, never written through.
-pub fn write_recovery(target: &Path, label: &str, policy_name: &str, policy: &[u8], conf: &str) -> Result<()> {
-    let safe = SafeDir::open(target)?;
+/// `postgresql.auto.conf`, and `recovery.signal`. Through directory handles (`safe`, the
+/// target's): a link planted at any of these names is replaced, never written through.
+pub fn write_recovery(safe: &SafeDir, label: &str, policy_name: &str, policy: &[u8], conf: &str) -> Result<()> {
     safe.write_new(Path::new("backup_label"), label.as_bytes())?;
     safe.mkdir_all(Path::new("pg_wal/archive_status"))?;
     safe.mkdir_all(&Path::new(WORK).join("spool"))?;
@@ -164,12 +188,6 @@ pub fn write_recovery(target: &Path, label: &str, policy_name: &str, policy: &[u
     text.extend_from_slice(conf.as_bytes());
     safe.write_new(auto, &text)?;
     safe.write_new(Path::new("recovery.signal"), b"")
-}
-
-/// Give `root` and everything below it to `uid`:`gid`, through handles that never follow a
-/// link (`SafeDir::chown_tree`). Returns how many entries kept their owner.
-pub fn hand_over(root: &Path, uid: u32, gid: u32) -> Result<usize> {
-    Ok(SafeDir::open(root)?.chown_tree(uid, gid))
 }
 
 #[cfg(test)]
@@ -193,8 +211,14 @@ mod tests {
         for n in ["pg_wal", WORK] {
             std::os::unix::fs::symlink(&outside, target.join(n)).unwrap();
         }
-        write_recovery(&target, "START WAL LOCATION: 0/2000028\n", "db", b"[policy]", "restore_command = 'x'\n")
-            .unwrap();
+        write_recovery(
+            &SafeDir::open_target(&target).unwrap(),
+            "START WAL LOCATION: 0/2000028\n",
+            "db",
+            b"[policy]",
+            "restore_command = 'x'\n",
+        )
+        .unwrap();
         let listing: Vec<_> = std::fs::read_dir(&outside).unwrap().flatten().map(|e| e.file_name()).collect();
         assert_eq!(listing, vec![std::ffi::OsString::from("victim")], "nothing new outside");
         assert_eq!(std::fs::read(outside.join("victim")).unwrap(), b"precious");
@@ -216,7 +240,8 @@ mod tests {
         let target = t.path().join("data");
         std::fs::create_dir_all(target.join("pg_tblspc/16384/PG_15_202209061")).unwrap();
         std::fs::write(target.join("pg_tblspc/16384/PG_15_202209061/1"), b"rel").unwrap();
-        let home = link_tablespaces(&target).unwrap().unwrap();
+        let home = link_tablespaces(&SafeDir::open_target(&target).unwrap(), &target).unwrap().unwrap();
+        let home = home.path().to_path_buf();
         assert_eq!(home, t.path().join("data-tablespaces"));
         assert_eq!(std::fs::read_link(target.join("pg_tblspc/16384")).unwrap(), home.join("16384"));
         assert_eq!(std::fs::read(target.join("pg_tblspc/16384/PG_15_202209061/1")).unwrap(), b"rel");
@@ -225,7 +250,7 @@ mod tests {
         std::fs::create_dir_all(target.join("pg_tblspc/16385")).unwrap();
         std::fs::create_dir_all(&outside).unwrap();
         std::os::unix::fs::symlink(&outside, t.path().join("other-tablespaces")).unwrap();
-        let e = link_tablespaces(&target).unwrap_err();
+        let e = link_tablespaces(&SafeDir::open_target(&target).unwrap(), &target).err().expect("refused");
         assert!(e.to_string().contains("other-tablespaces"), "{e}");
         assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "nothing moved through the link");
         assert!(target.join("pg_tblspc/16385").is_dir());
@@ -242,8 +267,9 @@ mod tests {
             std::fs::create_dir_all(target.join("pg_tblspc").join(oid).join("PG_15_202209061")).unwrap();
             std::fs::write(target.join("pg_tblspc").join(oid).join("PG_15_202209061/1"), oid).unwrap();
         }
-        let home = link_tablespaces(&target).unwrap().unwrap();
-        assert_eq!(bring_back_tablespaces(&target).unwrap(), 2);
+        let safe = SafeDir::open_target(&target).unwrap();
+        let home = link_tablespaces(&safe, &target).unwrap().unwrap().path().to_path_buf();
+        assert_eq!(bring_back_tablespaces(&safe, &target).unwrap(), 2);
         for oid in ["16384", "16385"] {
             let at = target.join("pg_tblspc").join(oid);
             assert!(std::fs::symlink_metadata(&at).unwrap().is_dir(), "{oid} is back in place");
@@ -253,7 +279,7 @@ mod tests {
 
         // Cut short after the swap: the link sits at home; the next restore moves past it.
         std::os::unix::fs::symlink(home.join("16384"), home.join("16384")).unwrap();
-        assert_eq!(link_tablespaces(&target).unwrap().unwrap(), home);
+        assert_eq!(link_tablespaces(&safe, &target).unwrap().unwrap().path(), home);
         assert_eq!(std::fs::read_to_string(target.join("pg_tblspc/16384/PG_15_202209061/1")).unwrap(), "16384");
         assert!(std::fs::symlink_metadata(home.join("16384")).unwrap().is_dir());
 
@@ -262,7 +288,7 @@ mod tests {
         std::fs::create_dir_all(&elsewhere).unwrap();
         std::fs::remove_file(target.join("pg_tblspc/16385")).unwrap();
         std::os::unix::fs::symlink(&elsewhere, target.join("pg_tblspc/16385")).unwrap();
-        let e = bring_back_tablespaces(&target).unwrap_err();
+        let e = bring_back_tablespaces(&safe, &target).unwrap_err();
         assert!(e.to_string().contains("outside the target"), "{e}");
         assert!(std::fs::symlink_metadata(target.join("pg_tblspc/16384")).unwrap().is_symlink(), "16384 not moved");
         assert!(std::fs::symlink_metadata(home.join("16384")).unwrap().is_dir());
@@ -273,7 +299,8 @@ mod tests {
     fn recovery_settings_are_appended_to_the_restored_auto_conf() {
         let t = tempfile::tempdir().unwrap();
         std::fs::write(t.path().join("postgresql.auto.conf"), "work_mem = '8MB'\n").unwrap();
-        write_recovery(t.path(), "label", "db", b"", "restore_command = 'x'\n").unwrap();
+        write_recovery(&SafeDir::open_target(t.path()).unwrap(), "label", "db", b"", "restore_command = 'x'\n")
+            .unwrap();
         assert_eq!(
             std::fs::read_to_string(t.path().join("postgresql.auto.conf")).unwrap(),
             "work_mem = '8MB'\nrestore_command = 'x'\n"
@@ -295,7 +322,7 @@ mod tests {
         std::fs::write(t.path().join("outside"), b"y").unwrap();
         std::fs::hard_link(t.path().join("outside"), root.join("base/twice")).unwrap();
         std::os::unix::fs::symlink("/etc", root.join("link")).unwrap();
-        assert_eq!(hand_over(&root, 4243, 4244).unwrap(), 0);
+        assert_eq!(SafeDir::open_target(&root).unwrap().chown_tree(4243, 4244), 1, "the file with two names");
         for p in ["", "base", "base/1", "base/1/1259", "link"] {
             let m = std::fs::symlink_metadata(root.join(p)).unwrap();
             assert_eq!((m.uid(), m.gid()), (4243, 4244), "{p}");
@@ -337,7 +364,7 @@ mod tests {
             })
         };
         for _ in 0..20 {
-            hand_over(&target, 4242, 4242).unwrap();
+            SafeDir::open_target(&target).unwrap().chown_tree(4242, 4242);
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         attacker.join().unwrap();
@@ -345,5 +372,92 @@ mod tests {
             names.iter().filter(|n| std::fs::symlink_metadata(victim.join(n)).unwrap().uid() == 4242).collect();
         assert!(given.is_empty(), "{} files outside the tree were given away, e.g. {:?}", given.len(), given.first());
         assert_eq!(std::fs::symlink_metadata(&victim).unwrap().uid(), 0);
+    }
+
+    /// The target's parent may be the server user's: between the moves and the hand-over it
+    /// can put links to root's directories in place of the target and of the tablespaces'
+    /// home. The hand-over goes through the handles opened before, so nothing those links
+    /// name changes owner, and the real tree (moved aside) is still given away.
+    #[test]
+    fn links_put_in_place_of_the_target_and_its_tablespaces_give_away_nothing() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to give files away");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let (target, victim) = (t.path().join("data"), t.path().join("victim"));
+        std::fs::create_dir_all(target.join("pg_tblspc/16384/PG_15_202209061")).unwrap();
+        std::fs::write(target.join("pg_tblspc/16384/PG_15_202209061/1"), b"rel").unwrap();
+        std::fs::create_dir_all(&victim).unwrap();
+        std::fs::write(victim.join("shadow"), b"x").unwrap();
+        let before: Vec<(u32, u32)> = ["victim", "victim/shadow"]
+            .iter()
+            .map(|p| std::fs::symlink_metadata(t.path().join(p)).map(|m| (m.uid(), m.mode())).unwrap())
+            .collect();
+        let safe = SafeDir::open_target(&target).unwrap();
+        let home = link_tablespaces(&safe, &target).unwrap().unwrap();
+        let home_path = t.path().join("data-tablespaces");
+        for (p, aside) in [(&target, t.path().join("data.moved")), (&home_path, t.path().join("ts.moved"))] {
+            std::fs::rename(p, &aside).unwrap();
+            std::os::unix::fs::symlink(&victim, p).unwrap();
+        }
+        write_recovery(&safe, "label", "db", b"", "restore_command = 'x'\n").unwrap();
+        assert_eq!(safe.chown_tree(4245, 4245) + home.chown_tree(4245, 4245), 0);
+        safe.chmod_root(0o700).unwrap();
+        let after: Vec<(u32, u32)> = ["victim", "victim/shadow"]
+            .iter()
+            .map(|p| std::fs::symlink_metadata(t.path().join(p)).map(|m| (m.uid(), m.mode())).unwrap())
+            .collect();
+        assert_eq!(after, before, "owner and mode of what the links name");
+        assert_eq!(std::fs::read_dir(&victim).unwrap().count(), 1, "no recovery file written through the link");
+        for p in ["data.moved", "data.moved/recovery.signal", "ts.moved/16384/PG_15_202209061/1"] {
+            assert_eq!(std::fs::symlink_metadata(t.path().join(p)).unwrap().uid(), 4245, "{p}");
+        }
+    }
+
+    /// A link is never followed at the target's own name, and what is not a directory, a file
+    /// or a link, or has a second name, keeps its owner and is counted.
+    #[test]
+    fn a_target_that_is_a_link_is_refused_and_devices_and_linked_entries_are_not_given() {
+        let t = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/etc", t.path().join("data")).unwrap();
+        let e = SafeDir::open_target(&t.path().join("data")).err().expect("refused");
+        assert!(e.to_string().contains("is a link"), "{e}");
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to make device nodes and give files away");
+            return;
+        }
+        let root = t.path().join("tree");
+        std::fs::create_dir_all(&root).unwrap();
+        use nix::sys::stat::{mknod, Mode, SFlag};
+        mknod(&root.join("null"), SFlag::S_IFCHR, Mode::from_bits_truncate(0o600), nix::sys::stat::makedev(1, 3))
+            .unwrap();
+        nix::unistd::mkfifo(&t.path().join("fifo"), Mode::from_bits_truncate(0o600)).unwrap();
+        std::fs::hard_link(t.path().join("fifo"), root.join("fifo")).unwrap();
+        assert_eq!(SafeDir::open_target(&root).unwrap().chown_tree(4246, 4246), 2);
+        for p in ["tree/null", "fifo"] {
+            assert_eq!(std::fs::symlink_metadata(t.path().join(p)).unwrap().uid(), 0, "{p}");
+        }
+    }
+
+    /// A postgresql.auto.conf the server's user made huge is refused, not read into memory; a
+    /// directory left in the tablespaces' home is refused before anything is written.
+    #[test]
+    fn a_huge_auto_conf_and_a_stale_tablespace_home_are_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let target = t.path().join("data");
+        std::fs::create_dir_all(&target).unwrap();
+        let f = std::fs::File::create(target.join("postgresql.auto.conf")).unwrap();
+        f.set_len(crate::pipeline::safe_dir::READ_LIMIT + 1).unwrap();
+        let e = write_recovery(&SafeDir::open_target(&target).unwrap(), "label", "db", b"", "x = 1\n").unwrap_err();
+        assert!(e.to_string().contains("larger than 16 MiB"), "{e}");
+
+        check_tablespace_home(&target).unwrap();
+        std::fs::create_dir_all(t.path().join("data-tablespaces")).unwrap();
+        std::os::unix::fs::symlink("/nowhere", t.path().join("data-tablespaces/16384")).unwrap();
+        check_tablespace_home(&target).unwrap();
+        std::fs::create_dir_all(t.path().join("data-tablespaces/16385")).unwrap();
+        let e = check_tablespace_home(&target).unwrap_err();
+        assert!(e.to_string().contains("16385 is in the way"), "{e}");
     }
 }

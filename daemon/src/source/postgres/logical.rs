@@ -85,6 +85,7 @@ pub async fn restore_dumps(
         overwrite: false,
         bytes_done: Default::default(),
         bytes_total: Default::default(),
+        dir: None,
     };
     let s = tree::restore(repo, &opts).await?;
     let loaded = load(pg, &dir, target_dsn, jobs).await?;

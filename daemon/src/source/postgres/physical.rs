@@ -12,6 +12,7 @@ use super::server::{Recovered, Server};
 use super::wal::{parse_lsn, WalName};
 use super::{connect, db_error, one_text, wal_timeout};
 use crate::error::{Error, Kind, Result};
+use crate::pipeline::safe_dir::SafeDir;
 use crate::pipeline::snapshot::{commit, prepare_tree, Options as BackupOptions, PgRead};
 use crate::pipeline::tree;
 use crate::policy::{PgSource, Policy, SourceKind};
@@ -20,6 +21,7 @@ use crate::repository::lock::LockGuard;
 use crate::repository::{Unlocked, Writer};
 use crate::source::{DrillEnv, Drilled, RestoreProgress, RestoreRequest, Restored, Source};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub struct Physical {
     pub policy: Policy,
@@ -68,9 +70,8 @@ impl Source for Physical {
         out.seconds_recovery = t1.elapsed().as_secs_f64();
         let rec = rec?;
         drop(prepared.identity);
-        // Through handles: the running server's user could have put a link in the way.
-        let _ = crate::pipeline::safe_dir::SafeDir::open(&target)
-            .and_then(|t| t.remove_all(&Path::new(handover::WORK).join("spool")));
+        // Through the handle: the running server's user could have put a link in the way.
+        let _ = prepared.dir.remove_all(&Path::new(handover::WORK).join("spool"));
         out.started = true;
         out.port = Some(req.port);
         out.socket_dir = Some(server.socket_dir().display().to_string());
@@ -387,6 +388,8 @@ struct Prepared {
     uid: u32,
     identity: IdentityCopy,
     delta: Option<crate::pipeline::delta::DeltaStats>,
+    /// The target's handle, opened once at the start (`SafeDir::open_target`).
+    dir: Arc<SafeDir>,
 }
 
 impl Prepared {
@@ -446,9 +449,12 @@ async fn prepare(
 ) -> Result<Prepared> {
     let settings = recovery.settings()?;
     let delta = d.on;
+    // Opened once: the target's parent may be the server user's, who could put a link in
+    // the target's place; every step below goes through this handle.
+    let dir = Arc::new(SafeDir::open_target(target)?);
     if delta {
         // Never under a running server; a stale pid file from a crash is the operator's call.
-        if target.join("postmaster.pid").exists() {
+        if dir.file_stat(Path::new("postmaster.pid")).is_some() {
             return Err(Error::usage(format!(
                 "{} holds postmaster.pid: a server may be running on it",
                 target.display()
@@ -456,8 +462,9 @@ async fn prepare(
             .with_hint("stop it (pg_ctl -D DIR stop); if it crashed, remove the stale postmaster.pid, then run the delta restore again"));
         }
         // Tablespaces an earlier restore moved beside the target are compared in place.
-        handover::bring_back_tablespaces(target)?;
+        handover::bring_back_tablespaces(&dir, target)?;
     }
+    handover::check_tablespace_home(target)?;
     let opts = tree::Options {
         snapshot: snap.id.to_string(),
         target: target.to_path_buf(),
@@ -468,6 +475,7 @@ async fn prepare(
         records: d.records.clone(),
         bytes_done: progress.done.clone(),
         bytes_total: progress.total.clone(),
+        dir: Some(dir.clone()),
     };
     let mut summary = tree::restore(repo, &opts).await?;
     let label = summary.label.as_ref().map(|l| l.backup_label.as_str()).unwrap_or("");
@@ -475,7 +483,7 @@ async fn prepare(
         return Err(Error::damaged(format!("snapshot {} has no backup_label: it is not a physical backup", snap.id)));
     }
     let io = |what: &str, p: &Path, e: std::io::Error| Error::io(what, p, e);
-    let tablespaces = handover::link_tablespaces(target)?;
+    let tablespaces = handover::link_tablespaces(&dir, target)?;
 
     // What wal-fetch needs: the policy (references only) and a spool inside the restored
     // cluster; the identity outside it.
@@ -501,28 +509,33 @@ async fn prepare(
     for (k, v) in &settings {
         conf += &format!("{k} = {}\n", conf_quote(v));
     }
-    handover::write_recovery(target, label, &policy.name, &policy_bytes, &conf)?;
+    handover::write_recovery(&dir, label, &policy.name, &policy_bytes, &conf)?;
 
-    // Hand the tree to the data directory's owner, 0700 as PostgreSQL requires.
-    let mut kept = 0;
-    for root in std::iter::once(target).chain(tablespaces.as_deref()) {
-        kept += handover::hand_over(root, uid, gid)?;
-    }
+    // Hand the tree to the data directory's owner, 0700 as PostgreSQL requires, through the
+    // handles (never `chown -R` by name: a link in the tree or in the target's place is the
+    // server user's to plant).
+    let kept = dir.chown_tree(uid, gid) + tablespaces.as_ref().map_or(0, |h| h.chown_tree(uid, gid));
     if kept > 0 && nix::unistd::geteuid().is_root() {
         summary.warnings.push(format!("{kept} entries of the restored tree could not be given to uid {uid}"));
     }
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o700)).map_err(|e| io("chmod", target, e))?;
+    dir.chmod_root(0o700)?;
     // backup_label, recovery.signal and the recovery settings came after the tree's own sync:
     // without them the copy is no valid recovery, so they are on disk before "done" too.
-    crate::pipeline::safe_dir::SafeDir::open(target)?.sync()?;
+    dir.sync()?;
     // Recorded after the hand-over (chown moves every file's ctime), without the files written
     // here: they no longer hold the snapshot's bytes.
     let mut record = summary.record.take();
     if let Some(r) = record.as_mut() {
         r.forget(&["backup_label", "postgresql.auto.conf", "recovery.signal", "tablespace_map"]);
     }
-    crate::pipeline::record::save_or_warn(record, target, d.records.as_deref(), &mut summary.warnings).await;
+    crate::pipeline::record::save_or_warn(
+        record,
+        target,
+        Some(dir.clone()),
+        d.records.as_deref(),
+        &mut summary.warnings,
+    )
+    .await;
     Ok(Prepared {
         files: summary.files,
         bytes: summary.bytes,
@@ -530,6 +543,7 @@ async fn prepare(
         uid,
         identity,
         delta: summary.delta,
+        dir,
     })
 }
 
