@@ -451,17 +451,7 @@ impl SafeDir {
     /// disk (or sparse, larger than memory) for root to read.
     pub fn read_file(&self, rel: &Path) -> Result<Option<Vec<u8>>> {
         use std::io::Read;
-        let (dir, name) = self.parent(rel)?;
-        let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
-        let fd = match nix::fcntl::openat(dir.as_fd(), name, flags, Mode::empty()) {
-            Ok(fd) => fd,
-            Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ELOOP) => return Ok(None),
-            Err(e) => return Err(err("open", &self.full(rel), e)),
-        };
-        let st = nix::sys::stat::fstat(&fd).map_err(|e| err("stat", &self.full(rel), e))?;
-        if st.st_mode & nix::libc::S_IFMT != nix::libc::S_IFREG {
-            return Ok(None);
-        }
+        let Some((fd, _)) = self.open_regular(rel)? else { return Ok(None) };
         let mut out = Vec::new();
         std::fs::File::from(fd)
             .take(READ_LIMIT + 1)
@@ -478,6 +468,35 @@ impl SafeDir {
             ));
         }
         Ok(Some(out))
+    }
+
+    /// The regular file `rel` opened for reading (never a link, a FIFO or a device: the open
+    /// does not block), with its size.
+    fn open_regular(&self, rel: &Path) -> Result<Option<(OwnedFd, u64)>> {
+        let (dir, name) = self.parent(rel)?;
+        let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+        let fd = match nix::fcntl::openat(dir.as_fd(), name, flags, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ELOOP) => return Ok(None),
+            Err(e) => return Err(err("open", &self.full(rel), e)),
+        };
+        let st = nix::sys::stat::fstat(&fd).map_err(|e| err("stat", &self.full(rel), e))?;
+        if st.st_mode & nix::libc::S_IFMT != nix::libc::S_IFREG {
+            return Ok(None);
+        }
+        Ok(Some((fd, st.st_size as u64)))
+    }
+
+    /// The last `max` bytes (or fewer) of the regular file `rel`, as text; empty when there
+    /// is no such file. For logs the server's user writes and could swap for anything.
+    pub fn read_tail(&self, rel: &Path, max: u64) -> String {
+        use std::os::unix::fs::FileExt;
+        let Ok(Some((fd, size))) = self.open_regular(rel) else { return String::new() };
+        let n = size.min(max);
+        let mut buf = vec![0u8; n as usize];
+        let got = std::fs::File::from(fd).read_at(&mut buf, size - n).unwrap_or(0);
+        buf.truncate(got);
+        String::from_utf8_lossy(&buf).into_owned()
     }
 
     /// Directory `rel` and its parents, each created if missing (0700) and none a link: an

@@ -454,7 +454,7 @@ async fn prepare(
     let dir = Arc::new(SafeDir::open_target(target)?);
     if delta {
         // Never under a running server; a stale pid file from a crash is the operator's call.
-        if dir.file_stat(Path::new("postmaster.pid")).is_some() {
+        if dir.list(Path::new(""))?.iter().any(|(n, _)| n == "postmaster.pid") {
             return Err(Error::usage(format!(
                 "{} holds postmaster.pid: a server may be running on it",
                 target.display()

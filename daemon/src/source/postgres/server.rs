@@ -2,7 +2,6 @@
 //! as the directory's owner, on 127.0.0.1 and a private socket directory; started, waited on
 //! until recovery ends, connected to with the source's roles, stopped.
 
-use super::archive;
 use super::wal::{WalKind, WalName};
 use crate::error::{Error, Kind, Result};
 use crate::repository::Repository;
@@ -65,6 +64,15 @@ impl Server {
 
     fn log(&self) -> PathBuf {
         self.data.join("veza-dr-restore/server.log")
+    }
+
+    /// The last 4 MiB of a file the server's user writes in the data directory (the log, the
+    /// spool's `missing`), read as root: through no-follow handles, regular files only, never
+    /// all of it (a link to /dev/zero, a FIFO or a huge file cannot stall or exhaust us).
+    fn read_own(&self, rel: &str) -> String {
+        crate::pipeline::safe_dir::SafeDir::open(&self.data)
+            .map(|d| d.read_tail(Path::new(rel), 4 << 20))
+            .unwrap_or_default()
     }
 
     /// A PostgreSQL program run as the owner of the data directory (PostgreSQL refuses root).
@@ -154,7 +162,7 @@ impl Server {
             .query_one("SELECT pg_current_wal_lsn()::text, (SELECT timeline_id FROM pg_control_checkpoint())", &[])
             .await
             .map_err(|e| super::db_error("restored server", "query", e))?;
-        let log = std::fs::read_to_string(self.log()).unwrap_or_default();
+        let log = self.read_own("veza-dr-restore/server.log");
         let last_transaction = log
             .lines()
             .filter_map(|l| l.split("last completed transaction was at log time ").nth(1))
@@ -199,7 +207,7 @@ impl Server {
         if log.lines().any(|l| l.contains("LOG:  recovery stopping ")) {
             return None;
         }
-        let missing = std::fs::read_to_string(archive::spool_dir(&self.data).join("missing")).ok()?;
+        let missing = Some(self.read_own("veza-dr-restore/spool/missing")).filter(|m| !m.is_empty())?;
         let first = missing.lines().filter_map(WalName::parse).find(|n| n.kind() == WalKind::Segment)?;
         let names = repo.wal_files().await.ok()?;
         let later = names.iter().map(|(_, n, _)| n).rfind(|n| {
@@ -220,9 +228,9 @@ impl Server {
     }
 
     fn failure(&self, what: &str) -> Error {
-        let log = std::fs::read_to_string(self.log()).unwrap_or_default();
+        let log = self.read_own("veza-dr-restore/server.log");
         let fatal = log.lines().rfind(|l| l.contains("FATAL") || l.contains("PANIC")).unwrap_or("").trim().to_string();
-        let missing = std::fs::read_to_string(archive::spool_dir(&self.data).join("missing")).unwrap_or_default();
+        let missing = self.read_own("veza-dr-restore/spool/missing");
         let redo = log.lines().filter_map(|l| l.split("redo done at ").nth(1)).next_back().map(|s| s.to_string());
         if log.contains("could not bind") && log.contains("Address already in use") {
             return Error::new(
