@@ -203,6 +203,15 @@ mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
 
+    /// Whether the test runs as root (CI does); otherwise it says it is skipped.
+    fn as_root() -> bool {
+        let root = nix::unistd::geteuid().is_root();
+        if !root {
+            eprintln!("skipped: needs root to give files away");
+        }
+        root
+    }
+
     /// Links planted where the recovery files go (the tree belongs to the server's user, who
     /// can put them there between the restore's last look and these writes) are replaced, and
     /// nothing outside the tree is written.
@@ -319,8 +328,7 @@ mod tests {
     /// a file with a second name (which may be outside the tree) to its owner.
     #[test]
     fn the_hand_over_gives_the_whole_tree_and_keeps_multiply_linked_files() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: needs root to give files away");
+        if !as_root() {
             return;
         }
         let t = tempfile::tempdir().unwrap();
@@ -344,8 +352,7 @@ mod tests {
     /// Nothing outside the tree may change owner, however the race goes.
     #[test]
     fn a_directory_swapped_for_a_link_during_the_hand_over_gives_away_nothing_outside() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: needs root to give files away");
+        if !as_root() {
             return;
         }
         let t = tempfile::tempdir().unwrap();
@@ -388,8 +395,7 @@ mod tests {
     /// name changes owner, and the real tree (moved aside) is still given away.
     #[test]
     fn links_put_in_place_of_the_target_and_its_tablespaces_give_away_nothing() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: needs root to give files away");
+        if !as_root() {
             return;
         }
         let t = tempfile::tempdir().unwrap();
@@ -398,10 +404,13 @@ mod tests {
         std::fs::write(target.join("pg_tblspc/16384/PG_15_202209061/1"), b"rel").unwrap();
         std::fs::create_dir_all(&victim).unwrap();
         std::fs::write(victim.join("shadow"), b"x").unwrap();
-        let before: Vec<(u32, u32)> = ["victim", "victim/shadow"]
-            .iter()
-            .map(|p| std::fs::symlink_metadata(t.path().join(p)).map(|m| (m.uid(), m.mode())).unwrap())
-            .collect();
+        let owners = || -> Vec<(u32, u32)> {
+            ["victim", "victim/shadow"]
+                .iter()
+                .map(|p| std::fs::symlink_metadata(t.path().join(p)).map(|m| (m.uid(), m.mode())).unwrap())
+                .collect()
+        };
+        let before = owners();
         let safe = SafeDir::open_target(&target).unwrap();
         let home = link_tablespaces(&safe, &target).unwrap().unwrap();
         let home_path = t.path().join("data-tablespaces");
@@ -412,11 +421,7 @@ mod tests {
         write_recovery(&safe, "label", "db", b"", "restore_command = 'x'\n").unwrap();
         assert_eq!(safe.chown_tree(4245, 4245) + home.chown_tree(4245, 4245), 0);
         safe.chmod_root(0o700).unwrap();
-        let after: Vec<(u32, u32)> = ["victim", "victim/shadow"]
-            .iter()
-            .map(|p| std::fs::symlink_metadata(t.path().join(p)).map(|m| (m.uid(), m.mode())).unwrap())
-            .collect();
-        assert_eq!(after, before, "owner and mode of what the links name");
+        assert_eq!(owners(), before, "owner and mode of what the links name");
         assert_eq!(std::fs::read_dir(&victim).unwrap().count(), 1, "no recovery file written through the link");
         for p in ["data.moved", "data.moved/recovery.signal", "ts.moved/16384/PG_15_202209061/1"] {
             assert_eq!(std::fs::symlink_metadata(t.path().join(p)).unwrap().uid(), 4245, "{p}");
