@@ -7,13 +7,18 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// mimalloc's `mi_option_arena_eager_commit` (v3 `mimalloc.h`, which libmimalloc-sys builds;
 /// its Rust bindings omit the constant). `MIMALLOC_VERBOSE=1 veza-dr --version` shows it as 0.
 const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+/// `mi_option_allow_thp`, likewise.
+const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
 
 /// mimalloc commits each 1 GiB arena up front on Linux and asks for transparent huge pages, so
 /// touched memory counts in 2 MiB pages: a 2 GiB volume backup peaked at 266-304 MiB RSS with
 /// it, 198-254 MiB without, in the same time (bench/volume.sh's first backup, alternated). A
 /// wal-push, which PostgreSQL waits for and which faults in a fresh 16 MiB segment buffer, is
-/// faster with huge pages (median of 16 pushes: 55-59 ms eager, 68-69 ms on demand), so the WAL
-/// commands keep them. The first arena is reserved before `main` runs, so the option is set from
+/// faster with eager commit (median of 16 pushes: 55-59 ms eager, 68-69 ms on demand), so the WAL
+/// commands keep it. Since the segment is mapped rather than read into a buffer, transparent
+/// huge pages cost a push more than they save: each fresh 2 MiB page is zeroed whole for the
+/// few megabytes a push allocates (9 pushes: 338-357 ms of CPU without them, 368-419 ms
+/// with), so the WAL commands go without. The first arena is reserved before `main` runs, so the option is set from
 /// a constructor that the linker orders before the default ones (mimalloc's own among them);
 /// glibc hands such constructors the command line. Any argument spelled `wal-push` or
 /// `wal-fetch` counts (a policy of that name too): the choice only changes speed and memory.
@@ -38,10 +43,11 @@ extern "C" fn arena_commit_on_demand(
         let arg = unsafe { std::ffi::CStr::from_ptr(*argv.add(i)) };
         matches!(arg.to_bytes(), b"wal-push" | b"wal-fetch")
     });
-    if !wal_command {
-        // A default, so MIMALLOC_ARENA_EAGER_COMMIT still overrides it.
-        // SAFETY: sets one allocator option; runs before main, on the only thread.
-        unsafe { libmimalloc_sys::mi_option_set_default(MI_OPTION_ARENA_EAGER_COMMIT, 0) };
+    // Defaults, so MIMALLOC_ARENA_EAGER_COMMIT and MIMALLOC_ALLOW_THP still override them.
+    // SAFETY: sets one allocator option; runs before main, on the only thread.
+    match wal_command {
+        true => unsafe { libmimalloc_sys::mi_option_set_default(MI_OPTION_ALLOW_THP, 0) },
+        false => unsafe { libmimalloc_sys::mi_option_set_default(MI_OPTION_ARENA_EAGER_COMMIT, 0) },
     }
 }
 

@@ -357,6 +357,30 @@ fn only_pinned_writers_are_restored() {
     assert_eq!(o.status.code(), Some(255), "{}", stderr(&o));
     assert!(stderr(&o).contains(&format!("WAL file 000000010000000000000006 is signed by {them}")), "{}", stderr(&o));
 
+    // Unsigned WAL (a host whose key cannot be read): archived all the same, without the
+    // signature header; served where no writers are pinned, refused where they are.
+    let useg = fx.path("000000010000000000000007");
+    fake_segment(&useg, 3);
+    let nokey = fx.path("nokey-state");
+    std::fs::create_dir_all(&nokey).unwrap();
+    std::fs::write(nokey.join("signing.key"), "not a key").unwrap();
+    let mut c = std::process::Command::new(bin());
+    c.arg("--policies").arg(fx.path("policies")).arg("--state-dir").arg(&nokey);
+    for (k, v) in &fx.env {
+        c.env(k, v);
+    }
+    let o = c.args(["wal-push", "vol", useg.to_str().unwrap()]).output().unwrap();
+    assert!(o.status.success() && stderr(&o).contains("WAL is pushed unsigned"), "{}", stderr(&o));
+    let udest = fx.path("u");
+    let fetch =
+        ["wal-fetch", "vol", "000000010000000000000007", udest.to_str().unwrap(), "--identity", id, "--prefetch", "0"];
+    let o = forger(&fetch);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&udest).unwrap(), std::fs::read(&useg).unwrap());
+    let o = fx.run(&fetch);
+    assert_eq!(o.status.code(), Some(255), "{}", stderr(&o));
+    assert!(stderr(&o).contains("WAL file 000000010000000000000007 is not signed"), "{}", stderr(&o));
+
     // A trusted sidecar altered in the bucket (or stripped of its signature) is refused too.
     let (rt, store, _d) = fx.raw_store(&backend, "vol", "vol");
     let key = format!("snapshots/{}.json", mine["id"].as_str().unwrap());

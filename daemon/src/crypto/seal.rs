@@ -17,9 +17,19 @@ impl Sealer {
     }
 
     pub fn seal(&self, plain: &[u8]) -> Result<Vec<u8>> {
+        self.seal_after(0, plain)
+    }
+
+    /// `room` zero bytes, then `plain` sealed: a caller that puts a header in front (a WAL
+    /// object's signature) fills them in place instead of copying the sealed bytes.
+    pub fn seal_after(&self, room: usize, plain: &[u8]) -> Result<Vec<u8>> {
         let enc = age::Encryptor::with_recipients(self.recipients.iter().map(|r| r.as_ref() as &dyn age::Recipient))
             .map_err(|e| Error::crypto(format!("cannot encrypt: {e}")).with_cause(e))?;
-        let mut out = Vec::with_capacity(plain.len() + 256);
+        // The whole output at once (a tag of 16 bytes per 64 KiB, the header's stanzas):
+        // growing a buffer of megabytes copies it into fresh memory.
+        let cap = room + plain.len() + (plain.len() / 65536 + 1) * 16 + 512 + 256 * self.recipients.len();
+        let mut out = Vec::with_capacity(cap);
+        out.resize(room, 0);
         let mut w = enc.wrap_output(&mut out).map_err(|e| Error::crypto(format!("cannot encrypt: {e}")))?;
         w.write_all(plain).and_then(|_| w.finish()).map_err(|e| Error::crypto(format!("cannot encrypt: {e}")))?;
         Ok(out)

@@ -25,12 +25,15 @@ pub async fn push(policy: &Policy, path: &Path, state_dir: &Path) -> Result<Push
         super::waltail::spawn(policy, state_dir, path);
         return Ok(Pushed::AlreadyStored);
     }
+    let t0 = std::time::Instant::now();
     let writer = writer(policy, state_dir).await?;
+    let opened = t0.elapsed();
     // What wal-tail compressed of this segment while PostgreSQL wrote it (checked chunk by chunk).
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let ahead = super::waltail::ahead_file(state_dir, &policy.name, &name);
     let (pushed, key) = archive::push(&writer, path, data_dir(policy).as_deref(), Some(&ahead)).await?;
     let _ = std::fs::remove_file(&ahead);
+    tracing::debug!("{name}: repository opened in {:?}, stored {:?} later", opened, t0.elapsed() - opened);
     // Stored on the primary: PostgreSQL may now be told. The replicas get it from the spool,
     // after the acknowledgement's work is done and never in its way.
     if !policy.replicas.is_empty() {

@@ -16,7 +16,7 @@
 use crate::error::{Error, Result};
 use crate::policy::Policy;
 use crate::source::postgres::wal::{WalKind, WalName};
-use crate::source::postgres::walframes::{self, Ahead, CHUNK};
+use crate::source::postgres::walframes::{self, Ahead, Compressing, CHUNK};
 use std::collections::HashSet;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -28,6 +28,8 @@ const IDLE: Duration = Duration::from_secs(120);
 const POLL: Duration = Duration::from_millis(20);
 /// Segments with frames held at most (about 80 MiB of 16 MiB segments).
 const MAX_FILES: usize = 16;
+/// The tailer's niceness: it uses what CPU PostgreSQL and wal-push leave.
+const NICE: i32 = 10;
 /// Ahead files older than this are removed (their segment was archived or never will be).
 const KEEP: Duration = Duration::from_secs(600);
 
@@ -81,11 +83,21 @@ pub fn run(policy: &Policy, state_dir: &Path, wal_dir: &Path, from: &str, seg_si
     let d = dir(state_dir, &policy.name);
     super::walahead::create_private(&d).map_err(|e| Error::io("create", &d, e))?;
     let Some(_lock) = super::wal::try_lock(&d.join(".tail")) else { return Ok(0) };
+    // Work ahead yields to archive_command, which PostgreSQL waits for, and to PostgreSQL.
+    // SAFETY: setpriority on this process only; a failure leaves the priority as it was.
+    unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, NICE) };
     let mut seg = WalName::parse(from)
         .filter(|n| n.kind() == WalKind::Segment && walframes::chunked(seg_size))
         .ok_or_else(|| Error::usage(format!("{} is not a segment wal-tail can follow", from.escape_debug())))?;
-    let mut tail =
-        Tail { dir: d, wal_dir: wal_dir.to_path_buf(), seg_size, idle: IDLE, last: Instant::now(), compressed: 0 };
+    let mut tail = Tail {
+        dir: d,
+        wal_dir: wal_dir.to_path_buf(),
+        seg_size,
+        idle: IDLE,
+        last: Instant::now(),
+        compressed: 0,
+        zstd: None,
+    };
     loop {
         tail.remove_old();
         if !tail.follow(&seg)? {
@@ -107,6 +119,8 @@ struct Tail {
     /// When the last chunk was compressed or the last segment finished.
     last: Instant,
     compressed: usize,
+    /// Buffers and zstd contexts, kept from chunk to chunk.
+    zstd: Option<Compressing>,
 }
 
 impl Tail {
@@ -154,9 +168,15 @@ impl Tail {
                         out = Some(o.map_err(|e| Error::io("create", &out_path, e))?);
                     }
                     let o = out.as_mut().expect("opened above");
-                    walframes::compress_ahead(f, u64::from(k), o).map_err(|e| Error::io("write", &out_path, e))?;
+                    let c = match &mut self.zstd {
+                        Some(c) => c,
+                        None => self.zstd.insert(Compressing::new().map_err(|e| Error::io("compress", &out_path, e))?),
+                    };
+                    let made = walframes::compress_ahead(c, f, u64::from(k), o);
+                    if made.map_err(|e| Error::io("write", &out_path, e))? {
+                        self.compressed += 1;
+                    }
                     done.insert(k);
-                    self.compressed += 1;
                     self.last = Instant::now();
                     continue;
                 }
@@ -235,6 +255,7 @@ mod tests {
             idle: Duration::from_millis(300),
             last: Instant::now(),
             compressed: 0,
+            zstd: None,
         };
         std::fs::create_dir_all(&tail.dir).unwrap();
         assert!(!tail.follow(&name).unwrap(), "idle once nothing more is finished");

@@ -355,20 +355,8 @@ impl SafeDir {
             Err(nix::errno::Errno::EINVAL) => return Ok(None),
             Err(e) => return Err(err("open", &self.full(rel), e)),
         };
-        use nix::libc;
-        use std::os::fd::AsRawFd;
-        // SAFETY: statx only writes into `st`, a plain struct for which zeroes are valid.
-        let mut st: libc::statx = unsafe { std::mem::zeroed() };
-        let empty = c"";
-        // SAFETY: a valid descriptor, a NUL-terminated empty path with AT_EMPTY_PATH, and `st`.
-        let rc =
-            unsafe { libc::statx(fd.as_raw_fd(), empty.as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut st) };
-        let (mem, off) = (st.stx_dio_mem_align as usize, st.stx_dio_offset_align as usize);
-        let fits = |a: usize| a != 0 && align.is_multiple_of(a);
-        if rc != 0 || st.stx_mask & libc::STATX_DIOALIGN == 0 || !fits(mem) || !fits(off) {
-            return Ok(None);
-        }
-        Ok(Some(std::fs::File::from(fd)))
+        let f = std::fs::File::from(fd);
+        Ok(dio_aligned(&f, align).then_some(f))
     }
 
     /// Wait until everything written under the target is on disk (`syncfs`: one journal
@@ -607,4 +595,19 @@ fn walk_chown(dir: &OwnedFd, owner: (Option<nix::unistd::Uid>, Option<nix::unist
         }
     }
     failed
+}
+
+/// Whether `f`, opened `O_DIRECT`, takes direct I/O at offsets and addresses aligned to
+/// `align` (statx `STATX_DIOALIGN`; a kernel without it, before 6.1, says no).
+pub fn dio_aligned(f: &std::fs::File, align: usize) -> bool {
+    use nix::libc;
+    use std::os::fd::AsRawFd;
+    // SAFETY: statx only writes into `st`, a plain struct for which zeroes are valid.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    let empty = c"";
+    // SAFETY: a valid descriptor, a NUL-terminated empty path with AT_EMPTY_PATH, and `st`.
+    let rc = unsafe { libc::statx(f.as_raw_fd(), empty.as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut st) };
+    let (mem, off) = (st.stx_dio_mem_align as usize, st.stx_dio_offset_align as usize);
+    let fits = |a: usize| a != 0 && align.is_multiple_of(a);
+    rc == 0 && st.stx_mask & libc::STATX_DIOALIGN != 0 && fits(mem) && fits(off)
 }

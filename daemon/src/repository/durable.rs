@@ -5,7 +5,8 @@
 //! Here a put writes a temporary file in `.tmp/` at the repository root, fsyncs it, renames it
 //! into place (or links it, for a create-only put) and fsyncs every directory from the
 //! object's up to the repository root (new directories too); a delete fsyncs the directory it
-//! removed from. Only then does the call return. A writer killed mid-put leaves its temporary
+//! removed from. Only then does the call return. WAL objects are written past the page cache
+//! (`DIRECT_MIN`), where the file system allows it. A writer killed mid-put leaves its temporary
 //! file in `.tmp/`, outside every prefix the repository lists; opening the store removes those
 //! older than an hour. Reads, listings and copies go to `LocalFileSystem` unchanged.
 
@@ -17,7 +18,6 @@ use object_store::{
     GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMode, PutMultipartOptions,
     PutOptions, PutPayload, PutResult, Result,
 };
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -56,6 +56,52 @@ fn generic(e: std::io::Error) -> object_store::Error {
     object_store::Error::Generic { store: "DurableLocal", source: Box::new(e) }
 }
 
+/// WAL objects of at least this size are written past the page cache. A push is what
+/// PostgreSQL waits for, and while PostgreSQL writes hard the kernel throttles every buffered
+/// writer with its dirty pages: in a bulk load a 2.5 MB object took 6.6-12 ms to write through
+/// the cache (0.7 ms idle). Nothing reads a WAL object again before a restore, so the cache
+/// would only hold it.
+const DIRECT_MIN: usize = 64 << 10;
+/// The alignment of direct writes, in offset, length and memory.
+const ALIGN: usize = 4096;
+
+#[repr(C, align(4096))]
+#[derive(Clone)]
+struct Page([u8; ALIGN]);
+
+/// `path` opened again for writes past the page cache, when its file system takes them at
+/// `ALIGN` (statx `STATX_DIOALIGN`); `None` otherwise, and the put goes through the cache.
+fn open_direct(path: &std::path::Path) -> Option<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new().write(true).custom_flags(nix::libc::O_DIRECT).open(path).ok()?;
+    crate::pipeline::safe_dir::dio_aligned(&f, ALIGN).then_some(f)
+}
+
+/// Write the whole blocks at the start of `payload` to `f` (opened `O_DIRECT`) through an
+/// aligned scratch buffer; returns how many bytes that was (the caller writes the rest).
+fn write_direct(f: &std::fs::File, payload: &PutPayload) -> std::io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let whole = payload.content_length() / ALIGN * ALIGN;
+    let mut scratch = vec![Page([0; ALIGN]); 64];
+    // SAFETY: Page is repr(C) around [u8; ALIGN]: the Vec's pages are one contiguous,
+    // initialised run of `len * ALIGN` bytes, borrowed mutably here and nowhere else.
+    let buf = unsafe { std::slice::from_raw_parts_mut(scratch.as_mut_ptr().cast::<u8>(), scratch.len() * ALIGN) };
+    let (mut filled, mut written) = (0usize, 0usize);
+    for chunk in payload.iter() {
+        let mut rest = &chunk[..chunk.len().min(whole - written - filled)];
+        while !rest.is_empty() {
+            let n = rest.len().min(buf.len() - filled);
+            buf[filled..filled + n].copy_from_slice(&rest[..n]);
+            (filled, rest) = (filled + n, &rest[n..]);
+            if filled == buf.len() || written + filled == whole {
+                f.write_all_at(&buf[..filled], written as u64)?;
+                (written, filled) = (written + filled, 0);
+            }
+        }
+    }
+    Ok(written)
+}
+
 fn sync_dir(dir: &std::path::Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
@@ -75,7 +121,8 @@ impl DurableLocal {
         Ok(())
     }
 
-    fn put_blocking(&self, dest: PathBuf, payload: PutPayload, mode: PutMode) -> Result<PutResult> {
+    /// `direct`: write the object's whole blocks past the page cache (`write_direct`).
+    fn put_blocking(&self, dest: PathBuf, payload: PutPayload, mode: PutMode, direct: bool) -> Result<PutResult> {
         let dir = dest.parent().map(std::path::Path::to_path_buf).unwrap_or_else(|| self.root.to_path_buf());
         std::fs::create_dir_all(&dir).map_err(generic)?;
         let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -83,9 +130,18 @@ impl DurableLocal {
         std::fs::create_dir_all(&staging).map_err(generic)?;
         let tmp = staging.join(format!("{name}.{}.{}.part", std::process::id(), rand::random::<u64>()));
         let written = (|| -> std::io::Result<()> {
-            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            let f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            let past_cache = direct && payload.content_length() >= DIRECT_MIN;
+            let done = match past_cache.then(|| open_direct(&tmp)).flatten() {
+                Some(d) => write_direct(&d, &payload)?,
+                None => 0,
+            };
+            // The rest: everything, or the last partial block after the direct part.
+            let mut at = 0usize;
             for chunk in payload.iter() {
-                f.write_all(chunk)?;
+                let skip = done.saturating_sub(at).min(chunk.len());
+                std::os::unix::fs::FileExt::write_all_at(&f, &chunk[skip..], (at + skip) as u64)?;
+                at += chunk.len();
             }
             f.sync_all()
         })();
@@ -124,7 +180,8 @@ impl ObjectStore for DurableLocal {
         }
         let dest = self.inner.path_to_filesystem(location)?;
         let me = self.clone();
-        tokio::task::spawn_blocking(move || me.put_blocking(dest, payload, opts.mode))
+        let direct = location.as_ref().starts_with(super::keys::WAL);
+        tokio::task::spawn_blocking(move || me.put_blocking(dest, payload, opts.mode, direct))
             .await
             .map_err(|e| object_store::Error::JoinError { source: e })?
     }
@@ -165,5 +222,46 @@ impl ObjectStore for DurableLocal {
 
     async fn copy_if_not_exists(&self, from: &Path, to: &Path) -> Result<()> {
         self.inner.copy_if_not_exists(from, to).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    /// WAL objects go past the page cache in whole blocks and the rest through it; other
+    /// objects through it alone. Whatever the size and the parts a payload comes in, the file
+    /// holds exactly the bytes put, and no staging file is left.
+    #[tokio::test]
+    async fn objects_written_past_the_cache_or_through_it_are_the_bytes_put() {
+        let d = tempfile::tempdir().unwrap();
+        let store = DurableLocal::new(d.path()).unwrap();
+        let sizes =
+            [0usize, 100, DIRECT_MIN - 1, DIRECT_MIN, DIRECT_MIN + 1, ALIGN * 300, ALIGN * 300 + 1, (2 << 20) + 12345];
+        for (i, size) in sizes.into_iter().enumerate() {
+            let data: Vec<u8> = (0..size).map(|j| (j * 31 + i * 7 + j / 4093) as u8).collect();
+            for parts in [1usize, 3, 7] {
+                let payload: PutPayload =
+                    data.chunks(size.div_ceil(parts).max(1)).map(Bytes::copy_from_slice).collect();
+                for key in [format!("wal/1/00000001/seg{i}/{parts}"), format!("data/{i}/{parts}")] {
+                    store.put(&Path::from(key.as_str()), payload.clone()).await.unwrap();
+                    assert!(
+                        std::fs::read(d.path().join(&key)).unwrap() == data,
+                        "{key}: {size} bytes in {parts} parts"
+                    );
+                }
+            }
+        }
+        assert_eq!(std::fs::read_dir(d.path().join(TMP)).unwrap().count(), 0, "no staging file left");
+        // The direct path on this file system (ext4, xfs, btrfs take it; tmpfs did not before
+        // Linux 6.6, and the put then goes through the cache, as checked above either way).
+        let probe = d.path().join("probe");
+        std::fs::write(&probe, b"").unwrap();
+        if let Some(f) = open_direct(&probe) {
+            let payload: PutPayload = Bytes::from(vec![9u8; ALIGN * 3 + 5]).into();
+            assert_eq!(write_direct(&f, &payload).unwrap(), ALIGN * 3, "whole blocks only");
+            assert_eq!(std::fs::read(&probe).unwrap(), vec![9u8; ALIGN * 3]);
+        }
     }
 }

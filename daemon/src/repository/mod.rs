@@ -396,11 +396,16 @@ impl Writer {
         self.put_sealed_json(&keys::chunk_key(key_id), kf).await.map(|_| ())
     }
 
-    /// The body of a WAL object: signed by this host when it has a key.
-    pub fn wal_body(&self, sealed: Vec<u8>, cluster: u64, name: &WalName, fp: &str) -> Vec<u8> {
+    /// The body of a WAL object: signed by this host when it has a key. `sealed` starts with
+    /// `trust::WAL_HEAD` bytes left for the signature (`Sealer::seal_after`), which an unsigned
+    /// body leaves out.
+    pub fn wal_body(&self, mut sealed: Vec<u8>, cluster: u64, name: &WalName, fp: &str) -> Bytes {
         match &self.signer {
-            Some(key) => trust::sign_wal(sealed, key, cluster, name, fp),
-            None => sealed,
+            Some(key) => {
+                trust::sign_wal_in_place(&mut sealed, key, cluster, name, fp);
+                Bytes::from(sealed)
+            }
+            None => Bytes::from(sealed).slice(trust::WAL_HEAD..),
         }
     }
 

@@ -58,7 +58,8 @@ pub fn check_sidecar(s: &Sidecar, writers: &[PublicKey]) -> Result<()> {
 }
 
 const WAL_MAGIC: &[u8; 4] = b"VZWS";
-const WAL_HEAD: usize = 4 + 32 + 64;
+/// The length of a signed WAL object's header: magic, the signer's key, the signature.
+pub const WAL_HEAD: usize = 4 + 32 + 64;
 
 fn wal_message(cluster: u64, name: &WalName, fp: &str, sealed: &[u8]) -> Vec<u8> {
     let mut m = b"veza-dr wal\0".to_vec();
@@ -72,13 +73,19 @@ fn wal_message(cluster: u64, name: &WalName, fp: &str, sealed: &[u8]) -> Vec<u8>
 
 /// A WAL object's body: the signature header, then the sealed content.
 pub fn sign_wal(sealed: Vec<u8>, key: &SigningKey, cluster: u64, name: &WalName, fp: &str) -> Vec<u8> {
-    let sig = key.sign(&wal_message(cluster, name, fp, &sealed));
-    let mut out = Vec::with_capacity(WAL_HEAD + sealed.len());
-    out.extend_from_slice(WAL_MAGIC);
-    out.extend_from_slice(&key.verifying_key().to_bytes());
-    out.extend_from_slice(&sig.to_bytes());
+    let mut out = vec![0u8; WAL_HEAD];
     out.extend_from_slice(&sealed);
+    sign_wal_in_place(&mut out, key, cluster, name, fp);
     out
+}
+
+/// `sign_wal` on a buffer whose first `WAL_HEAD` bytes were left for the header (the sealed
+/// content follows them): no copy of the content.
+pub fn sign_wal_in_place(body: &mut [u8], key: &SigningKey, cluster: u64, name: &WalName, fp: &str) {
+    let sig = key.sign(&wal_message(cluster, name, fp, &body[WAL_HEAD..]));
+    body[..4].copy_from_slice(WAL_MAGIC);
+    body[4..36].copy_from_slice(&key.verifying_key().to_bytes());
+    body[36..WAL_HEAD].copy_from_slice(&sig.to_bytes());
 }
 
 /// The sealed content of a WAL object, after its signature is checked; with `writers`

@@ -14,7 +14,6 @@ use super::wal::{WalKind, WalName};
 use super::walframes::{self, subtree, Ahead};
 use crate::error::{Error, Result};
 use crate::repository::{keys, Repository, Unlocked, Writer};
-use bytes::Bytes;
 use futures::StreamExt;
 use std::path::{Path, PathBuf};
 
@@ -289,11 +288,14 @@ pub async fn push(
             if reused > 0 {
                 tracing::debug!("{reused} frames of {} were compressed ahead", path.display());
             }
-            Ok((fp, sealer.seal(&z)?))
+            Ok((fp, sealer.seal_after(crate::repository::trust::WAL_HEAD, &z)?))
         }
     });
+    let t0 = std::time::Instant::now();
     let (existing, clusters) = tokio::join!(repo.wal_fingerprints(cluster, &name), repo.wal_clusters());
+    let listed = t0.elapsed();
     let (fp, sealed) = work.await.map_err(|e| Error::failed(format!("compression failed: {e}")))??;
+    tracing::debug!("{name}: listed in {listed:?}, sealed in {:?}", t0.elapsed());
     let existing = existing?;
     let key = keys::wal_object(cluster, &name, &fp);
     if existing.contains(&fp) {
@@ -305,7 +307,7 @@ pub async fn push(
     }
     one_cluster(repo, &clusters?, cluster)?;
     let body = repo.wal_body(sealed, cluster, &name, &fp);
-    repo.put_wal(cluster, &name, &fp, Bytes::from(body)).await?;
+    repo.put_wal(cluster, &name, &fp, body).await?;
     Ok((Pushed::Stored, key))
 }
 

@@ -5,10 +5,12 @@
 //! A segment of 2 MiB to 1 GiB (`wal_segment_size` is a power of two from 1 MiB to 1 GiB; a
 //! 1 MiB segment is stored as two halves) is cut into 1 MiB chunks. Each chunk is an aligned subtree of BLAKE3's tree, so its chaining
 //! value (CV) depends on its bytes and position alone, and the CVs merge into exactly
-//! `blake3::hash(segment)`, the fingerprint that names the stored object. A chunk's frame is
-//! taken from the ahead file only when the file's CV for that chunk equals the CV the frame was
-//! compressed from and the frame decodes to exactly the chunk: a frame of other bytes can never
-//! stand in for a chunk.
+//! `blake3::hash(segment)`, the fingerprint that names the stored object. The tailer writes a
+//! frame only after decoding it back to exactly the chunk it compressed, and seals the record
+//! with the frame's BLAKE3; wal-push takes a chunk's frame only from an intact record whose CV
+//! equals the file's CV for that chunk. The check on the round trip is done by the tailer,
+//! while PostgreSQL is still writing the segment, not by archive_command, which PostgreSQL
+//! waits for (decoding the frames was a quarter of a push's CPU).
 
 use blake3::hazmat::{merge_subtrees_non_root, merge_subtrees_root, ChainingValue, HasherExt, Mode};
 use std::collections::HashMap;
@@ -53,10 +55,12 @@ pub fn root(cvs: &[ChainingValue]) -> blake3::Hash {
 }
 
 /// Frames compressed ahead for one segment: chunk index → (the CV of the chunk it was
-/// compressed from, the frame).
+/// compressed from, where its frame lies in `bytes`). The file is read once into `bytes`; the
+/// frames are not copied out of it.
 #[derive(Default)]
 pub struct Ahead {
-    frames: HashMap<u32, (ChainingValue, Vec<u8>)>,
+    bytes: Vec<u8>,
+    frames: HashMap<u32, (ChainingValue, std::ops::Range<usize>)>,
     /// The length of the file's intact records (a record after a torn one is never read).
     pub intact: u64,
 }
@@ -77,25 +81,40 @@ pub fn record(index: u32, cv: &ChainingValue, frame: &[u8]) -> Vec<u8> {
 impl Ahead {
     /// The intact records of the ahead file at `path` (none when there is no file). Reading
     /// stops at the first record that is cut short or whose frame does not match its hash.
+    /// Only a file of this user's, in a directory of this user's, that no one else can write
+    /// is read: wal-push stores a frame from an intact record whose chaining value matches,
+    /// so whoever writes the file decides what is stored for those chunks. That is the
+    /// archiving user alone, who can write pg_wal itself.
     pub fn read(path: &Path) -> Ahead {
-        let Ok(b) = std::fs::read(path) else { return Ahead::default() };
-        Ahead::parse(&b)
+        use std::io::Read;
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let me = nix::unistd::geteuid().as_raw();
+        let own = |m: &std::fs::Metadata| m.uid() == me && m.mode() & 0o022 == 0;
+        let dir_ok = path.parent().and_then(|d| std::fs::metadata(d).ok()).is_some_and(|m| m.is_dir() && own(&m));
+        let file = std::fs::OpenOptions::new().read(true).custom_flags(nix::libc::O_NOFOLLOW).open(path);
+        let Ok(mut file) = file else { return Ahead::default() };
+        let file_ok = file.metadata().is_ok_and(|m| m.is_file() && own(&m));
+        let mut b = Vec::new();
+        if !dir_ok || !file_ok || file.read_to_end(&mut b).is_err() {
+            return Ahead::default();
+        }
+        Ahead::parse(b)
     }
 
-    fn parse(mut b: &[u8]) -> Ahead {
-        let (mut out, whole) = (HashMap::new(), b.len());
-        while b.len() >= 72 {
-            let index = u32::from_le_bytes(b[0..4].try_into().expect("4 bytes"));
-            let n = u32::from_le_bytes(b[4..8].try_into().expect("4 bytes")) as usize;
-            let Some(frame) = b.get(72..72 + n) else { break };
-            if blake3::hash(frame).as_bytes()[..] != b[40..72] {
+    fn parse(bytes: Vec<u8>) -> Ahead {
+        let (mut frames, mut at) = (HashMap::new(), 0usize);
+        while let Some(r) = bytes.get(at..).filter(|r| r.len() >= 72) {
+            let index = u32::from_le_bytes(r[0..4].try_into().expect("4 bytes"));
+            let n = u32::from_le_bytes(r[4..8].try_into().expect("4 bytes")) as usize;
+            let Some(frame) = r.get(72..72 + n) else { break };
+            if blake3::hash(frame).as_bytes()[..] != r[40..72] {
                 break;
             }
-            let cv: ChainingValue = b[8..40].try_into().expect("32 bytes");
-            out.insert(index, (cv, frame.to_vec()));
-            b = &b[72 + n..];
+            let cv: ChainingValue = r[8..40].try_into().expect("32 bytes");
+            frames.insert(index, (cv, at + 72..at + 72 + n));
+            at += 72 + n;
         }
-        Ahead { frames: out, intact: (whole - b.len()) as u64 }
+        Ahead { bytes, frames, intact: at as u64 }
     }
 
     /// The chunk indices held.
@@ -105,7 +124,7 @@ impl Ahead {
 
     fn frame(&self, index: u64, cv: &ChainingValue) -> Option<&[u8]> {
         let (want, frame) = self.frames.get(&u32::try_from(index).ok()?)?;
-        (want == cv).then_some(frame.as_slice())
+        (want == cv).then(|| &self.bytes[frame.clone()])
     }
 }
 
@@ -128,7 +147,6 @@ pub fn half(file: &std::fs::File, at: u64, n: u64, room: u64, ahead: &Ahead) -> 
     let map = unsafe { memmap2::MmapOptions::new().offset(at).len(n as usize).populate().map(file)? };
     let buf: &[u8] = &map;
     let mut zc = zstd::bulk::Compressor::new(LEVEL)?;
-    let (mut zd, mut scratch) = (zstd::bulk::Decompressor::new()?, Vec::with_capacity(CHUNK as usize));
     // Room for every frame at its bound, so appending never moves the frames already made; the
     // pages past what is written are never touched.
     let bound = zstd::zstd_safe::compress_bound(CHUNK as usize) * room.max(n).div_ceil(CHUNK) as usize;
@@ -137,7 +155,7 @@ pub fn half(file: &std::fs::File, at: u64, n: u64, room: u64, ahead: &Ahead) -> 
     for (i, part) in buf.chunks(CHUNK as usize).enumerate() {
         let off = at + i as u64 * CHUNK;
         let cv = subtree(part, off);
-        match ahead.frame(off / CHUNK, &cv).filter(|f| decodes_to(f, part, &mut zd, &mut scratch)) {
+        match ahead.frame(off / CHUNK, &cv) {
             Some(frame) => {
                 out.z.extend_from_slice(frame);
                 out.reused += 1;
@@ -153,12 +171,12 @@ pub fn half(file: &std::fs::File, at: u64, n: u64, room: u64, ahead: &Ahead) -> 
     Ok(out)
 }
 
-/// Whether `frame` is one zstd frame that decodes to exactly `part`. A frame compressed ahead
-/// is stored only then: the chaining value finds it, this proves it, so no record (torn,
-/// stale, forged, or from a bug) can make wal-push acknowledge bytes other than the file's.
-/// Decoding costs a fraction of compressing.
+/// Whether `frame` is one zstd frame that decodes to exactly `part`. The tailer writes a
+/// record only then, so a compressor that failed it (a bug, bad memory) costs the compression
+/// the frame would have saved, never a stored object other than the chunk.
 fn decodes_to(frame: &[u8], part: &[u8], d: &mut zstd::bulk::Decompressor, scratch: &mut Vec<u8>) -> bool {
     scratch.clear();
+    scratch.reserve(part.len());
     zstd::zstd_safe::find_frame_compressed_size(frame).ok() == Some(frame.len())
         && d.decompress_to_buffer(frame, scratch).is_ok()
         && scratch[..] == *part
@@ -171,15 +189,43 @@ pub struct Half {
     pub reused: usize,
 }
 
-/// Compress chunk `index` of `file` and append its record to the ahead file `out`.
-pub fn compress_ahead(file: &std::fs::File, index: u64, out: &mut std::fs::File) -> std::io::Result<()> {
+/// The tailer's buffers, kept from chunk to chunk.
+pub struct Compressing {
+    buf: Vec<u8>,
+    scratch: Vec<u8>,
+    zc: zstd::bulk::Compressor<'static>,
+    zd: zstd::bulk::Decompressor<'static>,
+}
+
+impl Compressing {
+    pub fn new() -> std::io::Result<Compressing> {
+        Ok(Compressing {
+            buf: vec![0u8; CHUNK as usize],
+            scratch: Vec::with_capacity(CHUNK as usize),
+            zc: zstd::bulk::Compressor::new(LEVEL)?,
+            zd: zstd::bulk::Decompressor::new()?,
+        })
+    }
+}
+
+/// Compress chunk `index` of `file` and append its record to the ahead file `out`, once the
+/// frame decodes back to exactly the chunk (`Ok(false)` and no record when it does not).
+pub fn compress_ahead(
+    c: &mut Compressing,
+    file: &std::fs::File,
+    index: u64,
+    out: &mut std::fs::File,
+) -> std::io::Result<bool> {
     use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; CHUNK as usize];
-    file.read_exact_at(&mut buf, index * CHUNK)?;
-    let cv = subtree(&buf, index * CHUNK);
-    let frame = zstd::bulk::compress(&buf, LEVEL)?;
+    file.read_exact_at(&mut c.buf, index * CHUNK)?;
+    let cv = subtree(&c.buf, index * CHUNK);
+    let frame = c.zc.compress(&c.buf)?;
+    if !decodes_to(&frame, &c.buf, &mut c.zd, &mut c.scratch) {
+        return Ok(false);
+    }
     let index = u32::try_from(index).map_err(|_| std::io::Error::other("chunk index out of range"))?;
-    out.write_all(&record(index, &cv, &frame))
+    out.write_all(&record(index, &cv, &frame))?;
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -199,8 +245,9 @@ mod tests {
         let f = std::fs::File::open(&seg).unwrap();
         let ahead_path = dir.path().join("seg.frames");
         let mut out = std::fs::File::create(&ahead_path).unwrap();
-        compress_ahead(&f, 1, &mut out).unwrap();
-        compress_ahead(&f, 2, &mut out).unwrap();
+        let mut c = Compressing::new().unwrap();
+        assert!(compress_ahead(&mut c, &f, 1, &mut out).unwrap());
+        assert!(compress_ahead(&mut c, &f, 2, &mut out).unwrap());
         // A record for chunk 3 made from other bytes: its CV does not match the file's.
         let other = vec![7u8; CHUNK as usize];
         out.write_all(&record(3, &subtree(&other, 3 * CHUNK), &zstd::bulk::compress(&other, 1).unwrap())).unwrap();
@@ -218,30 +265,46 @@ mod tests {
         assert_eq!(r.cvs[..], cvs[2..]);
         assert_eq!(zstd::stream::decode_all(&r.z[..]).unwrap(), data[2 << 20..]);
         assert!(half(&f, 2 << 20, 4 << 20, 4 << 20, &ahead).is_err());
-        // A forged record: chunk 3's true chaining value over a frame of other bytes, and a
-        // record of chunk 0 whose frame is chunk 0 and then more. Neither is stored.
+
+        // The tailer's round trip: a frame of other bytes, one frame and then more, and a cut
+        // frame do not decode to the chunk, so no record is written for them.
+        let (mut zd, mut scratch) = (zstd::bulk::Decompressor::new().unwrap(), Vec::new());
+        let chunk0 = &data[..CHUNK as usize];
+        let good = zstd::bulk::compress(chunk0, 1).unwrap();
+        assert!(decodes_to(&good, chunk0, &mut zd, &mut scratch));
+        let mut two = good.clone();
+        two.extend(zstd::bulk::compress(b"more", 1).unwrap());
+        for bad in [&zstd::bulk::compress(&other, 1).unwrap()[..], &two[..], &good[..good.len() - 1]] {
+            assert!(!decodes_to(bad, chunk0, &mut zd, &mut scratch));
+        }
+        // A record forged with chunk 3's true chaining value over other bytes: only the
+        // archiving user can write the file, and a file or directory others can write is not
+        // read at all.
         let mut out = std::fs::OpenOptions::new().append(true).open(&ahead_path).unwrap();
         out.write_all(&record(3, &cvs[3], &zstd::bulk::compress(&other, 1).unwrap())).unwrap();
-        let mut two = zstd::bulk::compress(&data[..CHUNK as usize], 1).unwrap();
-        two.extend(zstd::bulk::compress(b"more", 1).unwrap());
-        out.write_all(&record(0, &cvs[0], &two)).unwrap();
         drop(out);
-        let forged = Ahead::read(&ahead_path);
-        assert_eq!(forged.intact, std::fs::metadata(&ahead_path).unwrap().len());
-        let h = half(&f, 0, 4 << 20, 4 << 20, &forged).unwrap();
-        assert_eq!(h.reused, 2, "a forged frame is never stored");
-        assert_eq!(h.cvs, cvs);
-        assert_eq!(zstd::stream::decode_all(&h.z[..]).unwrap(), data);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+        mode(&ahead_path, 0o622);
+        assert_eq!(Ahead::read(&ahead_path).indices().count(), 0, "a file others can write is not read");
+        mode(&ahead_path, 0o600);
+        mode(dir.path(), 0o777);
+        assert_eq!(Ahead::read(&ahead_path).indices().count(), 0, "nor one in a directory others can write");
+        mode(dir.path(), 0o700);
+        let link = dir.path().join("link.frames");
+        std::os::unix::fs::symlink(&ahead_path, &link).unwrap();
+        assert_eq!(Ahead::read(&link).indices().count(), 0, "nor a link");
+        assert_eq!(Ahead::read(&ahead_path).indices().count(), 3);
 
         // A torn record (the file cut inside the second frame) keeps only the first; a flipped
         // byte in a frame drops it and what follows.
         let bytes = std::fs::read(&ahead_path).unwrap();
         let first = 72 + u32::from_le_bytes(bytes[4..8].try_into().unwrap()) as usize;
-        let torn = Ahead::parse(&bytes[..first + 100]);
+        let torn = Ahead::parse(bytes[..first + 100].to_vec());
         assert_eq!(torn.indices().collect::<Vec<_>>(), [1]);
         assert_eq!(torn.intact, first as u64);
         let mut flipped = bytes.clone();
         flipped[80] ^= 1;
-        assert_eq!(Ahead::parse(&flipped).indices().count(), 0);
+        assert_eq!(Ahead::parse(flipped).indices().count(), 0);
     }
 }
