@@ -15,13 +15,15 @@ const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
 /// it, 198-254 MiB without, in the same time (bench/volume.sh's first backup, alternated). A
 /// wal-push, which PostgreSQL waits for and which faults in a fresh 16 MiB segment buffer, is
 /// faster with eager commit (median of 16 pushes: 55-59 ms eager, 68-69 ms on demand), so the WAL
-/// commands keep it. Since the segment is mapped rather than read into a buffer, transparent
-/// huge pages cost a push more than they save: each fresh 2 MiB page is zeroed whole for the
-/// few megabytes a push allocates (9 pushes: 338-357 ms of CPU without them, 368-419 ms
-/// with), so the WAL commands go without. The first arena is reserved before `main` runs, so the option is set from
-/// a constructor that the linker orders before the default ones (mimalloc's own among them);
-/// glibc hands such constructors the command line. Any argument spelled `wal-push` or
-/// `wal-fetch` counts (a policy of that name too): the choice only changes speed and memory.
+/// commands keep it. Since wal-push maps the segment rather than reading it into a buffer,
+/// transparent huge pages cost it more than they save: each fresh 2 MiB page is zeroed whole
+/// for the few megabytes a push allocates (9 pushes: 338-357 ms of CPU without them, 368-419
+/// ms with), so wal-push goes without. wal-fetch, which decompresses a whole segment into a
+/// fresh buffer, keeps them. The first arena is reserved before `main` runs, so the options
+/// are set from a constructor that the linker orders before the default ones (mimalloc's own
+/// among them); glibc hands such constructors the command line. Any argument spelled
+/// `wal-push` or `wal-fetch` counts (a policy of that name too): the choice only changes speed
+/// and memory.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[used]
 #[unsafe(link_section = ".init_array.00100")]
@@ -37,17 +39,20 @@ extern "C" fn arena_commit_on_demand(
     argv: *const *const std::ffi::c_char,
     _env: *const *const std::ffi::c_char,
 ) {
-    let wal_command = (1..argc.max(0) as usize).any(|i| {
-        // SAFETY: glibc passes main's argc and argv to init_array functions: argc valid,
-        // NUL-terminated strings.
-        let arg = unsafe { std::ffi::CStr::from_ptr(*argv.add(i)) };
-        matches!(arg.to_bytes(), b"wal-push" | b"wal-fetch")
-    });
+    let spelled = |words: &[&[u8]]| {
+        (1..argc.max(0) as usize).any(|i| {
+            // SAFETY: glibc passes main's argc and argv to init_array functions: argc valid,
+            // NUL-terminated strings.
+            let arg = unsafe { std::ffi::CStr::from_ptr(*argv.add(i)) };
+            words.contains(&arg.to_bytes())
+        })
+    };
     // Defaults, so MIMALLOC_ARENA_EAGER_COMMIT and MIMALLOC_ALLOW_THP still override them.
-    // SAFETY: sets one allocator option; runs before main, on the only thread.
-    match wal_command {
-        true => unsafe { libmimalloc_sys::mi_option_set_default(MI_OPTION_ALLOW_THP, 0) },
-        false => unsafe { libmimalloc_sys::mi_option_set_default(MI_OPTION_ARENA_EAGER_COMMIT, 0) },
+    // SAFETY: each sets one allocator option; runs before main, on the only thread.
+    if !spelled(&[b"wal-push", b"wal-fetch"]) {
+        unsafe { libmimalloc_sys::mi_option_set_default(MI_OPTION_ARENA_EAGER_COMMIT, 0) };
+    } else if spelled(&[b"wal-push"]) {
+        unsafe { libmimalloc_sys::mi_option_set_default(MI_OPTION_ALLOW_THP, 0) };
     }
 }
 
