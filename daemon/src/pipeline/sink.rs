@@ -34,7 +34,7 @@ impl Sink for NullSink {
 
 /// The alignment of direct writes, in offset, length and memory: a page, which the logical
 /// block size of the disks this runs on divides (`SafeDir::open_direct` checks the file).
-const ALIGN: usize = 4096;
+pub(crate) const ALIGN: usize = 4096;
 /// Files below this go through the page cache: their bytes are mostly partial blocks, and a
 /// directory of small files costs file creations, not page copies.
 const MIN_DIRECT: u64 = 1 << 20;
@@ -270,7 +270,7 @@ impl Direct {
 
 /// Write `bytes` (a whole number of blocks, at an aligned offset) through the thread's
 /// aligned scratch: the decompressed chunk itself sits at whatever address its buffer has.
-fn write_aligned(f: &std::fs::File, at: u64, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_aligned(f: &std::fs::File, at: u64, bytes: &[u8]) -> std::io::Result<()> {
     SCRATCH.with_borrow_mut(|scratch| {
         if scratch.is_empty() {
             *scratch = vec![Block([0; ALIGN]); SCRATCH_BLOCKS];

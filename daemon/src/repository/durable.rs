@@ -5,11 +5,12 @@
 //! Here a put writes a temporary file in `.tmp/` at the repository root, fsyncs it, renames it
 //! into place (or links it, for a create-only put) and fsyncs every directory from the
 //! object's up to the repository root (new directories too); a delete fsyncs the directory it
-//! removed from. Only then does the call return. WAL objects are written past the page cache
-//! (`DIRECT_MIN`), where the file system allows it. A writer killed mid-put leaves its temporary
+//! removed from. Only then does the call return. Objects marked `NotReadSoon` (WAL) are
+//! written past the page cache, where the file system allows it. A writer killed mid-put leaves its temporary
 //! file in `.tmp/`, outside every prefix the repository lists; opening the store removes those
 //! older than an hour. Reads, listings and copies go to `LocalFileSystem` unchanged.
 
+use crate::pipeline::sink::ALIGN;
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 use object_store::local::LocalFileSystem;
@@ -56,18 +57,17 @@ fn generic(e: std::io::Error) -> object_store::Error {
     object_store::Error::Generic { store: "DurableLocal", source: Box::new(e) }
 }
 
-/// WAL objects of at least this size are written past the page cache. A push is what
-/// PostgreSQL waits for, and while PostgreSQL writes hard the kernel throttles every buffered
-/// writer with its dirty pages: in a bulk load a 2.5 MB object took 6.6-12 ms to write through
-/// the cache (0.7 ms idle). Nothing reads a WAL object again before a restore, so the cache
-/// would only hold it.
-const DIRECT_MIN: usize = 64 << 10;
-/// The alignment of direct writes, in offset, length and memory.
-const ALIGN: usize = 4096;
+/// A put's mark (in `PutOptions::extensions`): nothing will read this object again soon, so
+/// its whole blocks are written past the page cache when it is at least `DIRECT_MIN` long.
+/// WAL objects carry it (`Store::put_cold`): a push is what PostgreSQL waits for, and while
+/// PostgreSQL writes hard the kernel throttles every buffered writer with its dirty pages (in
+/// a bulk load a 2.5 MB object took 6.6-12 ms to write through the cache, 0.7 ms idle), while
+/// nothing reads a WAL object before a restore. Other stores ignore the mark.
+#[derive(Clone, Copy, Debug)]
+pub struct NotReadSoon;
 
-#[repr(C, align(4096))]
-#[derive(Clone)]
-struct Page([u8; ALIGN]);
+/// Marked objects smaller than this go through the page cache all the same.
+const DIRECT_MIN: usize = 64 << 10;
 
 /// `path` opened again for writes past the page cache, when its file system takes them at
 /// `ALIGN` (statx `STATX_DIOALIGN`); `None` otherwise, and the put goes through the cache.
@@ -77,29 +77,15 @@ fn open_direct(path: &std::path::Path) -> Option<std::fs::File> {
     crate::pipeline::safe_dir::dio_aligned(&f, ALIGN).then_some(f)
 }
 
-/// Write the whole blocks at the start of `payload` to `f` (opened `O_DIRECT`) through an
-/// aligned scratch buffer; returns how many bytes that was (the caller writes the rest).
+/// Write the whole blocks at the start of a one-part `payload` to `f` (opened `O_DIRECT`),
+/// through the restore sink's aligned scratch; returns how many bytes that was (the caller
+/// writes the rest). A payload in several parts (a pack) is left to the page cache.
 fn write_direct(f: &std::fs::File, payload: &PutPayload) -> std::io::Result<usize> {
-    use std::os::unix::fs::FileExt;
-    let whole = payload.content_length() / ALIGN * ALIGN;
-    let mut scratch = vec![Page([0; ALIGN]); 64];
-    // SAFETY: Page is repr(C) around [u8; ALIGN]: the Vec's pages are one contiguous,
-    // initialised run of `len * ALIGN` bytes, borrowed mutably here and nowhere else.
-    let buf = unsafe { std::slice::from_raw_parts_mut(scratch.as_mut_ptr().cast::<u8>(), scratch.len() * ALIGN) };
-    let (mut filled, mut written) = (0usize, 0usize);
-    for chunk in payload.iter() {
-        let mut rest = &chunk[..chunk.len().min(whole - written - filled)];
-        while !rest.is_empty() {
-            let n = rest.len().min(buf.len() - filled);
-            buf[filled..filled + n].copy_from_slice(&rest[..n]);
-            (filled, rest) = (filled + n, &rest[n..]);
-            if filled == buf.len() || written + filled == whole {
-                f.write_all_at(&buf[..filled], written as u64)?;
-                (written, filled) = (written + filled, 0);
-            }
-        }
-    }
-    Ok(written)
+    let mut parts = payload.iter();
+    let (Some(one), None) = (parts.next(), parts.next()) else { return Ok(0) };
+    let whole = one.len() / ALIGN * ALIGN;
+    crate::pipeline::sink::write_aligned(f, 0, &one[..whole])?;
+    Ok(whole)
 }
 
 fn sync_dir(dir: &std::path::Path) -> std::io::Result<()> {
@@ -180,7 +166,7 @@ impl ObjectStore for DurableLocal {
         }
         let dest = self.inner.path_to_filesystem(location)?;
         let me = self.clone();
-        let direct = location.as_ref().starts_with(super::keys::WAL);
+        let direct = opts.extensions.get::<NotReadSoon>().is_some();
         tokio::task::spawn_blocking(move || me.put_blocking(dest, payload, opts.mode, direct))
             .await
             .map_err(|e| object_store::Error::JoinError { source: e })?
@@ -230,8 +216,8 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
-    /// WAL objects go past the page cache in whole blocks and the rest through it; other
-    /// objects through it alone. Whatever the size and the parts a payload comes in, the file
+    /// Marked objects (WAL) go past the page cache in whole blocks and the rest through it;
+    /// others through it alone. Whatever the size and the parts a payload comes in, the file
     /// holds exactly the bytes put, and no staging file is left.
     #[tokio::test]
     async fn objects_written_past_the_cache_or_through_it_are_the_bytes_put() {
@@ -244,8 +230,14 @@ mod tests {
             for parts in [1usize, 3, 7] {
                 let payload: PutPayload =
                     data.chunks(size.div_ceil(parts).max(1)).map(Bytes::copy_from_slice).collect();
-                for key in [format!("wal/1/00000001/seg{i}/{parts}"), format!("data/{i}/{parts}")] {
-                    store.put(&Path::from(key.as_str()), payload.clone()).await.unwrap();
+                for (key, cold) in
+                    [(format!("wal/1/00000001/seg{i}/{parts}"), true), (format!("data/{i}/{parts}"), false)]
+                {
+                    let mut opts = PutOptions::default();
+                    if cold {
+                        opts.extensions.insert(NotReadSoon);
+                    }
+                    store.put_opts(&Path::from(key.as_str()), payload.clone(), opts).await.unwrap();
                     assert!(
                         std::fs::read(d.path().join(&key)).unwrap() == data,
                         "{key}: {size} bytes in {parts} parts"

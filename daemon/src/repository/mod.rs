@@ -472,7 +472,7 @@ impl Writer {
     }
 
     pub async fn put_wal(&self, cluster: u64, name: &WalName, fingerprint: &str, sealed: Bytes) -> Result<()> {
-        self.store.put(&keys::wal_object(cluster, name, fingerprint), sealed).await
+        self.store.put_cold(&keys::wal_object(cluster, name, fingerprint), sealed).await
     }
 
     pub async fn put_report(&self, policy: &str, id: &str, ext: &str, body: Bytes) -> Result<()> {

@@ -185,6 +185,18 @@ impl Store {
         Ok(())
     }
 
+    /// `put` of an object nothing will read again soon (a WAL object): on file:// it is
+    /// written past the page cache (`durable::NotReadSoon`).
+    pub async fn put_cold(&self, key: &str, data: Bytes) -> Result<()> {
+        let mut opts = PutOptions::default();
+        opts.extensions.insert(super::durable::NotReadSoon);
+        self.inner
+            .put_opts(&ObjPath::from(key), PutPayload::from(data), opts)
+            .await
+            .map_err(|e| self.err("write", key, e))?;
+        Ok(())
+    }
+
     /// Store an object given as several buffers (a pack of blobs) without joining them.
     pub async fn put_parts(&self, key: &str, parts: Vec<Bytes>) -> Result<()> {
         let payload: PutPayload = parts.into_iter().collect();
